@@ -1,0 +1,1 @@
+"""The child side of wfd: runs one workflow execution. Never imports wfd."""

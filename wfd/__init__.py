@@ -1,0 +1,1 @@
+"""wfd: a self-hosted runner for HrFlow-compatible workflows (daemon side)."""
