@@ -15,22 +15,32 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from wfd import config as config_module
 from wfd import http, logs
 from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
 from wfd.control import Commands, ControlServer
 from wfd.dispatch import Dispatcher
-from wfd.executor import SpawnExecutor
+from wfd.executor import Executor, SpawnExecutor
 from wfd.store import Store
+from wfd.zygote import ZygoteExecutor
+
+
+def make_executor(config: Config) -> Executor:
+    """The executor the config names; constructing it starts nothing."""
+    if config.executor == "spawn":
+        return SpawnExecutor()
+    return ZygoteExecutor(config.preload, config.spares_min, config.spares_max)
 
 
 class Daemon:
     """One wfd daemon. Constructing it touches nothing; `start` does."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.store = Store(config.db_path)
-        self.executor = SpawnExecutor()
+        self.executor = make_executor(config)
         self.admission = Admission(config.concurrency, config.queue_max)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
         commands = Commands(config, self.store, self.dispatcher, self.status)
@@ -39,6 +49,7 @@ class Daemon:
         self.started = time.monotonic()
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 200 while serving, 503 while starting or draining."""
@@ -59,11 +70,14 @@ class Daemon:
             "running": self.admission.running,
             "waiting": self.admission.waiting,
             "concurrency": self.admission.concurrency,
+            **self.executor.status(),
         }
 
     async def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.config.data_dir, 0o700)
+        # The zygote is exec'd before aiosqlite starts its thread (STYLE.md).
+        await self.executor.start()
         await self.store.open()
         await self.control.start()
         catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health)
@@ -88,14 +102,38 @@ class Daemon:
             os._exit(1)  # a second signal forces an immediate exit
         self._stop.set()
 
+    def request_reload(self) -> None:
+        """SIGHUP handler: only records the request; `_reloader` does the work."""
+        self._reload.set()
+
+    async def _reloader(self) -> None:
+        """On SIGHUP, re-read the config file's zygote keys (the others need a restart)."""
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            if self.config_path is None:
+                logs.event("reload-skipped", reason="no config file")
+                continue
+            try:
+                fresh = await asyncio.to_thread(config_module.load, Path(self.config_path))
+            except ConfigError as exc:
+                logs.event("reload-failed", error=str(exc))
+                continue
+            if isinstance(self.executor, ZygoteExecutor):
+                self.executor.configure(fresh.preload, fresh.spares_min, fresh.spares_max)
+            logs.event("reloaded", preload=",".join(fresh.preload))
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        reloader = asyncio.create_task(self._reloader())
         try:
             await self.start()
             await self._stop.wait()
         finally:
+            reloader.cancel()
             await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -105,6 +143,7 @@ class Daemon:
         await self.control.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
+        await self.executor.close()
         await self.store.close()
         logs.event("stopped")
 
@@ -112,7 +151,7 @@ class Daemon:
 def serve(config: Config, config_path: str | Path | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     logs.setup(config.log_format, config.log_level)
-    daemon = Daemon(config)
+    daemon = Daemon(config, config_path)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
