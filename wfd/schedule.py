@@ -212,28 +212,18 @@ def next_due(schedule: Schedule, after: datetime, last_started: datetime | None 
 
 def _next_cron(schedule: Schedule, after: datetime) -> datetime:
     matches = croniter(schedule.cron, after.astimezone(_zone(schedule.tz)))
-    every_hour = matches.expanded[_HOUR_FIELD] == ["*"]
-    minutes = matches.expanded[0]
+    # croniter already runs a nonexistent named-hour time at the end of the gap
+    # and skips it for every-hour expressions. It runs a repeated time twice,
+    # though, so for named hours the second pass (the only one with fold=1) is
+    # dropped here.
+    named_hours = matches.expanded[_HOUR_FIELD] != ["*"]
     try:
         while True:
             local = matches.get_next(datetime)
-            if not _dst_artifact(local, every_hour, minutes):
+            if not (named_hours and local.fold == 1):
                 return local.astimezone(UTC)
     except CroniterBadDateError:
         raise ScheduleError(f"cron expression {schedule.cron!r} never matches") from None
-
-
-def _dst_artifact(local: datetime, every_hour: bool, minutes: list[Any]) -> bool:
-    """Whether croniter's answer is one that ``next_due``'s DST rule drops.
-
-    croniter runs a nonexistent time at the end of the gap and a repeated time
-    twice. For expressions with named hours the second pass of a repeated
-    time is dropped (``fold`` is 1 only there); for every-hour expressions a
-    result whose minute does not match was moved out of a gap, and is dropped.
-    """
-    if every_hour:
-        return minutes != ["*"] and local.minute not in minutes
-    return local.fold == 1
 
 
 def first_due_after_restart(
