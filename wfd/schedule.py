@@ -182,7 +182,8 @@ def next_due(schedule: Schedule, after: datetime, last_started: datetime | None 
     when ticks were skipped because a run was still going, the grid anchored
     at S is kept (``S + 2 * every``...) rather than restarted. Passing the due
     time rather than the actual start as ``last_started`` gives a grid that
-    does not drift by the scheduler's latency.
+    does not drift by the scheduler's latency. Intervals are elapsed time:
+    ``1d`` is 24 hours even across a DST change (cron keeps a local time).
 
     ``cron``: the next time matching the expression, evaluated on the wall
     clock of the schedule's zone; ``last_started`` is ignored. On DST changes
