@@ -14,7 +14,36 @@ VENV := $(PREFIX)/venv
 # systemd is the running init system: the same test as sd_booted(3).
 SYSTEMD := $(wildcard /run/systemd/system)
 
-.PHONY: install uninstall verify-unit
+.PHONY: install uninstall verify-unit run stop test lint bench
+
+# -- development ---------------------------------------------------------------
+# `make run` sets up .venv and starts a local daemon with an example workflow;
+# `make test` runs the whole suite (what CI runs).
+
+DEV_VENV := .venv
+
+$(DEV_VENV)/.installed: pyproject.toml
+	test -x $(DEV_VENV)/bin/python || $(PYTHON) -m venv $(DEV_VENV)
+	$(DEV_VENV)/bin/pip install --quiet --upgrade pip
+	$(DEV_VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(DEV_VENV)/.installed
+	examples/demo.sh
+
+stop:
+	-test -f wfd-data/wfd.pid && kill $$(cat wfd-data/wfd.pid) && rm -f wfd-data/wfd.pid
+
+test: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python -m pytest -q
+
+lint: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/ruff check .
+
+bench: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python bench/bench_timers.py
+
+# -- installing as a service -----------------------------------------------------
 
 # Safe to run again to upgrade: an existing config is the operator's and is
 # never overwritten, and the service is restarted (not just started) so the

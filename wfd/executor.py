@@ -95,31 +95,57 @@ class Executor(Protocol):
 
 @dataclass
 class _Captured:
-    data: bytes = b""
+    """The first `cap` bytes of a stream, and whether more came after them."""
+
+    cap: int
+    chunks: list[bytes] = field(default_factory=list)
+    kept: int = 0
     truncated: bool = False
 
+    def add(self, chunk: bytes) -> None:
+        room = self.cap - self.kept
+        if room > 0:
+            self.chunks.append(chunk[:room])
+            self.kept += len(self.chunks[-1])
+        if len(chunk) > room:
+            self.truncated = True
 
-async def _drain(reader: asyncio.StreamReader, cap: int, into: _Captured) -> None:
-    """Read to EOF, keeping the first `cap` bytes, so a chatty child never blocks."""
-    chunks, kept = [], 0
-    try:
-        while chunk := await reader.read(65536):
-            room = cap - kept
-            if room > 0:
-                chunks.append(chunk[:room])
-                kept += len(chunks[-1])
-            if len(chunk) > room:
-                into.truncated = True
-    finally:
-        into.data = b"".join(chunks)
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
 
 
-async def _pipe_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+async def _drain(reader: asyncio.StreamReader, into: _Captured) -> None:
+    """Read to EOF, keeping what fits, so a chatty child never blocks."""
+    while chunk := await reader.read(65536):
+        into.add(chunk)
+
+
+async def _drain_fd(fd: int, into: _Captured) -> None:
+    """Read a raw pipe to EOF through the loop, then close it (exactly once).
+
+    A plain add_reader loop rather than connect_read_pipe: under uvloop the
+    transport closes the fd itself while the file object wrapping it would
+    close the same number again later, possibly someone else's by then.
+    """
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=2**20)
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
-    return reader, transport
+    readable = asyncio.Event()
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable.set)
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                readable.clear()
+                await readable.wait()
+                continue
+            if not chunk:
+                return
+            into.add(chunk)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 def _kill_group(pid: int) -> None:
@@ -168,14 +194,11 @@ class SpawnExecutor:
             raise
         finally:
             os.close(result_w)
-        output, result = _Captured(), _Captured()
-        result_reader, result_transport = await _pipe_reader(result_r)
-        readers = [
-            asyncio.create_task(_drain(process.stdout, job.limits.output_kb * 1024, output)),
-            asyncio.create_task(_drain(result_reader, job.response_bytes
-                                       + job.limits.settings_kb * 1024
-                                       + RESULT_OVERHEAD_BYTES, result)),
-        ]
+        output = _Captured(job.limits.output_kb * 1024)
+        result = _Captured(job.response_bytes + job.limits.settings_kb * 1024
+                           + RESULT_OVERHEAD_BYTES)
+        readers = [asyncio.create_task(_drain(process.stdout, output)),
+                   asyncio.create_task(_drain_fd(result_r, result))]
         timed_out = False
         try:
             process.stdin.write(job.payload(result_w))
@@ -194,7 +217,7 @@ class SpawnExecutor:
             await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT_S)
             for task in readers:
                 task.cancel()
-            result_transport.close()
+            await asyncio.gather(*readers, return_exceptions=True)
         duration_ms = (time.perf_counter() - started) * 1000
         outcome = _judge(job, process.returncode, result, timed_out, duration_ms)
         outcome.output = output.data.decode("utf-8", "replace")
