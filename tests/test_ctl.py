@@ -45,8 +45,9 @@ def test_list_and_show_in_text_and_json(daemon, name):
     assert listed[name]["version"] == 1
     assert listed[name]["schedule"] is None
     text = daemon.ctl("list").stdout.splitlines()
-    assert re.match(r"NAME\s+KIND\s+ENABLED\s+VERSION\s+SCHEDULE", text[0])
-    assert any(re.match(rf"{re.escape(name)}\s+catch\s+True\s+1\s+-$", line) for line in text)
+    assert re.match(r"NAME\s+KIND\s+ENABLED\s+VERSION\s+SCHEDULE\s+NEXT_DUE$", text[0])
+    assert any(re.match(rf"{re.escape(name)}\s+catch\s+True\s+1\s+-\s+-$", line)
+               for line in text)
     shown = daemon.ctl_json("show", name)
     limits = shown["effective_limits"]
     assert (limits["timeout_s"], limits["memory_mb"], limits["concurrency"]) == (7, 300, 3)

@@ -172,16 +172,10 @@ def _fields(data: dict[str, Any]) -> str:
                      for key, value in data.items())
 
 
-def _schedule(row: dict[str, Any]) -> dict[str, Any]:
-    schedule = row.get("schedule")
-    return {**row, "schedule": schedule.get("describe") if isinstance(schedule, dict) else None}
-
-
 def render(command: str, result: Any, args: argparse.Namespace) -> str:
     """The human-readable text for a command's result."""
     if command == "list":
-        return table([_schedule(r) for r in result],
-                     ["name", "kind", "enabled", "version", "schedule"])
+        return table(result, ["name", "kind", "enabled", "version", "schedule", "next_due"])
     if command == "executions":
         return table(result, ["id", "started_at", "trigger", "status", "http_status",
                               "duration_ms", "version"])
