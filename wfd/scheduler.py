@@ -50,6 +50,8 @@ class Scheduler:
         # change (disable, reschedule) does not re-arm the old timer.
         self._generation: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._pending: list[tuple[str, datetime, int]] = []
+        self._batch: asyncio.Task | None = None
         self._loop_task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -66,12 +68,18 @@ class Scheduler:
         self._loop_task = asyncio.create_task(self.timers.run(self._fire))
 
     async def close(self) -> None:
-        """Stop firing; runs already started finish on their own."""
+        """Stop firing; runs already started finish on their own.
+
+        A batch of ticks being written is let finish, so the due times it
+        persists match the runs it started.
+        """
         self.timers.close()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        if self._batch is not None:
+            await asyncio.gather(self._batch, return_exceptions=True)
 
     def is_running(self, name: str) -> bool:
         return name in self._running
@@ -103,29 +111,47 @@ class Scheduler:
         return await self._execute(workflow, "manual")
 
     def _fire(self, name: str, due: datetime) -> None:
-        """Called by the timer loop: hand off at once, never block it."""
-        task = asyncio.create_task(self._tick(name, due, self._generation.get(name, 0)))
+        """Called by the timer loop: queue the tick; never block the loop.
+
+        Ticks that fall due together are handled as one batch (one read and one
+        write of the store for all of them), so a thousand workflows due in the
+        same second reach the executor within that second.
+        """
+        self._pending.append((name, due, self._generation.get(name, 0)))
+        if len(self._pending) == 1:
+            self._batch = asyncio.create_task(self._tick_batch())
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _tick(self, name: str, due: datetime, generation: int) -> None:
-        workflow = await self.store.workflow(name)
-        if (workflow is None or workflow.kind != "pull" or not workflow.enabled
-                or self._generation.get(name, 0) != generation):
-            return
-        # Anchored on the due time, not the actual start, so the grid does not
-        # drift; `after=now` so a late tick never schedules one in the past.
-        following = next_due(_schedule(workflow), max(due, utc_now()), last_started=due)
-        await self.store.set_next_due(name, utc_iso(following))
-        if self._generation.get(name, 0) != generation:
-            return
-        self.timers.set(name, following)
-        skipped = self._running.get(name)
-        if skipped is not None:
-            skipped.append(due)
-            await self.store.add_skipped(name, 1)
-            return
-        await self._execute(workflow, "pull")
+    async def _tick_batch(self) -> None:
+        await asyncio.sleep(0)  # let the timer loop queue every tick due now
+        batch, self._pending = self._pending, []
+        found = {w.name: w for w in await self.store.workflows([name for name, _, _ in batch])}
+        now, runs, dues = utc_now(), [], {}
+        for name, due, generation in batch:
+            workflow = found.get(name)
+            if (workflow is None or workflow.kind != "pull" or not workflow.enabled
+                    or self._generation.get(name, 0) != generation):
+                continue
+            # Anchored on the due time, not the actual start, so the grid does not
+            # drift; after `now`, so a late tick never schedules one in the past.
+            dues[name] = next_due(_schedule(workflow), max(due, now), last_started=due)
+            runs.append((workflow, due, generation))
+        # Persisted before any run starts: a crash cannot fire these ticks twice.
+        await self.store.set_next_dues({name: utc_iso(due) for name, due in dues.items()})
+        for workflow, due, generation in runs:
+            if self._generation.get(workflow.name, 0) != generation:
+                continue  # changed by an operator while the batch was being written
+            self.timers.set(workflow.name, dues[workflow.name])
+            skipped = self._running.get(workflow.name)
+            if skipped is None:
+                self._spawn(self._execute(workflow, "pull"))
+            else:
+                skipped.append(due)
+                self._spawn(self.store.add_skipped(workflow.name, 1))
 
     async def _execute(self, workflow: Workflow, trigger: str) -> Executed:
         skipped = self._running[workflow.name] = []

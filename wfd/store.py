@@ -252,8 +252,13 @@ class Store:
         row = await self._fetchone(f"{_WORKFLOW_SELECT} WHERE w.name = ?", name)
         return _workflow(row) if row else None
 
-    async def workflows(self) -> list[Workflow]:
-        rows = await self._fetchall(f"{_WORKFLOW_SELECT} ORDER BY w.name")
+    async def workflows(self, names: list[str] | None = None) -> list[Workflow]:
+        """All workflows, or those named (in one query, for a batch of timer ticks)."""
+        if names is None:
+            rows = await self._fetchall(f"{_WORKFLOW_SELECT} ORDER BY w.name")
+        else:
+            marks = ", ".join("?" * len(names))
+            rows = await self._fetchall(f"{_WORKFLOW_SELECT} WHERE w.name IN ({marks})", *names)
         return [_workflow(row) for row in rows]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any],
@@ -384,8 +389,13 @@ class Store:
 
     async def set_next_due(self, name: str, next_due: str | None) -> None:
         """Persist when a pull workflow is next due (None: not armed)."""
+        await self.set_next_dues({name: next_due})
+
+    async def set_next_dues(self, dues: dict[str, str | None]) -> None:
+        """Persist the next due times of many pull workflows in one transaction."""
         async with self._transaction() as db:
-            await db.execute("UPDATE workflows SET next_due = ? WHERE name = ?", (next_due, name))
+            await db.executemany("UPDATE workflows SET next_due = ? WHERE name = ?",
+                                 [(due, name) for name, due in dues.items()])
 
     async def add_skipped(self, name: str, count: int) -> None:
         async with self._transaction() as db:
