@@ -114,3 +114,15 @@ def test_a_malformed_request_on_the_socket_does_not_hurt_the_daemon(daemon):
         answer = json.loads(raw.makefile().readline())
         assert (answer["id"], answer["ok"]) == (5, False)
     assert daemon.ctl_json("status")["state"] == "serving"
+
+
+def test_unreadable_files_are_one_line_errors(daemon, tmp_path):
+    missing = daemon.ctl("deploy", "x", str(tmp_path / "missing.py"), "--catch", check=False)
+    assert missing.returncode == 1
+    assert missing.stderr == (f"wfd ctl: cannot read {tmp_path / 'missing.py'}: "
+                              "No such file or directory\n")
+    not_json = tmp_path / "backup.json"
+    not_json.write_text("{oops")
+    refused = daemon.ctl("import", str(not_json), check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"wfd ctl: {not_json} is not JSON: ")
