@@ -71,7 +71,9 @@ def load(job: dict) -> types.ModuleType:
     try:
         compiled = compile(code, filename, "exec")
     except SyntaxError as exc:
-        raise WorkflowError("".join(traceback.format_exception_only(exc)).strip()) from None
+        # One line, as the compiler names it: file, line, column and message.
+        raise WorkflowError(f'File "{exc.filename}", line {exc.lineno}, column {exc.offset}: '
+                            f"{type(exc).__name__}: {exc.msg}") from None
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     module = types.ModuleType("workflow")
     module.__file__ = filename

@@ -106,8 +106,24 @@ class ChildLost(Exception):
 
 @dataclass
 class _Captured:
-    data: bytes = b""
+    """The first `cap` bytes of a stream, and whether more came after them."""
+
+    cap: int
+    chunks: list[bytes] = field(default_factory=list)
+    kept: int = 0
     truncated: bool = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.cap - self.kept
+        if room > 0:
+            self.chunks.append(chunk[:room])
+            self.kept += len(self.chunks[-1])
+        if len(chunk) > room:
+            self.truncated = True
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
 
 
 class Pipes:
@@ -142,17 +158,13 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
 
     `ended` gives the child's return code (negative for a signal) or raises
     ChildLost; `kill` ends the child's whole process group. The child's ends
-    of `pipes` must already be closed here.
+    of `pipes` must be closed already; this closes ours.
     """
-    output, result = _Captured(), _Captured()
-    output_reader, output_transport = await _pipe_reader(pipes.output_r)
-    result_reader, result_transport = await _pipe_reader(pipes.result_r)
-    tasks = [
-        asyncio.create_task(_drain(output_reader, job.limits.output_kb * 1024, output)),
-        asyncio.create_task(_drain(result_reader, job.response_bytes
-                                   + job.limits.settings_kb * 1024
-                                   + RESULT_OVERHEAD_BYTES, result)),
-    ]
+    output = _Captured(job.limits.output_kb * 1024)
+    result = _Captured(job.response_bytes + job.limits.settings_kb * 1024
+                       + RESULT_OVERHEAD_BYTES)
+    readers = [asyncio.create_task(_drain_fd(pipes.output_r, output)),
+               asyncio.create_task(_drain_fd(pipes.result_r, result))]
     feeder = asyncio.create_task(_feed(pipes.job_w, payload))
     timed_out, lost, returncode = False, None, None
     try:
@@ -166,11 +178,10 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
         kill()
         with contextlib.suppress(ChildLost):
             returncode = await ended
-        await asyncio.wait(tasks, timeout=DRAIN_AFTER_EXIT_S)
-        for task in [*tasks, feeder]:
+        await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT_S)
+        for task in [*readers, feeder]:
             task.cancel()
-        output_transport.close()
-        result_transport.close()
+        await asyncio.gather(*readers, feeder, return_exceptions=True)
     duration_ms = (time.perf_counter() - started) * 1000
     if lost is not None:
         outcome = Outcome("error", duration_ms, error=lost)
@@ -192,44 +203,45 @@ async def _feed(fd: int, data: bytes) -> None:
             try:
                 view = view[os.write(fd, view):]
             except BlockingIOError:
-                await _writable(fd)
+                await _ready(fd, asyncio.get_running_loop().add_writer,
+                             asyncio.get_running_loop().remove_writer)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the child died before reading its job; its exit says why
     finally:
         os.close(fd)
 
 
-async def _writable(fd: int) -> None:
+async def _drain_fd(fd: int, into: _Captured) -> None:
+    """Read a raw pipe to EOF through the loop, then close it (exactly once).
+
+    A plain add_reader loop rather than connect_read_pipe: under uvloop the
+    transport closes the fd itself while the file object wrapping it would
+    close the same number again later, possibly someone else's by then.
+    """
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_writer(fd, ready.set_result, None)
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                await _ready(fd, loop.add_reader, loop.remove_reader)
+                continue
+            if not chunk:
+                return
+            into.add(chunk)
+    finally:
+        os.close(fd)
+
+
+async def _ready(fd: int, watch: Callable[..., Any], unwatch: Callable[[int], Any]) -> None:
+    """Wait until the loop reports `fd` ready (for reading or writing, by `watch`)."""
+    ready = asyncio.get_running_loop().create_future()
+    watch(fd, lambda: ready.done() or ready.set_result(None))
     try:
         await ready
     finally:
-        loop.remove_writer(fd)
-
-
-async def _drain(reader: asyncio.StreamReader, cap: int, into: _Captured) -> None:
-    """Read to EOF, keeping the first `cap` bytes, so a chatty child never blocks."""
-    chunks, kept = [], 0
-    try:
-        while chunk := await reader.read(65536):
-            room = cap - kept
-            if room > 0:
-                chunks.append(chunk[:room])
-                kept += len(chunks[-1])
-            if len(chunk) > room:
-                into.truncated = True
-    finally:
-        into.data = b"".join(chunks)
-
-
-async def _pipe_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=2**20)
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
-    return reader, transport
+        unwatch(fd)
 
 
 def _kill_group(pid: int) -> None:
