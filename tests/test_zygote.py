@@ -155,3 +155,14 @@ def test_preload_change_restarts_the_zygote(make_daemon, name):
 def test_spawn_executor_says_so(make_daemon):
     daemon = make_daemon('executor = "spawn"\n')
     assert status(daemon)["executor"] == "spawn"
+
+
+def test_what_a_finished_execution_started_is_killed(daemon, name):
+    url = daemon.deploy(name, """
+        import subprocess
+        def workflow(_request, settings):
+            helper = subprocess.Popen(["sleep", "60"])
+            return {"status_code": 200, "body": str(helper.pid)}
+    """)
+    helper = int(requests.post(url, json={}).text)
+    wait_for(lambda: state_of(helper) == "gone", what="the helper to be killed")
