@@ -168,16 +168,19 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
     feeder = asyncio.create_task(_feed(pipes.job_w, payload))
     timed_out, lost, returncode = False, None, None
     try:
-        returncode = await asyncio.wait_for(asyncio.shield(ended), job.limits.timeout_s)
-    except TimeoutError:
-        timed_out = True
+        timed_out = not await _reported_or_ended(ended, readers[1], result,
+                                                 job.limits.timeout_s)
+        if ended.done():
+            returncode = ended.result()
     except ChildLost as exc:
         lost = str(exc)
     finally:
         # Whatever happened, nothing the execution started outlives it.
         kill()
-        with contextlib.suppress(ChildLost):
-            returncode = await ended
+        if not (result.data and not timed_out):
+            with contextlib.suppress(ChildLost):
+                returncode = await ended
+        ended.add_done_callback(_consume)
         await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT_S)
         for task in [*readers, feeder]:
             task.cancel()
@@ -192,6 +195,34 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
     if output.truncated:
         outcome.output += f"\n[wfd: output cut here, over the {job.limits.output_kb} KiB limit]"
     return outcome
+
+
+async def _reported_or_ended(ended: "asyncio.Future[int]", result_reader: asyncio.Task,
+                             result: "_Captured", timeout_s: float) -> bool:
+    """Wait until the child ends or its result is complete; False at the timeout.
+
+    A complete result ends the execution: the child writes it last, after
+    flushing its output, so there is nothing left to wait for but the exit
+    (and, for a forked child, its reaping), which would only add latency.
+    What it left running is killed by the caller either way.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    waiting: set[asyncio.Future] = {ended, result_reader}
+    while True:
+        done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - loop.time()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            return False
+        if ended in done or result.data:
+            return True
+        waiting.discard(result_reader)  # closed without a result: wait for the exit
+
+
+def _consume(future: "asyncio.Future[int]") -> None:
+    """Retrieve an exit nobody waited for, so asyncio does not warn about it."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _feed(fd: int, data: bytes) -> None:
