@@ -1,0 +1,39 @@
+"""Resource limits, applied to the execution process before user code runs."""
+
+import contextlib
+import ctypes
+import resource
+import signal
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def apply(limits: dict) -> None:
+    """Set the rlimits a job asks for, and tie the process to its parent.
+
+    RLIMIT_DATA rather than RLIMIT_AS bounds memory: threaded libraries reserve
+    large virtual areas they never touch, which RLIMIT_AS would refuse. The CPU
+    hard limit sits one second above the soft one so the kernel first sends
+    SIGXCPU (recorded as `cpu`) and only kills outright a workflow that
+    ignores it.
+    """
+    memory = limits["memory_bytes"]
+    cpu = limits["cpu_s"]
+    resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["open_files"],) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_size_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Over-sized writes then fail with EFBIG (an OSError the workflow sees)
+    # instead of killing the process with no explanation.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _prctl(option: int, value: int) -> None:
+    """Best effort: only Linux has prctl, and a failure weakens nothing else."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)

@@ -1,0 +1,142 @@
+"""Run one job: read it from stdin, run the workflow, write one result to its own pipe.
+
+See PROTOCOL.md beside this file for the contract with the daemon.
+"""
+
+import contextlib
+import inspect
+import json
+import linecache
+import os
+import sys
+import traceback
+import types
+from typing import Any
+
+import orjson
+
+from sandbox import limits, rules
+from sandbox.request import RequestDict
+
+EXIT_BOOT_FAILED = 70
+ARGUMENTS = {"catch": ("_request", "settings"), "pull": ("settings",)}
+
+
+class WorkflowError(Exception):
+    """The workflow's code cannot run: it does not compile or has no usable `workflow`."""
+
+
+def main() -> int:
+    """Read the job, run it, report. Exit 70 only when the job itself is unreadable."""
+    try:
+        job = orjson.loads(sys.stdin.buffer.read())
+        limits.apply(job["limits"])
+    except Exception:
+        traceback.print_exc()
+        return EXIT_BOOT_FAILED
+    # Line buffering keeps the output of a workflow killed at its timeout.
+    sys.stdout.reconfigure(line_buffering=True)
+    result = check(job) if job["mode"] == "check" else run(job)
+    report(result, job["result_fd"])
+    # os._exit skips joining threads the workflow left running: the execution
+    # is over once its result is written.
+    os._exit(0)
+
+
+def load(job: dict) -> types.ModuleType:
+    """Compile and execute the workflow file as one module, like a script.
+
+    The file is registered in linecache so tracebacks show its source lines.
+    """
+    filename = f"{job['name']}.py"
+    code = job["code"]
+    try:
+        compiled = compile(code, filename, "exec")
+    except SyntaxError as exc:
+        # One line, as the compiler names it: file, line, column and message.
+        raise WorkflowError(f'File "{exc.filename}", line {exc.lineno}, column {exc.offset}: '
+                            f"{type(exc).__name__}: {exc.msg}") from None
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    module = types.ModuleType("workflow")
+    module.__file__ = filename
+    sys.modules["workflow"] = module
+    exec(compiled, module.__dict__)
+    return module
+
+
+def entry_point(module: types.ModuleType, kind: str) -> Any:
+    """The module's `workflow`, checked to accept the arguments of its kind."""
+    function = getattr(module, "workflow", None)
+    names = ARGUMENTS[kind]
+    expected = f"workflow({', '.join(names)})"
+    if not callable(function):
+        raise WorkflowError(f"the file defines no callable `workflow`; a {kind} workflow "
+                            f"needs {expected}")
+    try:
+        inspect.signature(function).bind(*names)
+    except TypeError:
+        raise WorkflowError(f"`workflow` must accept {len(names)} positional argument(s) "
+                            f"for a {kind} workflow: {expected}") from None
+    except ValueError:
+        pass  # builtins without a signature: let the call decide
+    return function
+
+
+def check(job: dict) -> dict:
+    """Deploy-time validation: compile, import and inspect, without calling."""
+    try:
+        entry_point(load(job), job["kind"])
+    except WorkflowError as exc:
+        return {"outcome": "error", "error": str(exc), "traceback": ""}
+    except BaseException as exc:
+        return failure("error", exc, prefix="importing the file failed: ")
+    return {"outcome": "success"}
+
+
+def run(job: dict) -> dict:
+    """Call the workflow and turn what it did into a result."""
+    given = job["settings"]
+    settings = orjson.loads(orjson.dumps(given))  # the workflow's own copy
+    try:
+        function = entry_point(load(job), job["kind"])
+        if job["kind"] == "catch":
+            value = function(RequestDict(job["request"]), settings)
+        else:
+            value = function(settings)
+        caps = job["limits"]
+        response = rules.response(value, caps["response_bytes"])
+        change = rules.settings_change(given, settings, caps["settings_bytes"])
+    except (WorkflowError, rules.RuleError) as exc:
+        return {"outcome": "error", "error": str(exc), "traceback": ""}
+    except MemoryError as exc:
+        return failure("memory", exc)
+    except BaseException as exc:
+        return failure("error", exc)
+    return {"outcome": "success", "response": response, "settings": change}
+
+
+def failure(outcome: str, exc: BaseException, prefix: str = "") -> dict:
+    """A failed result with a one-line error and the traceback for the log."""
+    message = "".join(traceback.format_exception_only(exc)).strip().splitlines()
+    return {
+        "outcome": outcome,
+        "error": prefix + (message[-1] if message else type(exc).__name__),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def report(result: dict, fd: int) -> None:
+    """Flush the workflow's output, then write the result on its own channel."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # the workflow may have closed it
+            stream.flush()
+    try:
+        data = orjson.dumps(result)
+    except TypeError:
+        # A response or settings value orjson cannot encode (ints over 64 bits).
+        data = json.dumps(result).encode()
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    os.close(fd)

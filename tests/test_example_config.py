@@ -1,0 +1,34 @@
+"""The example /etc/wfd/wfd.toml documents every daemon key with its default."""
+
+import tomllib
+from pathlib import Path
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "systemd" / "wfd.toml"
+KEYS = {
+    "listen", "admin_listen", "public_url", "team", "data_dir", "socket", "socket_group",
+    "log_format", "log_level", "max_body_mb", "global_concurrency", "queue_max", "grace_s",
+    "isolation",
+    "limits.timeout_s", "limits.memory_mb", "limits.cpu_s", "limits.processes",
+    "limits.open_files", "limits.file_size_mb", "limits.concurrency", "limits.output_kb",
+    "limits.settings_kb",
+    "retention.max_per_workflow", "retention.max_age_days",
+}  # fmt: skip
+
+
+def test_example_config_has_every_key() -> None:
+    config = tomllib.loads(EXAMPLE_CONFIG.read_text())
+    found = set()
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found |= {f"{key}.{inner}" for inner in value}
+        else:
+            found.add(key)
+    assert found == KEYS
+
+
+def test_every_key_has_an_explanation() -> None:
+    """A comment line right above each key: the file is the operator's manual."""
+    lines = EXAMPLE_CONFIG.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if line and line[0].isalpha():
+            assert lines[number - 1].startswith("# "), f"line {number + 1}: {line}"

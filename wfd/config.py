@@ -1,0 +1,138 @@
+"""The daemon's configuration: a validated value, built once at start-up.
+
+Every key can come from the TOML file and be overridden by a `wfd serve`
+flag. Unknown keys are errors rather than silently ignored, so a typo in
+`/etc/wfd/wfd.toml` is caught at start-up instead of months later.
+"""
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-execution limits: daemon-wide defaults, each overridable per workflow."""
+
+    timeout_s: float = 30.0
+    memory_mb: int = 512
+    cpu_s: int = 30
+    processes: int = 128
+    open_files: int = 256
+    file_size_mb: int = 64
+    concurrency: int = 10
+    output_kb: int = 1024
+    settings_kb: int = 1024
+
+    def merged(self, overrides: dict[str, Any]) -> "Limits":
+        """These limits with a workflow's overrides applied (None means inherit)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def validate(self) -> "Limits":
+        """Return self, or raise ConfigError naming the first limit out of range."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"limit {item.name} must be a positive number, got {value!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many execution records to keep: per workflow, and by age."""
+
+    max_per_workflow: int = 1000
+    max_age_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `wfd serve` needs to know before it starts."""
+
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = ""
+    public_url: str = ""
+    team: str = "default"
+    data_dir: Path = Path("wfd-data")
+    socket: Path | None = None
+    socket_group: str = ""
+    log_format: str = "text"
+    log_level: str = "info"
+    max_body_mb: float = 10.0
+    global_concurrency: int = 0
+    queue_max: int = 100
+    grace_s: float = 30.0
+    limits: Limits = field(default_factory=Limits)
+    retention: Retention = field(default_factory=Retention)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket or self.data_dir / "wfd.sock"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "wfd.db"
+
+    @property
+    def concurrency(self) -> int:
+        """Executions running at once across all workflows (default 2 per CPU)."""
+        return self.global_concurrency or 2 * (os.cpu_count() or 1)
+
+    @property
+    def base_url(self) -> str:
+        """The scheme and host callers use, as seen from outside a proxy."""
+        return (self.public_url or f"http://{self.listen}").rstrip("/")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * MIB)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[::1]:PORT`) as a pair, with a clear error otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"listen address must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _typed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check that `values` only names fields of `cls`, converting paths."""
+    known = {item.name: item for item in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {where}key(s): {', '.join(unknown)}")
+    out = {}
+    for key, value in values.items():
+        if key in ("data_dir", "socket") and value:
+            value = Path(value)
+        out[key] = value
+    return out
+
+
+def load(path: Path | None = None, **overrides: Any) -> Config:
+    """Build the configuration from a TOML file (optional) and flag overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+    limits = Limits(**_typed(Limits, raw.pop("limits", {}), "[limits] ")).validate()
+    retention = Retention(**_typed(Retention, raw.pop("retention", {}), "[retention] "))
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    config = Config(limits=limits, retention=retention, **_typed(Config, raw, ""))
+    split_host_port(config.listen)
+    if config.admin_listen:
+        split_host_port(config.admin_listen)
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format must be 'text' or 'json', got {config.log_format!r}")
+    return config

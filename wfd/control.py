@@ -1,0 +1,312 @@
+"""The control socket: `wfd ctl` commands, served over a unix socket.
+
+The protocol is one JSON object per line each way (see wfd/ctl.py for the
+client): `{"id", "command", "args"}` in, `{"id", "ok", "result" | "error"}`
+out. Handlers return plain data; formatting is the client's job. Anyone
+who can connect is an administrator, so the socket is created mode 0600
+(0660 with `socket_group`) before it accepts anything.
+"""
+
+import asyncio
+import contextlib
+import grp
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from wfd import catch, ids, logs
+from wfd.admission import Overloaded
+from wfd.config import Config, ConfigError
+from wfd.dispatch import Dispatcher
+from wfd.store import Store, StoreError, Workflow, merge_settings
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+EXPORT_FORMAT = "wfd-export/1"
+
+
+class CommandError(Exception):
+    """A command that cannot be carried out; the message is shown to the operator."""
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise CommandError(f"invalid workflow name {name!r}: use 1 to 63 of a-z, 0-9, _ and -, "
+                           "starting with a letter or digit")
+    return name
+
+
+class Commands:
+    """The handlers behind each `wfd ctl` command."""
+
+    def __init__(self, config: Config, store: Store, dispatcher: Dispatcher,
+                 status: Callable[[], dict[str, Any]]) -> None:
+        self.config = config
+        self.store = store
+        self.dispatcher = dispatcher
+        self._status = status
+
+    def table(self) -> dict[str, Callable[..., Awaitable[Any]]]:
+        return {
+            "status": self.status, "list": self.list_workflows, "deploy": self.deploy,
+            "show": self.show, "url": self.url, "enable": self.enable,
+            "disable": self.disable, "delete": self.delete, "settings": self.settings,
+            "settings-set": self.settings_set, "settings-unset": self.settings_unset,
+            "run": self.run, "executions": self.executions, "logs": self.logs,
+            "versions": self.versions, "rollback": self.rollback,
+            "rotate-key": self.rotate_key, "export": self.export, "import": self.import_,
+        }
+
+    async def _workflow(self, name: Any) -> Workflow:
+        workflow = await self.store.workflow(check_name(name))
+        if workflow is None:
+            raise CommandError(f"no workflow named {name}")
+        return workflow
+
+    def _url(self, workflow: Workflow) -> str:
+        minor = sys.version_info.minor
+        return (f"{self.config.base_url}/teams/{self.config.team}/{workflow.name}"
+                f"/python3.{minor}/{workflow.catch_key}")
+
+    async def status(self) -> dict[str, Any]:
+        return {**self._status(), **await self.store.counts()}
+
+    async def list_workflows(self) -> list[dict[str, Any]]:
+        return [w.public() for w in await self.store.workflows()]
+
+    async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any] | None = None,
+                     schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Check the code in a child, then store it as the workflow's next version."""
+        check_name(name)
+        if kind not in ("catch", "pull"):
+            raise CommandError(f"kind must be catch or pull, got {kind!r}")
+        overrides = {k: v for k, v in (limits or {}).items() if v is not None}
+        unknown = sorted(set(overrides) - set(LIMIT_FLAGS))
+        if unknown:
+            raise CommandError(f"unknown limit(s): {', '.join(unknown)}")
+        existing = await self.store.workflow(name)
+        if existing and existing.kind != kind:
+            raise CommandError(f"{name} is a {existing.kind} workflow; its kind cannot change")
+        schedule = self.parse_schedule(kind, schedule)
+        try:
+            effective = self.config.limits.merged({**(existing.limits if existing else {}),
+                                                   **overrides}).validate()
+        except ConfigError as exc:
+            raise CommandError(str(exc)) from None
+        problem = await self.dispatcher.check(name, kind, code, effective)
+        if problem:
+            raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
+                               f" stays in place: {problem}")
+        workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key())
+        logs.event("deployed", workflow=name, version=workflow.version, kind=kind)
+        result = {"name": name, "kind": kind, "version": workflow.version}
+        if kind == "catch":
+            result["url"] = self._url(workflow)
+        return result
+
+    def parse_schedule(self, kind: str, schedule: dict[str, Any] | None) -> dict[str, Any] | None:
+        if kind == "pull":
+            raise CommandError("pull workflows are not supported by this daemon yet")
+        if schedule:
+            raise CommandError("a catch workflow takes no schedule")
+        return None
+
+    async def show(self, name: str) -> dict[str, Any]:
+        workflow = await self._workflow(name)
+        limits = self.dispatcher.limits(workflow)
+        recent = await self.store.executions(workflow.name, 1)
+        return {**workflow.public(),
+                "effective_limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
+                "settings_keys": sorted(workflow.settings),
+                "last_execution": recent[0].summary() if recent else None}
+
+    async def url(self, name: str) -> str:
+        workflow = await self._workflow(name)
+        if workflow.kind != "catch":
+            raise CommandError(f"{name} is a pull workflow; only catch workflows have a URL")
+        return self._url(workflow)
+
+    async def enable(self, name: str) -> dict[str, Any]:
+        return (await self.store.set_enabled(check_name(name), True)).public()
+
+    async def disable(self, name: str) -> dict[str, Any]:
+        return (await self.store.set_enabled(check_name(name), False)).public()
+
+    async def delete(self, name: str) -> dict[str, Any]:
+        await self.store.delete(check_name(name))
+        self.dispatcher.admission.forget(name)
+        logs.event("deleted", workflow=name)
+        return {"deleted": name}
+
+    async def settings(self, name: str) -> dict[str, Any]:
+        return (await self._workflow(name)).settings
+
+    async def settings_set(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        await self._workflow(name)
+        return await self._change_settings(name, {"set": values, "unset": []})
+
+    async def settings_unset(self, name: str, keys: list[str]) -> dict[str, Any]:
+        await self._workflow(name)
+        return await self._change_settings(name, {"set": {}, "unset": keys})
+
+    async def _change_settings(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
+        workflow = await self._workflow(name)
+        limit = self.dispatcher.limits(workflow).settings_kb * 1024
+        if len(orjson.dumps(merge_settings(workflow.settings, change))) > limit:
+            raise CommandError(f"settings would be over the limit of {limit} bytes")
+        return await self.store.change_settings(name, change)
+
+    async def run(self, name: str, data: Any = None) -> dict[str, Any]:
+        """Execute now with the trigger `manual`, and say how it went."""
+        workflow = await self._workflow(name)
+        request = None
+        if workflow.kind == "catch":
+            request = {"Content-Type": "application/json",
+                       **catch.json_fields({} if data is None else data)}
+        try:
+            executed = await self.dispatcher.execute(workflow, "manual", request)
+        except Overloaded as exc:
+            raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
+        out: dict[str, Any] = executed.record.summary()
+        if workflow.kind == "catch":
+            response = executed.response
+            if response is None:
+                body = catch.status_body(executed.record.status, executed.record.id).decode()
+                response = {"status_code": executed.record.http_status, "body": body,
+                            "headers": {"Content-Type": "application/json"}}
+            out["response"] = response
+        return out
+
+    async def executions(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
+        workflow = await self._workflow(name)
+        if not isinstance(limit, int) or limit < 1:
+            raise CommandError("--limit must be a positive integer")
+        return [r.summary() for r in await self.store.executions(workflow.name, limit)]
+
+    async def logs(self, execution_id: str) -> dict[str, Any]:
+        record = await self.store.execution(str(execution_id))
+        if record is None:
+            raise CommandError(f"no execution with id {execution_id}")
+        return {**record.summary(), "traceback": record.traceback, "output": record.output,
+                "output_truncated": record.output_truncated}
+
+    async def versions(self, name: str) -> list[dict[str, Any]]:
+        return await self.store.versions(check_name(name))
+
+    async def rollback(self, name: str, version: int) -> dict[str, Any]:
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise CommandError(f"version must be an integer, got {version!r}")
+        workflow = await self.store.rollback(check_name(name), version)
+        logs.event("rolled-back", workflow=name, version=version)
+        return workflow.public()
+
+    async def rotate_key(self, name: str) -> dict[str, Any]:
+        workflow = await self._workflow(name)
+        if workflow.kind != "catch":
+            raise CommandError(f"{name} is a pull workflow; only catch workflows have a key")
+        workflow = await self.store.set_catch_key(name, ids.catch_key())
+        logs.event("key-rotated", workflow=name)
+        return {"name": name, "url": self._url(workflow)}
+
+    async def export(self) -> dict[str, Any]:
+        return {"format": EXPORT_FORMAT, "workflows": await self.store.export()}
+
+    async def import_(self, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            raise CommandError(f"not a wfd export (expected format {EXPORT_FORMAT!r})")
+        workflows = data.get("workflows")
+        if not isinstance(workflows, list):
+            raise CommandError("the export has no list of workflows")
+        for item in workflows:
+            check_name(item.get("name") if isinstance(item, dict) else None)
+        try:
+            names = await self.store.import_(workflows)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CommandError(f"the export is incomplete or malformed: {exc!r}") from None
+        logs.event("imported", workflows=len(names))
+        return {"imported": names}
+
+
+class ControlServer:
+    """Serves Commands on a unix socket, one JSON line per request."""
+
+    def __init__(self, path: Path, commands: Commands, group: str = "") -> None:
+        self.path = path
+        self.commands = commands.table()
+        self.group = group
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._clear_stale()
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path,
+                                                           limit=MAX_REQUEST_BYTES)
+        finally:
+            os.umask(old_umask)
+        if self.group:
+            os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
+            os.chmod(self.path, 0o660)
+
+    def _clear_stale(self) -> None:
+        """Remove a socket left by a dead daemon; refuse to steal a live one's."""
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(self.path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            self.path.unlink(missing_ok=True)
+            return
+        finally:
+            probe.close()
+        raise ConfigError(f"another wfd daemon is serving {self.path}")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                writer.write(orjson.dumps(await self._answer(line)) + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass  # a client that hung up or sent a line over the limit
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        request_id = None
+        try:
+            request = orjson.loads(line)
+            request_id = request.get("id")
+            handler = self.commands.get(request.get("command"))
+            if handler is None:
+                raise CommandError(f"unknown command {request.get('command')!r}")
+            args = request.get("args") or {}
+            started = time.perf_counter()
+            result = await handler(**args)
+            logs.event("ctl", command=request["command"],
+                       ms=round((time.perf_counter() - started) * 1000, 1), level=10)
+            return {"id": request_id, "ok": True, "result": result}
+        except (CommandError, StoreError, ConfigError) as exc:
+            return {"id": request_id, "ok": False, "error": str(exc)}
+        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            return {"id": request_id, "ok": False, "error": f"malformed request: {exc}"}
+        except Exception as exc:
+            logs.logger.exception("control command failed")
+            return {"id": request_id, "ok": False, "error": f"internal error: {exc}"}

@@ -1,0 +1,259 @@
+"""`wfd ctl`: the operator's client for the control socket.
+
+It imports only the standard library, so a round trip costs a Python
+start-up and one socket exchange. It sends one JSON request and prints the
+result as text (or as JSON with `--json`).
+
+Exit codes: 0 success; 1 the daemon refused the command (the error is one
+line on stderr); 2 bad usage; 3 the daemon is not running (no socket, or
+nobody listening); 4 `run` executed the workflow but the execution failed.
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_EXECUTION_FAILED = 0, 1, 2, 3, 4
+DEFAULT_SOCKET = "wfd-data/wfd.sock"
+LIMIT_OPTIONS = (("--timeout", "timeout_s", float), ("--memory", "memory_mb", int),
+                 ("--cpu", "cpu_s", int), ("--processes", "processes", int),
+                 ("--open-files", "open_files", int), ("--concurrency", "concurrency", int))
+
+
+class NotRunning(Exception):
+    """Nothing answers on the control socket."""
+
+
+class Refused(Exception):
+    """The daemon answered with an error."""
+
+
+def call(socket_path: str, command: str, **args: Any) -> Any:
+    """Send one command and return its result; raises NotRunning or Refused."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(socket_path)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        client.close()
+        raise NotRunning(f"wfd is not running (no daemon at {socket_path}: "
+                         f"{exc.strerror})") from None
+    with client:
+        client.sendall(json.dumps({"id": 1, "command": command, "args": args}).encode() + b"\n")
+        buffer = bytearray()
+        while not buffer.endswith(b"\n"):
+            chunk = client.recv(1 << 20)
+            if not chunk:
+                raise Refused("the daemon closed the connection without answering")
+            buffer += chunk
+    reply = json.loads(buffer)
+    if not reply.get("ok"):
+        raise Refused(reply.get("error", "unknown error"))
+    return reply.get("result")
+
+
+def parse_value(text: str) -> Any:
+    """A settings value from the command line: JSON if it parses, else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="control socket (default $WFD_SOCKET or ./wfd-data/wfd.sock)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print machine-readable JSON")
+    parser = argparse.ArgumentParser(prog="wfd ctl", parents=[common],
+                                     description="Administer a running wfd daemon.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, *names: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, parents=[common], help=help_text)
+        for item in names:
+            command.add_argument(item)
+        return command
+
+    add("status", "daemon status")
+    add("list", "list workflows")
+    deploy = add("deploy", "deploy a new version of a workflow", "name", "file")
+    kind = deploy.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--catch", dest="kind", action="store_const", const="catch")
+    kind.add_argument("--pull", dest="kind", action="store_const", const="pull")
+    deploy.add_argument("--every", help="pull interval: 30s, 5m, 1h, 1d")
+    deploy.add_argument("--cron", help="pull schedule: a 5-field cron expression")
+    deploy.add_argument("--tz", help="IANA time zone of --cron (default UTC)")
+    for flag, dest, kind_of in LIMIT_OPTIONS:
+        deploy.add_argument(flag, dest=dest, type=kind_of)
+    for name in ("show", "url", "enable", "disable", "delete", "versions", "rotate-key"):
+        add(name, f"{name} a workflow", "name")
+    settings = add("settings", "print or change a workflow's settings", "name")
+    settings.add_argument("action", nargs="?", choices=("set", "unset"))
+    settings.add_argument("items", nargs="*", metavar="KEY[=VALUE]")
+    run = add("run", "execute a workflow now", "name")
+    run.add_argument("--data", help="JSON body for a catch workflow")
+    executions = add("executions", "recent executions of a workflow", "name")
+    executions.add_argument("--limit", type=int, default=20)
+    add("logs", "record, output and traceback of an execution", "execution_id")
+    rollback = add("rollback", "make an earlier version current", "name")
+    rollback.add_argument("version", type=int)
+    export = add("export", "every workflow, version and setting as JSON")
+    export.add_argument("file", nargs="?")
+    add("import", "import an export into this daemon", "file")
+    return parser
+
+
+class UsageError(Exception):
+    """Arguments that parse but make no sense together."""
+
+
+def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Translate parsed arguments into a control command and its arguments."""
+    command = args.command
+    if command == "deploy":
+        code = Path(args.file).read_text()
+        schedule = None
+        if args.kind == "pull" or args.every or args.cron:
+            schedule = {"every": args.every, "cron": args.cron, "tz": args.tz}
+        limits = {dest: getattr(args, dest) for _, dest, _ in LIMIT_OPTIONS}
+        return "deploy", {"name": args.name, "kind": args.kind, "code": code,
+                          "limits": limits, "schedule": schedule}
+    if command == "settings":
+        if args.action is None:
+            return "settings", {"name": args.name}
+        if not args.items:
+            raise UsageError(f"settings {args.action} needs at least one key")
+        if args.action == "unset":
+            return "settings-unset", {"name": args.name, "keys": args.items}
+        values = {}
+        for item in args.items:
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"expected KEY=VALUE, got {item!r}")
+            values[key] = parse_value(text)
+        return "settings-set", {"name": args.name, "values": values}
+    if command == "run":
+        data = None
+        if args.data is not None:
+            try:
+                data = json.loads(args.data)
+            except ValueError as exc:
+                raise UsageError(f"--data is not valid JSON: {exc}") from None
+        return "run", {"name": args.name, "data": data}
+    if command == "executions":
+        return "executions", {"name": args.name, "limit": args.limit}
+    if command == "logs":
+        return "logs", {"execution_id": args.execution_id}
+    if command == "rollback":
+        return "rollback", {"name": args.name, "version": args.version}
+    if command == "import":
+        return "import", {"data": json.loads(Path(args.file).read_text())}
+    if command in ("status", "list", "export"):
+        return command, {}
+    return command, {"name": args.name}
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Rows as aligned text columns, headed by the column names in capitals."""
+    cells = [[c.upper() for c in columns]]
+    cells += [["-" if row.get(c) is None else str(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
+                     for line in cells)
+
+
+def _fields(data: dict[str, Any]) -> str:
+    return "\n".join(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}"
+                     for key, value in data.items())
+
+
+def _schedule(row: dict[str, Any]) -> dict[str, Any]:
+    schedule = row.get("schedule")
+    return {**row, "schedule": schedule.get("describe") if isinstance(schedule, dict) else None}
+
+
+def render(command: str, result: Any, args: argparse.Namespace) -> str:
+    """The human-readable text for a command's result."""
+    if command == "list":
+        return table([_schedule(r) for r in result],
+                     ["name", "kind", "enabled", "version", "schedule"])
+    if command == "executions":
+        return table(result, ["id", "started_at", "trigger", "status", "http_status",
+                              "duration_ms", "version"])
+    if command == "versions":
+        return table([{**r, "current": "*" if r["current"] else ""} for r in result],
+                     ["version", "created_at", "size", "current"])
+    if command in ("url", "rotate-key"):
+        return result if isinstance(result, str) else result["url"]
+    if command == "deploy":
+        text = f"deployed {result['name']} version {result['version']}"
+        return text + (f"\n{result['url']}" if "url" in result else "")
+    if command in ("settings", "settings-set", "settings-unset"):
+        return json.dumps(result, indent=2, sort_keys=True)
+    if command in ("enable", "disable"):
+        return f"{result['name']} {command}d"
+    if command == "delete":
+        return f"deleted {result['deleted']}"
+    if command == "rollback":
+        return f"{result['name']} now runs version {result['version']}"
+    if command == "import":
+        return f"imported {len(result['imported'])} workflow(s): {', '.join(result['imported'])}"
+    if command == "run":
+        text = (f"execution {result['id']}: {result['status']} "
+                f"({result['duration_ms']:.0f} ms)")
+        if result.get("error"):
+            text += f"\nerror: {result['error']}"
+        if "response" in result:
+            text += f"\nresponse: {result['response']['status_code']}\n{result['response']['body']}"
+        return text
+    if command == "logs":
+        text = _fields({k: v for k, v in result.items() if k not in ("output", "traceback")})
+        text += "\n--- output ---\n" + (result["output"] or "")
+        if result.get("traceback"):
+            text += "\n--- traceback ---\n" + result["traceback"]
+        return text.rstrip("\n")
+    return _fields(result) if isinstance(result, dict) else str(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `wfd ctl` command; returns the process exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else EXIT_OK
+    socket_path = getattr(args, "socket", None) or os.environ.get("WFD_SOCKET") or DEFAULT_SOCKET
+    as_json = getattr(args, "json", False)
+    try:
+        command, request = request_for(args)
+        result = call(socket_path, command, **request)
+    except UsageError as exc:
+        print(f"wfd ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"wfd ctl: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ValueError as exc:
+        print(f"wfd ctl: invalid JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NotRunning as exc:
+        print(f"wfd ctl: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except Refused as exc:
+        print(f"wfd ctl: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if command == "export" and args.file:
+        Path(args.file).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"exported {len(result['workflows'])} workflow(s) to {args.file}")
+    elif as_json or command == "export":
+        print(json.dumps(result, indent=2))
+    else:
+        print(render(command, result, args))
+    if command == "run" and result["status"] != "success":
+        return EXIT_EXECUTION_FAILED
+    return EXIT_OK

@@ -1,0 +1,99 @@
+"""Runs executions for every trigger (catch, pull, manual) the same way.
+
+One path from "this workflow should run" to "its record and settings are
+stored": admission, the executor, then the settings merge and the record
+in one transaction, then one log line. Catch responses are sent only after
+that transaction commits, so an acknowledged change survives a crash.
+"""
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from wfd import ids, logs
+from wfd.admission import Admission, Reservation
+from wfd.config import Config, Limits
+from wfd.executor import Executor, Job, Outcome
+from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
+
+# The HTTP status a caller gets when the function did not decide it.
+FAILURE_HTTP_STATUS = {"error": 500, "memory": 500, "cpu": 500, "timeout": 504,
+                       "interrupted": 503}
+
+
+@dataclass(frozen=True)
+class Executed:
+    """A finished execution: its stored record and, for catch, the response."""
+
+    record: ExecutionRecord
+    response: dict[str, Any] | None
+
+
+class Dispatcher:
+    """The single place executions are started and recorded."""
+
+    def __init__(self, config: Config, store: Store, executor: Executor,
+                 admission: Admission) -> None:
+        self.config = config
+        self.store = store
+        self.executor = executor
+        self.admission = admission
+
+    def limits(self, workflow: Workflow) -> Limits:
+        return self.config.limits.merged(workflow.limits)
+
+    def reserve(self, workflow: Workflow) -> Reservation:
+        """Queue an execution of `workflow`; raises Overloaded when full."""
+        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency)
+
+    async def execute(self, workflow: Workflow, trigger: str,
+                      request: dict[str, Any] | None = None,
+                      reservation: Reservation | None = None,
+                      execution_id: str | None = None) -> Executed:
+        """Run `workflow` once and store what happened."""
+        reservation = reservation or self.reserve(workflow)
+        limits = self.limits(workflow)
+        job = Job(execution_id=execution_id or ids.execution_id(), name=workflow.name,
+                  kind=workflow.kind, version=workflow.version, code=workflow.code,
+                  limits=limits, settings=workflow.settings,
+                  request=request if workflow.kind == "catch" else None,
+                  response_bytes=self.config.max_body_bytes)
+        async with reservation:
+            started_at = datetime.now(UTC)
+            outcome = await self.executor.run(job)
+        record = _record(job, trigger, started_at, outcome)
+        record = await self.store.finish(record, outcome.settings_change,
+                                         limits.settings_kb * 1024)
+        logs.event("execution", id=record.id, workflow=record.workflow,
+                   version=record.version, trigger=trigger, status=record.status,
+                   duration_ms=round(record.duration_ms, 1), http=record.http_status)
+        response = outcome.response if record.status == "success" else None
+        return Executed(record, response)
+
+    async def check(self, name: str, kind: str, code: str, limits: Limits) -> str | None:
+        """Deploy-time check of new code in a child; the problem, or None if fine."""
+        job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
+                  code=code, limits=limits, mode="check")
+        started = time.perf_counter()
+        outcome = await self.executor.run(job)
+        if outcome.status == "success":
+            return None
+        logs.event("deploy-check-failed", workflow=name, status=outcome.status,
+                   duration_ms=round((time.perf_counter() - started) * 1000, 1))
+        return outcome.error or outcome.status
+
+
+def _record(job: Job, trigger: str, started_at: datetime, outcome: Outcome) -> ExecutionRecord:
+    http_status = None
+    if job.kind == "catch":
+        if outcome.status == "success":
+            http_status = outcome.response["status_code"] if outcome.response else 200
+        else:
+            http_status = FAILURE_HTTP_STATUS.get(outcome.status, 500)
+    return ExecutionRecord(
+        id=job.execution_id, workflow=job.name, version=job.version, trigger=trigger,
+        status=outcome.status, started_at=utc_iso(started_at),
+        duration_ms=outcome.duration_ms, http_status=http_status, error=outcome.error,
+        traceback=outcome.traceback, output=outcome.output,
+        output_truncated=outcome.output_truncated)

@@ -1,0 +1,440 @@
+"""All persistent state, in one SQLite file in WAL mode, and all of wfd's SQL.
+
+Keeping every statement here is what lets a later store speak PostgreSQL
+without touching the rest of the daemon. Each public method is one
+transaction; the methods that must be atomic together (a settings merge and
+the execution record that acknowledges it) are one method.
+
+Durability: WAL with `synchronous=NORMAL` makes every committed transaction
+survive a crash of the daemon (`kill -9`); only an operating-system crash or
+power loss can take back the last few commits.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+MIGRATIONS = [
+    """
+    CREATE TABLE workflows (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('catch', 'pull')),
+        enabled INTEGER NOT NULL DEFAULT 1,
+        version INTEGER NOT NULL,
+        catch_key TEXT NOT NULL,
+        settings TEXT NOT NULL DEFAULT '{}',
+        limits TEXT NOT NULL DEFAULT '{}',
+        schedule TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE versions (
+        workflow TEXT NOT NULL REFERENCES workflows (name) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        code TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (workflow, version)
+    );
+    CREATE TABLE executions (
+        id TEXT PRIMARY KEY,
+        workflow TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        trigger TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        duration_ms REAL NOT NULL,
+        http_status INTEGER,
+        error TEXT,
+        traceback TEXT,
+        output TEXT NOT NULL DEFAULT '',
+        output_truncated INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX executions_by_workflow ON executions (workflow, id);
+    """,
+]
+
+
+class StoreError(Exception):
+    """An operation the stored state does not allow; the message says why."""
+
+
+def utc_iso(moment: datetime | None = None) -> str:
+    """ISO 8601 in UTC with milliseconds and a `Z`, the one timestamp format stored."""
+    moment = moment or datetime.now(UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A workflow as stored, with its current version's code."""
+
+    name: str
+    kind: str
+    enabled: bool
+    version: int
+    catch_key: str
+    settings: dict[str, Any]
+    limits: dict[str, Any]
+    schedule: dict[str, Any] | None
+    created_at: str
+    updated_at: str
+    code: str
+
+    def public(self) -> dict[str, Any]:
+        """What `wfd ctl` may show: everything but the code and the secret key."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "enabled": self.enabled,
+            "version": self.version,
+            "schedule": self.schedule,
+            "limits": self.limits,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass
+class ExecutionRecord:
+    """One finished execution, as `wfd ctl executions` and `logs` show it."""
+
+    id: str
+    workflow: str
+    version: int
+    trigger: str
+    status: str
+    started_at: str
+    duration_ms: float
+    http_status: int | None = None
+    error: str | None = None
+    traceback: str | None = None
+    output: str = ""
+    output_truncated: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """The record without its (possibly large) output and traceback."""
+        return {
+            "id": self.id,
+            "workflow": self.workflow,
+            "version": self.version,
+            "trigger": self.trigger,
+            "status": self.status,
+            "started_at": self.started_at,
+            "duration_ms": round(self.duration_ms, 3),
+            "http_status": self.http_status,
+            "error": self.error,
+        }
+
+
+_WORKFLOW_COLUMNS = (
+    "w.name, w.kind, w.enabled, w.version, w.catch_key, w.settings, w.limits, "
+    "w.schedule, w.created_at, w.updated_at, v.code"
+)
+_WORKFLOW_SELECT = (
+    f"SELECT {_WORKFLOW_COLUMNS} FROM workflows w "
+    "JOIN versions v ON v.workflow = w.name AND v.version = w.version"
+)
+_EXECUTION_COLUMNS = (
+    "id, workflow, version, trigger, status, started_at, duration_ms, http_status, "
+    "error, traceback, output, output_truncated"
+)
+
+
+def _workflow(row: Any) -> Workflow:
+    return Workflow(
+        name=row[0],
+        kind=row[1],
+        enabled=bool(row[2]),
+        version=row[3],
+        catch_key=row[4],
+        settings=orjson.loads(row[5]),
+        limits=orjson.loads(row[6]),
+        schedule=orjson.loads(row[7]) if row[7] else None,
+        created_at=row[8],
+        updated_at=row[9],
+        code=row[10],
+    )
+
+
+def _execution(row: Any) -> ExecutionRecord:
+    return ExecutionRecord(*row[:11], output_truncated=bool(row[11]))
+
+
+def merge_settings(stored: dict, change: dict) -> dict:
+    """Apply a workflow's key-level change (`set`, `unset`) to stored settings."""
+    merged = dict(stored)
+    merged.update(change.get("set", {}))
+    for key in change.get("unset", []):
+        merged.pop(key, None)
+    return merged
+
+
+class Store:
+    """The daemon's single SQLite connection, one transaction at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        """Open (creating if needed) the database and apply pending migrations."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000",
+                       "foreign_keys=ON"):
+            await self._db.execute(f"PRAGMA {pragma}")
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            async with self._lock:
+                await self._db.close()
+                self._db = None
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as db:
+            async with db.execute("PRAGMA user_version") as cursor:
+                (current,) = await cursor.fetchone()
+            for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {number}")
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; the lock keeps coroutines from interleaving in it."""
+        async with self._lock:
+            db = self._db
+            if db is None:
+                raise StoreError("the store is closed")
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def _fetchall(self, sql: str, *args: Any) -> list[Any]:
+        async with self._lock:
+            if self._db is None:
+                raise StoreError("the store is closed")
+            async with self._db.execute(sql, args) as cursor:
+                return list(await cursor.fetchall())
+
+    async def _fetchone(self, sql: str, *args: Any) -> Any:
+        rows = await self._fetchall(sql, *args)
+        return rows[0] if rows else None
+
+    # -- workflows -------------------------------------------------------------
+
+    async def workflow(self, name: str) -> Workflow | None:
+        row = await self._fetchone(f"{_WORKFLOW_SELECT} WHERE w.name = ?", name)
+        return _workflow(row) if row else None
+
+    async def workflows(self) -> list[Workflow]:
+        rows = await self._fetchall(f"{_WORKFLOW_SELECT} ORDER BY w.name")
+        return [_workflow(row) for row in rows]
+
+    async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any],
+                     schedule: dict[str, Any] | None, catch_key: str) -> Workflow:
+        """Store `code` as the next version of `name`, creating the workflow if new.
+
+        A new deploy replaces the limits and schedule given; limits not named
+        keep their previous overrides. `catch_key` is used for a new workflow only.
+        """
+        now = utc_iso()
+        async with self._transaction() as db:
+            async with db.execute("SELECT kind, version, limits FROM workflows WHERE name = ?",
+                                  (name,)) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                version = 1
+                await db.execute(
+                    "INSERT INTO workflows (name, kind, version, catch_key, limits, schedule,"
+                    " created_at, updated_at) VALUES (?, ?, 1, ?, ?, ?, ?, ?)",
+                    (name, kind, catch_key, orjson.dumps(limits).decode(),
+                     _json_or_null(schedule), now, now))
+            else:
+                if row[0] != kind:
+                    raise StoreError(f"{name} is a {row[0]} workflow; its kind cannot change")
+                async with db.execute("SELECT max(version) FROM versions WHERE workflow = ?",
+                                      (name,)) as cursor:
+                    version = (await cursor.fetchone())[0] + 1
+                merged = {**orjson.loads(row[2]), **limits}
+                await db.execute(
+                    "UPDATE workflows SET version = ?, limits = ?, schedule = ?, updated_at = ?"
+                    " WHERE name = ?",
+                    (version, orjson.dumps(merged).decode(),
+                     _json_or_null(schedule), now, name))
+            await db.execute(
+                "INSERT INTO versions (workflow, version, code, created_at) VALUES (?, ?, ?, ?)",
+                (name, version, code, now))
+        return await self._require(name)
+
+    async def _require(self, name: str) -> Workflow:
+        workflow = await self.workflow(name)
+        if workflow is None:
+            raise StoreError(f"no workflow named {name}")
+        return workflow
+
+    async def _update(self, name: str, assignments: str, *args: Any) -> Workflow:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                f"UPDATE workflows SET {assignments}, updated_at = ? WHERE name = ?",
+                (*args, utc_iso(), name))
+            if cursor.rowcount == 0:
+                raise StoreError(f"no workflow named {name}")
+        return await self._require(name)
+
+    async def set_enabled(self, name: str, enabled: bool) -> Workflow:
+        return await self._update(name, "enabled = ?", int(enabled))
+
+    async def set_catch_key(self, name: str, catch_key: str) -> Workflow:
+        return await self._update(name, "catch_key = ?", catch_key)
+
+    async def rollback(self, name: str, version: int) -> Workflow:
+        """Make an earlier (or later) stored version current again."""
+        if await self._fetchone("SELECT 1 FROM versions WHERE workflow = ? AND version = ?",
+                                name, version) is None:
+            raise StoreError(f"{name} has no version {version}")
+        return await self._update(name, "version = ?", version)
+
+    async def delete(self, name: str) -> None:
+        """Forget a workflow, its versions and its execution records."""
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM workflows WHERE name = ?", (name,))
+            if cursor.rowcount == 0:
+                raise StoreError(f"no workflow named {name}")
+            await db.execute("DELETE FROM versions WHERE workflow = ?", (name,))
+            await db.execute("DELETE FROM executions WHERE workflow = ?", (name,))
+
+    async def versions(self, name: str) -> list[dict[str, Any]]:
+        current = (await self._require(name)).version
+        rows = await self._fetchall(
+            "SELECT version, created_at, length(code) FROM versions WHERE workflow = ?"
+            " ORDER BY version", name)
+        return [{"version": v, "created_at": c, "size": n, "current": v == current}
+                for v, c, n in rows]
+
+    # -- settings and executions -----------------------------------------------
+
+    async def change_settings(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
+        """Apply an operator's `set`/`unset` change; returns the new settings."""
+        async with self._transaction() as db:
+            stored = await _settings(db, name)
+            merged = merge_settings(stored, change)
+            await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
+                             (orjson.dumps(merged).decode(), name))
+        return merged
+
+    async def finish(self, record: ExecutionRecord, change: dict[str, Any] | None,
+                     max_settings_bytes: int) -> ExecutionRecord:
+        """Record an execution and merge its settings change, in one transaction.
+
+        The merge happens against the settings as stored now, not as the
+        execution saw them, so concurrent executions that touch different keys
+        both keep their changes. A merge that would exceed the size limit is
+        refused and the record says so.
+        """
+        async with self._transaction() as db:
+            if change and (change["set"] or change["unset"]):
+                try:
+                    stored = await _settings(db, record.workflow)
+                except StoreError:
+                    stored = None  # deleted while it ran: nothing to merge into
+                if stored is not None:
+                    merged = orjson.dumps(merge_settings(stored, change))
+                    if len(merged) > max_settings_bytes:
+                        record.status, record.http_status = "error", (
+                            500 if record.http_status else None)
+                        record.error = (f"settings would be {len(merged)} bytes, over the "
+                                        f"limit of {max_settings_bytes}; nothing was kept")
+                    else:
+                        await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
+                                         (merged.decode(), record.workflow))
+            await db.execute(
+                f"INSERT INTO executions ({_EXECUTION_COLUMNS}) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.workflow, record.version, record.trigger, record.status,
+                 record.started_at, record.duration_ms, record.http_status, record.error,
+                 record.traceback, record.output, int(record.output_truncated)))
+        return record
+
+    async def executions(self, name: str, limit: int = 20) -> list[ExecutionRecord]:
+        rows = await self._fetchall(
+            f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE workflow = ?"
+            " ORDER BY id DESC LIMIT ?", name, limit)
+        return [_execution(row) for row in rows]
+
+    async def execution(self, execution_id: str) -> ExecutionRecord | None:
+        row = await self._fetchone(
+            f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE id = ?", execution_id)
+        return _execution(row) if row else None
+
+    async def counts(self) -> dict[str, int]:
+        """Totals for `wfd ctl status`."""
+        workflows, enabled = await self._fetchone(
+            "SELECT count(*), coalesce(sum(enabled), 0) FROM workflows")
+        (executions,) = await self._fetchone("SELECT count(*) FROM executions")
+        return {"workflows": workflows, "enabled": enabled, "executions": executions}
+
+    # -- export and import ------------------------------------------------------
+
+    async def export(self) -> list[dict[str, Any]]:
+        """Every workflow with all its versions and settings, for a backup."""
+        out = []
+        for workflow in await self.workflows():
+            rows = await self._fetchall(
+                "SELECT version, code, created_at FROM versions WHERE workflow = ?"
+                " ORDER BY version", workflow.name)
+            out.append({
+                **workflow.public(),
+                "catch_key": workflow.catch_key,
+                "settings": workflow.settings,
+                "versions": [{"version": v, "code": c, "created_at": t} for v, c, t in rows],
+            })
+        return out
+
+    async def import_(self, workflows: list[dict[str, Any]]) -> list[str]:
+        """Restore exported workflows in one transaction; existing names are refused."""
+        async with self._transaction() as db:
+            for item in workflows:
+                name = item["name"]
+                async with db.execute("SELECT 1 FROM workflows WHERE name = ?",
+                                      (name,)) as cursor:
+                    if await cursor.fetchone():
+                        raise StoreError(f"a workflow named {name} exists already")
+                await db.execute(
+                    "INSERT INTO workflows (name, kind, enabled, version, catch_key, settings,"
+                    " limits, schedule, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, item["kind"], int(item["enabled"]), item["version"],
+                     item["catch_key"], orjson.dumps(item["settings"]).decode(),
+                     orjson.dumps(item["limits"]).decode(), _json_or_null(item["schedule"]),
+                     item["created_at"], item["updated_at"]))
+                await db.executemany(
+                    "INSERT INTO versions (workflow, version, code, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(name, v["version"], v["code"], v["created_at"]) for v in item["versions"]])
+        return [item["name"] for item in workflows]
+
+
+async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
+    async with db.execute("SELECT settings FROM workflows WHERE name = ?", (name,)) as cursor:
+        row = await cursor.fetchone()
+    if row is None:
+        raise StoreError(f"no workflow named {name}")
+    return orjson.loads(row[0])
+
+
+def _json_or_null(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
