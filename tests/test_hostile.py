@@ -5,7 +5,7 @@ import time
 
 import pytest
 import requests
-from conftest import wait_for
+from tests.conftest import wait_for
 
 CANARY = 'def workflow(_request, settings):\n    return {"status_code": 200, "body": "alive"}\n'
 
