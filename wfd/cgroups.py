@@ -223,6 +223,10 @@ class CgroupBackend(ABC):
     def describe(self) -> dict[str, object]:
         """Plain data for `wfd ctl status` and /healthz."""
 
+    @abstractmethod
+    def close(self) -> None:
+        """Remove what detection created for this daemon (at shutdown)."""
+
 
 class V2Backend(CgroupBackend):
     """Delegated v2 subtree: the daemon sits in `<own>/daemon`, executions in siblings."""
@@ -248,6 +252,9 @@ class V2Backend(CgroupBackend):
 
     def describe(self) -> dict[str, object]:
         return {"cgroup": "v2", "path": str(self.own), "controllers": sorted(self.controllers)}
+
+    def close(self) -> None:
+        """Nothing: the subtree is systemd's, and the daemon's leaf holds the daemon."""
 
 
 class V1Backend(CgroupBackend):
@@ -275,6 +282,13 @@ class V1Backend(CgroupBackend):
 
     def describe(self) -> dict[str, object]:
         return {"cgroup": "v1", "paths": {k: str(v) for k, v in self.parents.items()}}
+
+    def close(self) -> None:
+        """Remove this daemon's instance groups; a leftover is cleaned by the next start."""
+        for parent in self.parents.values():
+            _stale_cleanup(parent)
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 def _parse_self_cgroup(text: str) -> dict[str, str]:
@@ -304,6 +318,25 @@ def _stale_cleanup(parent: Path) -> None:
             log.warning("stale cgroup %s not removed: %s", child, e)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, under another uid
+    return True
+
+
+def _stale_instances(shared: Path) -> None:
+    """Remove the v1 instance groups of daemons that are no longer running."""
+    for instance in shared.iterdir():
+        if instance.is_dir() and instance.name.isdigit() and not _pid_alive(int(instance.name)):
+            _stale_cleanup(instance)
+            with contextlib.suppress(OSError):
+                instance.rmdir()
+
+
 def _detect_v2(root: Path, paths: dict[str, str], pid: int) -> V2Backend | None:
     mount = _v2_mount(root)
     if mount is None or "" not in paths:
@@ -327,23 +360,28 @@ def _detect_v2(root: Path, paths: dict[str, str], pid: int) -> V2Backend | None:
     return V2Backend(own, set(wanted))
 
 
-def _detect_v1(root: Path, paths: dict[str, str]) -> V1Backend | None:
+def _detect_v1(root: Path, paths: dict[str, str], pid: int) -> V1Backend | None:
+    """One `wfd/<daemon pid>` group per hierarchy.
+
+    Per daemon, because several daemons may share the host (tests do): cleaning
+    up after a dead one must never remove a live one's fresh, still empty group.
+    """
     parents: dict[str, Path] = {}
     for ctrl in ("pids", "memory", "cpu"):
         if ctrl not in paths or not (root / ctrl).is_dir():
             continue
-        parent = root / ctrl / paths[ctrl].lstrip("/") / PARENT_NAME
+        shared = root / ctrl / paths[ctrl].lstrip("/") / PARENT_NAME
         try:
-            parent.mkdir(exist_ok=True)
+            shared.mkdir(exist_ok=True)
+            _stale_instances(shared)
+            (shared / str(pid)).mkdir(exist_ok=True)
         except OSError as e:
             log.info("cgroup v1 %s not writable: %s", ctrl, e)
             continue
-        parents[ctrl] = parent
+        parents[ctrl] = shared / str(pid)
     if not {"pids", "memory"} <= parents.keys():
         log.info("cgroup v1 pids+memory not both writable (have %s)", sorted(parents))
         return None
-    for parent in parents.values():
-        _stale_cleanup(parent)
     return V1Backend(parents)
 
 
@@ -355,10 +393,11 @@ def detect(
     """Find a cgroup tree we may write, preferring a delegated v2 subtree.
 
     Call once at start-up: on v2 it moves the daemon (`pid`, default ours) into
-    a leaf and enables controllers; on v1 it creates a `wfd` parent under our
-    own group in each hierarchy, so the host's limits on us still cover children.
+    a leaf and enables controllers; on v1 it creates a `wfd/<pid>` parent under
+    our own group in each hierarchy, so the host's limits on us still cover
+    children.
     Returns None (reasons logged) when neither is usable.
     """
     paths = _parse_self_cgroup(self_cgroup.read_text())
-    backend = _detect_v2(root, paths, os.getpid() if pid is None else pid)
-    return backend or _detect_v1(root, paths)
+    pid = os.getpid() if pid is None else pid
+    return _detect_v2(root, paths, pid) or _detect_v1(root, paths, pid)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
+ISOLATION_MODES = ("strict", "best-effort", "none")
 
 
 class ConfigError(Exception):
@@ -28,6 +29,7 @@ class Limits:
     processes: int = 128
     open_files: int = 256
     file_size_mb: int = 64
+    tmp_mb: int = 128
     concurrency: int = 10
     output_kb: int = 1024
     settings_kb: int = 1024
@@ -70,6 +72,7 @@ class Config:
     global_concurrency: int = 0
     queue_max: int = 100
     grace_s: float = 30.0
+    isolation: str = "strict"
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
 
@@ -135,4 +138,7 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
         split_host_port(config.admin_listen)
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format must be 'text' or 'json', got {config.log_format!r}")
+    if config.isolation not in ISOLATION_MODES:
+        raise ConfigError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, "
+                          f"got {config.isolation!r}")
     return config

@@ -20,7 +20,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from wfd.cgroups import JOIN_FAILED_EXIT, ExecutionCgroup
 from wfd.config import MIB, Limits
+from wfd.isolation import Isolation
 
 # How long to keep reading a child's pipes after it exited: a process that
 # escaped its group (and so the kill) may still hold them open.
@@ -46,8 +48,13 @@ class Job:
     mode: str = "run"
     response_bytes: int = 10 * MIB
 
-    def payload(self, result_fd: int) -> bytes:
-        """The JSON document the child reads on stdin."""
+    def payload(self, result_fd: int, rlimit_nproc: bool = True) -> bytes:
+        """The JSON document the child reads on stdin.
+
+        Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
+        cgroup bounds the execution instead, and RLIMIT_NPROC would count
+        every execution's processes together (they share one sandbox uid).
+        """
         limits = self.limits
         job: dict[str, Any] = {
             "protocol": 1,
@@ -61,7 +68,7 @@ class Job:
             "limits": {
                 "memory_bytes": limits.memory_mb * MIB,
                 "cpu_s": int(limits.cpu_s),
-                "processes": limits.processes,
+                "processes": limits.processes if rlimit_nproc else None,
                 "open_files": limits.open_files,
                 "file_size_bytes": limits.file_size_mb * MIB,
                 "settings_bytes": limits.settings_kb * 1024,
@@ -154,40 +161,71 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+@dataclass
+class _Launch:
+    """How one child is started, and the cgroup (if any) that holds everything it forks."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    cgroup: ExecutionCgroup | None = None
+    # bwrap reports a signal death of the sandboxed process as exit 128 + signal.
+    signal_exits: bool = False
+
+
 class SpawnExecutor:
     """Starts a fresh `python -I -m sandbox` for every execution.
 
     Simple and fully isolated, at the price of an interpreter start-up per
-    execution.
+    execution. The layers around it (bwrap, a cgroup) come from `isolation`;
+    under bwrap the working directory is the sandbox's own tmpfs, so nothing
+    is created or removed on the host.
     """
 
-    def __init__(self, python: str = sys.executable, tmp_root: Path | None = None) -> None:
-        self.python = python
+    def __init__(self, isolation: Isolation | None = None, tmp_root: Path | None = None) -> None:
+        self.isolation = isolation or Isolation("none", sys.executable, None, None)
         self.tmp_root = tmp_root
         self.running = 0
 
     async def run(self, job: Job) -> Outcome:
-        workdir = tempfile.mkdtemp(prefix=f"wfd-{job.execution_id}-", dir=self.tmp_root)
         self.running += 1
         try:
-            return await self._supervise(job, workdir)
+            if self.isolation.sandboxed:
+                return await self._run_with_cgroup(job, "/", {"PATH": CHILD_PATH}, True)
+            workdir = tempfile.mkdtemp(prefix=f"wfd-{job.execution_id}-", dir=self.tmp_root)
+            try:
+                env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+                return await self._run_with_cgroup(job, workdir, env, False)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, workdir, True)
         finally:
             self.running -= 1
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
 
-    async def _supervise(self, job: Job, workdir: str) -> Outcome:
+    async def _run_with_cgroup(self, job: Job, cwd: str, env: dict[str, str],
+                               sandboxed: bool) -> Outcome:
+        """Make the execution's cgroup, run the child in it, and always remove it."""
+        cgroup = await asyncio.to_thread(self.isolation.cgroup_for, job.limits,
+                                         job.execution_id)
+        try:
+            argv = self.isolation.argv(job.limits, cgroup)
+            return await self._supervise(job, _Launch(argv, cwd, env, cgroup, sandboxed))
+        finally:
+            if cgroup is not None:
+                await asyncio.to_thread(cgroup.close)
+
+    async def _supervise(self, job: Job, launch: _Launch) -> Outcome:
         result_r, result_w = os.pipe()
         started = time.perf_counter()
         try:
             process = await asyncio.create_subprocess_exec(
-                self.python, "-I", "-m", "sandbox",
+                *launch.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 pass_fds=(result_w,),
                 start_new_session=True,
-                cwd=workdir,
-                env={"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir},
+                cwd=launch.cwd,
+                env=launch.env,
             )
         except BaseException:
             os.close(result_r)
@@ -201,7 +239,7 @@ class SpawnExecutor:
                    asyncio.create_task(_drain_fd(result_r, result))]
         timed_out = False
         try:
-            process.stdin.write(job.payload(result_w))
+            process.stdin.write(job.payload(result_w, rlimit_nproc=launch.cgroup is None))
             await process.stdin.drain()
             process.stdin.close()
         except (BrokenPipeError, ConnectionResetError):
@@ -214,12 +252,18 @@ class SpawnExecutor:
             # Whatever happened, nothing the execution started outlives it.
             _kill_group(process.pid)
             await process.wait()
+            if launch.cgroup is not None:
+                await asyncio.to_thread(launch.cgroup.kill)
             await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT_S)
             for task in readers:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
         duration_ms = (time.perf_counter() - started) * 1000
-        outcome = _judge(job, process.returncode, result, timed_out, duration_ms)
+        cgroup = launch.cgroup
+        ended = _Ended(_signal_of(process.returncode, launch.signal_exits), process.returncode,
+                       timed_out, cgroup is not None and cgroup.memory_oom(),
+                       cgroup is not None and process.returncode == JOIN_FAILED_EXIT)
+        outcome = _judge(job, ended, result, duration_ms)
         outcome.output = output.data.decode("utf-8", "replace")
         outcome.output_truncated = output.truncated
         if output.truncated:
@@ -227,24 +271,64 @@ class SpawnExecutor:
         return outcome
 
 
-def _judge(job: Job, returncode: int | None, result: _Captured, timed_out: bool,
-           duration_ms: float) -> Outcome:
-    """Turn a child's exit and its result (if any) into an Outcome."""
-    if timed_out:
-        return Outcome("timeout", duration_ms,
-                       error=f"timed out after {job.limits.timeout_s:g} s")
+@dataclass(frozen=True)
+class _Ended:
+    """How the child ended, as far as the daemon can tell without its result."""
+
+    signal: int | None
+    returncode: int | None
+    timed_out: bool
+    oom_killed: bool
+    join_failed: bool
+
+
+def _signal_of(returncode: int | None, signal_exits: bool) -> int | None:
+    """The signal that killed the workflow's process, if one did.
+
+    Under bwrap the daemon's child is bwrap, which exits 128 + N when the
+    sandboxed process dies of signal N (a workflow calling os._exit(137)
+    therefore looks like SIGKILL: it can only mislabel its own execution).
+    """
+    if returncode is None:
+        return None
+    if returncode < 0:
+        return -returncode
+    if signal_exits and 128 < returncode < 128 + signal.NSIG:
+        return returncode - 128
+    return None
+
+
+def _judge(job: Job, ended: _Ended, result: _Captured, duration_ms: float) -> Outcome:
+    """Turn a child's exit and its result (if any) into an Outcome.
+
+    A kernel OOM kill in the execution's cgroup decides `memory` over
+    anything but a success: a workflow that failed because one of its
+    processes was OOM-killed ran out of memory, whatever it said about it.
+    """
+    limits = job.limits
+    if ended.timed_out:
+        return Outcome("timeout", duration_ms, error=f"timed out after {limits.timeout_s:g} s")
     if result.truncated:
         return Outcome("error", duration_ms, error="the result was too large")
+    oom = (f"the memory limit of {limits.memory_mb} MiB was reached: the kernel killed "
+           "a process of the execution")
     if result.data:
-        return _parse_result(result.data, duration_ms)
-    if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-        return Outcome("cpu", duration_ms,
-                       error=f"CPU time limit of {job.limits.cpu_s} s exceeded")
-    if returncode is not None and returncode < 0:
-        name = signal.Signals(-returncode).name
+        outcome = _parse_result(result.data, duration_ms)
+        if ended.oom_killed and outcome.status != "success":
+            outcome.status, outcome.error = "memory", f"{oom}; then: {outcome.error}"
+        return outcome
+    if ended.oom_killed:
+        return Outcome("memory", duration_ms, error=oom)
+    if ended.signal in (signal.SIGXCPU, signal.SIGKILL):
+        return Outcome("cpu", duration_ms, error=f"CPU time limit of {limits.cpu_s} s exceeded")
+    if ended.signal is not None:
+        name = signal.Signals(ended.signal).name
         return Outcome("error", duration_ms, error=f"the process was killed by {name}")
-    return Outcome("error", duration_ms,
-                   error=f"the process exited with code {returncode} without reporting a result")
+    if ended.join_failed:
+        return Outcome("error", duration_ms, error="boot failed: the process could not "
+                       f"join its cgroup (exit {JOIN_FAILED_EXIT})")
+    return Outcome("error", duration_ms, error=f"the process exited with code "
+                   f"{ended.returncode} without reporting a result")
 
 
 def _parse_result(data: bytes, duration_ms: float) -> Outcome:

@@ -1,7 +1,8 @@
 """The running daemon: wires the parts together and owns their lifecycle.
 
-Start-up order: store (migrations), control socket, HTTP listeners, and only
-then "ready". Shutdown runs the same steps backwards: stop accepting, let
+Start-up order: isolation detection (before the loop, see `serve`), store
+(migrations), the isolation self-test, control socket, HTTP listeners, and
+only then "ready". Shutdown runs the same steps backwards: stop accepting, let
 running executions finish within the grace period, close the store.
 """
 
@@ -15,22 +16,25 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from wfd import http, logs
+from wfd import http, logs, selftest
 from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
 from wfd.control import Commands, ControlServer
 from wfd.dispatch import Dispatcher
 from wfd.executor import SpawnExecutor
+from wfd.isolation import Isolation, IsolationError
 from wfd.store import Store
 
 
 class Daemon:
     """One wfd daemon. Constructing it touches nothing; `start` does."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, isolation: Isolation) -> None:
         self.config = config
+        self.isolation = isolation
+        self.self_test: dict[str, selftest.Check] = {}
         self.store = Store(config.db_path)
-        self.executor = SpawnExecutor()
+        self.executor = SpawnExecutor(isolation)
         self.admission = Admission(config.concurrency, config.queue_max)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
         commands = Commands(config, self.store, self.dispatcher, self.status)
@@ -41,8 +45,14 @@ class Daemon:
         self._stop = asyncio.Event()
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        """/healthz: 200 while serving, 503 while starting or draining."""
-        return (200 if self.state == "serving" else 503), {"status": self.state}
+        """/healthz: 200 while serving, 503 while starting or draining; active layers."""
+        active = [name for name, layer in self.isolation.layers().items() if layer["active"]]
+        return (200 if self.state == "serving" else 503), {
+            "status": self.state,
+            "isolation": {"mode": self.isolation.mode, "active": active,
+                          "self_test": "failed" if selftest.failures(self.self_test)
+                          else "passed"},
+        }
 
     def status(self) -> dict[str, Any]:
         """The daemon's own part of `wfd ctl status`."""
@@ -59,12 +69,16 @@ class Daemon:
             "running": self.admission.running,
             "waiting": self.admission.waiting,
             "concurrency": self.admission.concurrency,
+            "isolation": {"mode": self.isolation.mode, "executor": "spawn",
+                          "layers": self.isolation.layers(),
+                          "self_test": selftest.report(self.self_test)},
         }
 
     async def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.config.data_dir, 0o700)
         await self.store.open()
+        await self.check_isolation()
         await self.control.start()
         catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health)
         await self._listen(catch_app, self.config.listen)
@@ -73,6 +87,21 @@ class Daemon:
         self.state = "serving"
         logs.event("serving", listen=self.config.listen, socket=self.config.socket_path,
                    data_dir=self.config.data_dir, pid=os.getpid())
+
+    async def check_isolation(self) -> None:
+        """Prove the detected layers with a probe execution; strict refuses on a hole."""
+        self.self_test = await selftest.run(self.executor, self.isolation, self.config)
+        failed = selftest.failures(self.self_test)
+        if not failed:
+            logs.event("isolation", mode=self.isolation.mode, self_test="passed",
+                       active=",".join(n for n, layer in self.isolation.layers().items()
+                                       if layer["active"]))
+            return
+        detail = "; ".join(f"{name}: saw {self.self_test[name].seen!r}" for name in failed)
+        if self.isolation.mode == "strict":
+            raise IsolationError(f"isolation self-test failed, refusing to serve: {detail}")
+        logs.logger.error("ISOLATION SELF-TEST FAILED (isolation = %r, serving anyway): %s",
+                          self.isolation.mode, detail)
 
     async def _listen(self, app: web.Application, address: str) -> None:
         host, port = split_host_port(address)
@@ -106,17 +135,20 @@ class Daemon:
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.store.close()
+        await asyncio.to_thread(self.isolation.close)
         logs.event("stopped")
 
 
 def serve(config: Config, config_path: str | Path | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     logs.setup(config.log_format, config.log_level)
-    daemon = Daemon(config)
     try:
+        # Before the loop: detection may move this process between cgroups,
+        # which must happen before any thread (aiosqlite) exists.
+        daemon = Daemon(config, Isolation.detect(config.isolation))
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, IsolationError) as exc:
         logs.logger.error("cannot start: %s", exc)
         return 1
     return 0
