@@ -210,3 +210,16 @@ def test_kill_reaches_setsid_double_forked_grandchild(make_cg) -> None:
     cg.kill()
     wait_for(lambda: pid_gone(grandchild), what="grandchild gone from /proc")
     assert cg.pids() == []
+
+
+def test_v1_groups_are_per_daemon_and_only_dead_daemons_groups_are_removed(v1) -> None:
+    shared = v1.parents["pids"].parent
+    dead = shared / "999999999"  # above any pid_max: a daemon that is gone
+    (dead / "exec-left-behind").mkdir(parents=True)
+    live = v1.create("fresh-and-empty", 1 << 20, 4)
+    assert isinstance(cgroups.detect(), cgroups.V1Backend)  # another daemon starting
+    assert not dead.exists()
+    assert all(d.exists() for d in live.dirs)
+    live.close()
+    v1.close()
+    assert not any(parent.exists() for parent in v1.parents.values())

@@ -26,7 +26,7 @@ from wfd.isolation import Isolation
 
 SURVIVOR_WAIT_S = 3.0
 PROBE = '''
-import json, os, sys
+import json, os, sys, time
 
 def workflow(_request, settings):
     seen = {
@@ -83,6 +83,19 @@ def leave_survivor(token):
             os.execv("/bin/sh", ["sh", "-c", f"sleep 300; : {token}"])
         os._exit(0)
     os.wait()
+    # Return only once the grandchild runs, or the daemon's look for it proves nothing.
+    for _ in range(500):
+        if any(running(pid, token) for pid in os.listdir("/proc") if pid.isdigit()):
+            return
+        time.sleep(0.01)
+    raise RuntimeError("the probe's grandchild never started")
+
+def running(pid, token):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return token.encode() in cmdline.read()
+    except OSError:
+        return False
 '''
 
 
