@@ -290,11 +290,13 @@ def test_secrets_are_out_of_reach(hostile, canary, name, target):
 def test_proc_lists_only_the_executions_own_processes(hostile, canary, name):
     code = workflow("""
         child = subprocess.Popen(["sleep", "30"])
+        while open(f"/proc/{child.pid}/comm").read().strip() != "sleep":
+            time.sleep(0.005)  # forked, not yet exec'd
         seen = {int(p): open(f"/proc/{p}/comm").read().strip()
                 for p in os.listdir("/proc") if p.isdigit()}
         child.kill()
         return {"status_code": 200, "body": json.dumps(seen)}
-        """, prelude="import json, os, subprocess")
+        """, prelude="import json, os, subprocess, time")
     response, record = call(hostile, name, code)
     seen = response.json()
     assert sorted(map(int, seen)) == [1, 2, 3], seen
