@@ -14,8 +14,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
-from tests.helpers import wait_for
 from wfd import bwrap
 
 CAP = 8 << 20

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import pid_alive, pid_gone, wait_for
 
-from tests.helpers import pid_alive, pid_gone, wait_for
 from wfd import cgroups
 
 # ---------------------------------------------------------------- v2, fake cgroupfs

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from tests.conftest import Daemon, wait_for
+from conftest import Daemon, wait_for
 
 CANARY = 'def workflow(_request, settings):\n    return {"status_code": 200, "body": "alive"}\n'
 CONFIG = """

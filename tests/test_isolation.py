@@ -8,8 +8,8 @@ what `wfd ctl status` and /healthz say in each case.
 
 import pytest
 import requests
+from conftest import Daemon, wait_for
 
-from tests.conftest import Daemon, wait_for
 from wfd import selftest
 
 # A PATH without bwrap or setpriv: how a host without bubblewrap looks to the daemon.

@@ -43,9 +43,9 @@ class Dispatcher:
     def limits(self, workflow: Workflow) -> Limits:
         return self.config.limits.merged(workflow.limits)
 
-    def reserve(self, workflow: Workflow) -> Reservation:
+    def reserve(self, workflow: Workflow, bounded: bool = True) -> Reservation:
         """Queue an execution of `workflow`; raises Overloaded when full."""
-        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency)
+        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded)
 
     async def execute(self, workflow: Workflow, trigger: str,
                       request: dict[str, Any] | None = None,

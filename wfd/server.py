@@ -23,6 +23,7 @@ from wfd.control import Commands, ControlServer
 from wfd.dispatch import Dispatcher
 from wfd.executor import SpawnExecutor
 from wfd.isolation import Isolation, IsolationError
+from wfd.scheduler import Scheduler
 from wfd.store import Store
 
 
@@ -37,7 +38,8 @@ class Daemon:
         self.executor = SpawnExecutor(isolation)
         self.admission = Admission(config.concurrency, config.queue_max)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
-        commands = Commands(config, self.store, self.dispatcher, self.status)
+        self.scheduler = Scheduler(self.store, self.dispatcher)
+        commands = Commands(config, self.store, self.dispatcher, self.scheduler, self.status)
         self.control = ControlServer(config.socket_path, commands, config.socket_group)
         self.state = "starting"
         self.started = time.monotonic()
@@ -80,6 +82,7 @@ class Daemon:
         await self.store.open()
         await self.check_isolation()
         await self.control.start()
+        await self.scheduler.start()
         catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health)
         await self._listen(catch_app, self.config.listen)
         if self.config.admin_listen:
@@ -132,6 +135,7 @@ class Daemon:
         self.state = "draining"
         logs.event("stopping", running=self.admission.running)
         await self.control.close()
+        await self.scheduler.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.store.close()
