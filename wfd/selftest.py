@@ -128,9 +128,9 @@ def _pids_running(token: str) -> list[int]:
     return found
 
 
-def _survivors(token: str) -> list[int]:
-    """The probe's grandchildren still running after a grace period; killed before returning."""
-    deadline = time.monotonic() + SURVIVOR_WAIT_S
+def _survivors(token: str, wait_s: float) -> list[int]:
+    """The probe's grandchildren still running after `wait_s`; killed before returning."""
+    deadline = time.monotonic() + wait_s
     while (pids := _pids_running(token)) and time.monotonic() < deadline:
         time.sleep(0.02)
     for pid in pids:
@@ -151,10 +151,12 @@ async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[
     job = Job(execution_id=ids.execution_id(), name="wfd-self-test", kind="catch", version=0,
               code=PROBE, limits=config.limits, request=request)
     outcome = await executor.run(job)
-    survivors = await asyncio.to_thread(_survivors, token)
+    sandboxed = isolation.sandboxed
+    kills = sandboxed or isolation.backend is not None
+    # Give a kill in flight time to land only where one is promised.
+    survivors = await asyncio.to_thread(_survivors, token, SURVIVOR_WAIT_S if kills else 0)
     ran = outcome.status == "success" and outcome.response is not None
     seen = orjson.loads(outcome.response["body"]) if ran else {}
-    sandboxed = isolation.sandboxed
     return {
         "probe_ran": Check(ran, True, outcome.error or outcome.status),
         "data_dir_hidden": Check(ran and not seen["data_dir_readable"], sandboxed,
@@ -165,8 +167,7 @@ async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[
                               sandboxed, {k: seen.get(k) for k in ("euid", "capabilities")}),
         "runtime_read_only": Check(ran and not seen["runtime_writable"], sandboxed,
                                    seen.get("runtime_writable")),
-        "no_survivors": Check(ran and not survivors,
-                              sandboxed or isolation.backend is not None, survivors),
+        "no_survivors": Check(ran and not survivors, kills, survivors),
     }
 
 
