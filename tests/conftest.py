@@ -50,7 +50,8 @@ def free_port() -> int:
 class Daemon:
     """A `wfd serve` process with helpers to drive it as a user would."""
 
-    def __init__(self, data_dir: Path, config: str = "", extra_args: tuple[str, ...] = ()):
+    def __init__(self, data_dir: Path, config: str = "", extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.data_dir = data_dir
         self.port = free_port()
         # Unix socket paths must stay short: keep them out of pytest's tmp tree.
@@ -59,20 +60,26 @@ class Daemon:
         self.config_file.write_text(config)
         self.log_file = data_dir.parent / f"{data_dir.name}.log"
         self.extra_args = extra_args
+        self.env = env
         self.process: subprocess.Popen | None = None
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Daemon":
+    def spawn(self) -> subprocess.Popen:
+        """Start `wfd serve` without waiting for it to be healthy."""
         log = self.log_file.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "wfd", "serve", "--config", str(self.config_file),
              "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}",
              "--socket", self.socket, *self.extra_args],
-            stdout=log, stderr=log, start_new_session=True)
+            stdout=log, stderr=log, start_new_session=True, env=self.env)
         log.close()
+        return self.process
+
+    def start(self) -> "Daemon":
+        self.spawn()
         wait_for(self._healthy, timeout=15, what=f"daemon on port {self.port}")
         return self
 
@@ -136,8 +143,8 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
     def make(config: str = "", data_dir: Path | None = None, start: bool = True,
-             extra_args: tuple[str, ...] = ()) -> Daemon:
-        daemon = Daemon(data_dir or tmp_path / f"data{len(started)}", config, extra_args)
+             extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(data_dir or tmp_path / f"data{len(started)}", config, extra_args, env)
         started.append(daemon)
         return daemon.start() if start else daemon
 
@@ -154,8 +161,11 @@ def daemon(request: pytest.FixtureRequest,
     Each such test runs against both ways an execution starts (forked from
     the zygote, or a fresh interpreter): they must behave exactly alike.
     """
+    # The zygote's children are not sandboxed yet: that daemon runs unisolated.
+    isolation = 'isolation = "none"\n' if request.param == "zygote" else ""
     shared = Daemon(tmp_path_factory.mktemp(f"shared-{request.param}") / "data",
-                    f'executor = "{request.param}"\n[limits]\ntimeout_s = 5\n').start()
+                    f'executor = "{request.param}"\n{isolation}[limits]\ntimeout_s = 5\n'
+                    ).start()
     yield shared
     shared.kill()
 

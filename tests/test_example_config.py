@@ -9,7 +9,8 @@ KEYS = {
     "log_format", "log_level", "max_body_mb", "global_concurrency", "queue_max", "grace_s",
     "isolation",
     "limits.timeout_s", "limits.memory_mb", "limits.cpu_s", "limits.processes",
-    "limits.open_files", "limits.file_size_mb", "limits.concurrency", "limits.output_kb",
+    "limits.open_files", "limits.file_size_mb", "limits.tmp_mb", "limits.concurrency",
+    "limits.output_kb",
     "limits.settings_kb",
     "retention.max_per_workflow", "retention.max_age_days",
 }  # fmt: skip

@@ -1,121 +1,452 @@
-"""Hostile and broken workflows are contained; the daemon keeps serving."""
+"""The hostile suite: workflows that attack the sandbox, each run through a real daemon.
 
+Every case checks the recorded status, the HTTP status the caller got, and
+that a canary workflow still answers afterwards. The daemon runs with the
+default `isolation = "strict"`: bwrap, an unprivileged uid and (on CI's cgroup
+v1 hosts, or a delegated v2 subtree) a per-execution cgroup. Nothing here is
+skipped when a layer is missing: the daemon refuses to start instead, and the
+test fails. Processes the tests must find on the host name themselves with
+PR_SET_NAME (their `comm`), since pids inside the sandbox are not host pids.
+"""
+
+import contextlib
+import json
 import os
+import secrets
+import signal
+import sys
+import textwrap
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
-from conftest import wait_for
+from conftest import Daemon, wait_for
 
 CANARY = 'def workflow(_request, settings):\n    return {"status_code": 200, "body": "alive"}\n'
+CONFIG = """
+[limits]
+timeout_s = 5
+memory_mb = 512
+file_size_mb = 16
+tmp_mb = 32
+"""
+# The executors the suite runs against; the zygote fork server joins this list.
+EXECUTORS = ["spawn"]
+SET_COMM = """
+import ctypes
+def set_comm(name):
+    ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME
+"""
 
 
-@pytest.fixture
-def canary(daemon, name):
-    return daemon.deploy(f"{name}-canary", CANARY)
+@pytest.fixture(scope="module", params=EXECUTORS)
+def hostile(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One strict daemon per executor, with small limits so each attack ends fast."""
+    daemon = Daemon(tmp_path_factory.mktemp(f"hostile-{request.param}") / "data",
+                    CONFIG).start()
+    assert daemon.ctl_json("status")["isolation"]["executor"] == request.param
+    yield daemon
+    daemon.kill()
 
 
-def assert_alive(canary_url):
-    response = requests.post(canary_url, json={})
-    assert (response.status_code, response.text) == (200, "alive")
+@pytest.fixture(scope="module")
+def canary(hostile: Daemon) -> str:
+    return hostile.deploy(f"canary-{secrets.token_hex(4)}", CANARY)
 
 
-@pytest.mark.parametrize("body, status, http_status, error", [
-    ("x = bytearray(4 * 1024 ** 3)", "memory", 500, "MemoryError"),
-    ("chunks = []\n    while True:\n        chunks.append(bytearray(10 * 1024 ** 2))",
-     "memory", 500, "MemoryError"),
-    ("while True:\n        pass", "timeout", 504, "timed out after 2 s"),
-    ("import os\n    os._exit(0)", "error", 500,
-     "the process exited with code 0 without reporting a result"),
-    ("import os, signal\n    os.kill(os.getpid(), signal.SIGSEGV)", "error", 500,
-     "the process was killed by SIGSEGV"),
-    ("import os\n    os.closerange(0, 1024)\n    return None", "error", 500,
-     "without reporting a result"),
-])
-def test_broken_workflows_are_contained(daemon, name, canary, body, status, http_status, error):
-    url = daemon.deploy(name, f"def workflow(_request, settings):\n    {body}\n",
-                        "--timeout", "2", "--memory", "256")
-    response = requests.post(url, json={})
-    assert response.status_code == http_status
-    assert response.json()["status"] == status
-    record = daemon.logs(response.headers["X-Wfd-Execution-Id"])
-    assert record["status"] == status
-    assert error in record["error"]
-    assert_alive(canary)
+def comm_token() -> str:
+    """A process name (at most 15 bytes) unique to one test."""
+    return "wfd" + secrets.token_hex(6)
 
 
-def test_cpu_limit_is_recorded_as_cpu(daemon, name, canary):
-    url = daemon.deploy(name, "def workflow(_request, settings):\n    while True:\n        pass\n",
-                        "--timeout", "10", "--cpu", "1")
-    response = requests.post(url, json={})
-    assert response.status_code == 500
-    record = daemon.logs(response.headers["X-Wfd-Execution-Id"])
-    assert record["status"] == "cpu"
-    assert record["duration_ms"] < 5000
-    assert_alive(canary)
-
-
-def test_sigxcpu_ignored_still_ends_as_cpu(daemon, name, canary):
-    url = daemon.deploy(name, """
-        import signal
-        def workflow(_request, settings):
-            signal.signal(signal.SIGXCPU, signal.SIG_IGN)
-            while True:
-                pass
-        """, "--timeout", "10", "--cpu", "1")
-    response = requests.post(url, json={})
-    record = daemon.logs(response.headers["X-Wfd-Execution-Id"])
-    assert (response.status_code, record["status"]) == (500, "cpu")
-    assert_alive(canary)
-
-
-def test_background_processes_do_not_outlive_the_execution(daemon, name, tmp_path):
-    marker = tmp_path / "pid"
-    url = daemon.deploy(name, f"""
-        import subprocess
-        def workflow(_request, settings):
-            child = subprocess.Popen(["sleep", "300"])
-            open({str(marker)!r}, "w").write(str(child.pid))
-            return {{"status_code": 200, "body": str(child.pid)}}
-        """)
-    response = requests.post(url, json={})
-    assert response.status_code == 200
-    pid = int(response.text)
-
-    def gone():
+def host_pids(comm: str) -> list[int]:
+    """Live host processes named `comm` (zombies awaiting a reaper do not count)."""
+    found = []
+    for entry in Path("/proc").iterdir():
         try:
-            with open(f"/proc/{pid}/stat") as stat:
-                return stat.read().split(")")[1].split()[0] == "Z"
-        except FileNotFoundError:
-            return True
+            if not entry.name.isdigit() or (entry / "comm").read_text().strip() != comm:
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
 
-    assert wait_for(gone, timeout=5, what=f"pid {pid} to be gone")
+
+def call(daemon: Daemon, name: str, code: str, *flags: str, data: dict | None = None
+         ) -> tuple[requests.Response, dict]:
+    """Deploy `code`, POST `data` to it, return the response and the stored record."""
+    url = daemon.deploy(name, code, *flags)
+    response = requests.post(url, json=data or {}, timeout=60)
+    return response, daemon.logs(response.headers["X-Wfd-Execution-Id"])
 
 
-def test_nothing_stays_in_memory_or_in_the_working_directory(daemon, name):
-    url = daemon.deploy(name, """
-        import os, tempfile
-        STATE = []
-        def workflow(_request, settings):
-            STATE.append(1)
-            found = sorted(os.listdir("."))
-            open("left-behind.txt", "w").write("x")
-            return {"status_code": 200,
-                    "body": f"{len(STATE)} {found} {os.getcwd() == tempfile.gettempdir()}"}
+def assert_contained(response: requests.Response, record: dict, status: str, http: int,
+                     canary: str, error: str | None = None) -> None:
+    assert (record["status"], record["http_status"]) == (status, http), record
+    assert response.status_code == http
+    if status != "success" and http >= 500:
+        assert response.json() == {"status": status, "execution_id": record["id"]}
+    if error is not None:
+        assert error in (record["error"] or ""), record
+    alive = requests.post(canary, json={}, timeout=30)
+    assert (alive.status_code, alive.text) == (200, "alive")
+
+
+def workflow(body: str, prelude: str = "") -> str:
+    """A catch workflow whose body is `body` (written at column 0, indented here)."""
+    return (f"{textwrap.dedent(prelude)}\n"
+            f"def workflow(_request, settings):\n{textwrap.indent(textwrap.dedent(body), '    ')}")
+
+
+# ------------------------------------------------------------------ limits
+
+MEMORY_CASES = {
+    "at-once": ("x = bytearray(4 * 1024 ** 3)", "MemoryError"),
+    "by-growth": ("chunks = []\nwhile True:\n    chunks.append(bytearray(10 * 1024 ** 2))",
+                  "MemoryError"),
+    "over-threads": ("""
+        from concurrent.futures import ThreadPoolExecutor
+        def grow():
+            chunks = []
+            while True:
+                chunks.append(bytearray(10 * 1024 ** 2))
+        with ThreadPoolExecutor(4) as pool:
+            for future in [pool.submit(grow) for _ in range(4)]:
+                future.result()
+        """, "MemoryError"),
+    # Each child stays under RLIMIT_DATA; together they pass the cgroup's cap,
+    # and the kernel OOM-kills one: only the cgroup can tell that was memory.
+    "over-forked-children": ("""
+        import os, time
+        pids = []
+        for _ in range(4):
+            pid = os.fork()
+            if pid == 0:
+                data = b"\\x01" * (100 << 20)
+                time.sleep(3)
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            if os.WIFSIGNALED(status):
+                raise RuntimeError(f"worker {pid} killed by signal {os.WTERMSIG(status)}")
+        """, "memory limit of 256 MiB was reached"),
+}
+
+
+@pytest.mark.parametrize("case", MEMORY_CASES)
+def test_memory_bombs_are_recorded_as_memory(hostile, canary, name, case):
+    body, error = MEMORY_CASES[case]
+    response, record = call(hostile, name, workflow(body), "--memory", "256")
+    assert_contained(response, record, "memory", 500, canary, error)
+
+
+def test_fork_bomb_is_capped_by_the_pids_cgroup(hostile, canary, name):
+    comm = comm_token()
+    code = workflow(f"""
+        set_comm({comm!r})
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+        """, prelude=SET_COMM + "import os")
+    url = hostile.deploy(name, code, "--timeout", "2")
+    peak = 0
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(requests.post, url, json={}, timeout=60)
+        while not future.done():
+            peak = max(peak, len(host_pids(comm)))
+        response = future.result()
+    record = hostile.logs(response.headers["X-Wfd-Execution-Id"])
+    assert 1 < peak <= 128, peak  # it did fork, and no further than processes = 128
+    assert_contained(response, record, "timeout", 504, canary)
+    assert host_pids(comm) == []
+
+
+def test_cpu_spin_is_recorded_as_cpu(hostile, canary, name):
+    response, record = call(hostile, name, workflow("while True:\n    pass"),
+                            "--cpu", "1", "--timeout", "10")
+    assert_contained(response, record, "cpu", 500, canary, "CPU time limit of 1 s")
+    assert record["duration_ms"] < 5000
+
+
+def test_sigxcpu_caught_and_ignored_still_ends_as_cpu(hostile, canary, name):
+    code = workflow("signal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass",
+                    prelude="import signal")
+    response, record = call(hostile, name, code, "--cpu", "1", "--timeout", "10")
+    assert_contained(response, record, "cpu", 500, canary, "CPU time limit")
+    assert record["duration_ms"] < 6000
+
+
+def test_sleep_ignoring_sigterm_is_killed_at_the_timeout(hostile, canary, name):
+    code = workflow("signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)",
+                    prelude="import signal, time")
+    started = time.monotonic()
+    response, record = call(hostile, name, code, "--timeout", "1")
+    assert_contained(response, record, "timeout", 504, canary, "timed out after 1 s")
+    assert time.monotonic() - started < 10
+
+
+def test_double_forked_setsid_survivor_is_gone_afterwards(hostile, canary, name):
+    comm = comm_token()
+    code = workflow(f"""
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                set_comm({comm!r})
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in range(3):
+                    os.dup2(null, fd)
+                os.closerange(3, 1024)
+                time.sleep(300)
+            os._exit(0)
+        os.wait()
+        while not any(open(f"/proc/{{p}}/comm").read().strip() == {comm!r}
+                      for p in os.listdir("/proc") if p.isdigit()):
+            time.sleep(0.01)
+        return {{"status_code": 200, "body": "left one behind"}}
+        """, prelude=SET_COMM + "import os, time")
+    response, record = call(hostile, name, code)
+    assert response.text == "left one behind"
+    assert_contained(response, record, "success", 200, canary)
+    wait_for(lambda: host_pids(comm) == [], timeout=5, what=f"{comm} gone from /proc")
+
+
+def test_a_2_gb_file_write_stops_at_the_file_size_limit(hostile, canary, name):
+    code = workflow("""
+        with open("/tmp/big", "wb") as f:
+            for _ in range(2048):
+                f.write(b"\\0" * (1 << 20))
         """)
-    first = requests.post(url, json={}).text
-    second = requests.post(url, json={}).text
-    assert first == second == "1 [] True"
+    response, record = call(hostile, name, code)
+    assert_contained(response, record, "error", 500, canary, "[Errno 27] File too large")
 
 
-def test_the_environment_is_scrubbed(daemon, name):
-    os.environ["WFD_TEST_SECRET"] = "should-not-leak"  # not in the daemon's env anyway
-    url = daemon.deploy(name, """
-        import json, os
-        def workflow(_request, settings):
-            return {"status_code": 200, "body": json.dumps(sorted(os.environ))}
+def test_filling_tmp_with_small_files_stops_at_its_size(hostile, canary, name):
+    code = workflow("""
+        for i in range(1_000_000):
+            with open(f"/tmp/f{i}", "wb") as f:
+                f.write(b"x" * 4096)
         """)
-    assert requests.post(url, json={}).json() == ["HOME", "LANG", "PATH", "TMPDIR"]
+    response, record = call(hostile, name, code)
+    assert_contained(response, record, "error", 500, canary, "[Errno 28] No space left")
+
+
+def test_100k_open_files_stop_at_the_open_files_limit(hostile, canary, name):
+    code = workflow('files = [open("/dev/null") for _ in range(100_000)]')
+    response, record = call(hostile, name, code)
+    assert_contained(response, record, "error", 500, canary, "[Errno 24] Too many open files")
+
+
+# ------------------------------------------------------------------ what it can see
+
+PROBE_PATH = workflow("""
+    try:
+        if _request.get("list"):
+            os.listdir(_request["path"])
+        elif _request.get("connect"):
+            socket.socket(socket.AF_UNIX).connect(_request["path"])
+        else:
+            open(_request["path"], _request.get("mode", "rb")).close()
+    except OSError as exc:
+        return {"status_code": 200, "body": type(exc).__name__}
+    return {"status_code": 200, "body": "OPENED"}
+    """, prelude="import os, socket")
+
+
+def secret_paths(daemon: Daemon) -> dict[str, dict]:
+    data = daemon.data_dir.resolve()
+    return {
+        "sqlite-file": {"path": str(data / "wfd.db")},
+        "data-dir-listing": {"path": str(data), "list": True},
+        "daemon-environ": {"path": f"/proc/{daemon.process.pid}/environ"},
+        "etc-shadow": {"path": "/etc/shadow"},
+        "config-file": {"path": str(daemon.config_file.resolve())},
+        "ctl-socket": {"path": daemon.socket, "connect": True},
+        "proc-sys-write": {"path": "/proc/sys/vm/drop_caches", "mode": "wb"},
+    }
+
+
+@pytest.mark.parametrize("target", ["sqlite-file", "data-dir-listing", "daemon-environ",
+                                    "etc-shadow", "config-file", "ctl-socket",
+                                    "proc-sys-write"])
+def test_secrets_are_out_of_reach(hostile, canary, name, target):
+    request = secret_paths(hostile)[target]
+    assert os.path.exists(request["path"]) or target == "etc-shadow"
+    response, record = call(hostile, name, PROBE_PATH, data=request)
+    assert response.text in ("FileNotFoundError", "PermissionError"), response.text
+    assert_contained(response, record, "success", 200, canary)
+
+
+def test_proc_lists_only_the_executions_own_processes(hostile, canary, name):
+    code = workflow("""
+        child = subprocess.Popen(["sleep", "30"])
+        while open(f"/proc/{child.pid}/comm").read().strip() != "sleep":
+            time.sleep(0.005)  # forked, not yet exec'd
+        seen = {int(p): open(f"/proc/{p}/comm").read().strip()
+                for p in os.listdir("/proc") if p.isdigit()}
+        child.kill()
+        return {"status_code": 200, "body": json.dumps(seen)}
+        """, prelude="import json, os, subprocess, time")
+    response, record = call(hostile, name, code)
+    seen = response.json()
+    assert sorted(map(int, seen)) == [1, 2, 3], seen
+    assert seen["1"] == "bwrap" and seen["3"] == "sleep", seen
+    assert_contained(response, record, "success", 200, canary)
+
+
+def test_the_python_runtime_is_read_only(hostile, canary, name):
+    target = Path(sys.prefix) / f"wfd-hostile-{secrets.token_hex(4)}"
+    code = workflow(f"""
+        try:
+            open({str(target)!r}, "w").write("owned")
+        except OSError as exc:
+            return {{"status_code": 200, "body": errno.errorcode[exc.errno]}}
+        """, prelude="import errno")
+    response, record = call(hostile, name, code)
+    assert response.text == "EROFS"
+    assert not target.exists()
+    assert_contained(response, record, "success", 200, canary)
+
+
+def test_it_runs_as_an_unprivileged_uid_without_capabilities(hostile, canary, name):
+    code = workflow("""
+        caps = next(l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff"))
+        return {"status_code": 200, "body": f"{os.getuid()} {os.geteuid()} {caps}"}
+        """, prelude="import os")
+    response, record = call(hostile, name, code)
+    assert response.text == "65534 65534 0000000000000000"
+    assert_contained(response, record, "success", 200, canary)
+
+
+def test_outbound_network_still_works(hostile, canary, name, standin):
+    server = standin()
+    server.routes[("GET", "/ping")] = (200, {}, "pong")
+    code = workflow("""
+        return {"status_code": 200, "body": requests.get(_request["url"], timeout=10).text}
+        """, prelude="import requests")
+    response, record = call(hostile, name, code, data={"url": f"{server.url}/ping"})
+    assert response.text == "pong"
+    assert_contained(response, record, "success", 200, canary)
+
+
+def test_the_environment_is_scrubbed(hostile, canary, name):
+    code = workflow('return {"status_code": 200, "body": json.dumps(dict(os.environ))}',
+                    prelude="import json, os")
+    response, record = call(hostile, name, code)
+    assert sorted(response.json()) == ["HOME", "LANG", "PATH", "PWD", "TMPDIR"]
+    assert response.json()["HOME"] == response.json()["TMPDIR"] == "/tmp"
+    assert_contained(response, record, "success", 200, canary)
+
+
+# ------------------------------------------------------------------ broken ends
+
+BROKEN = {
+    "os-exit-0": ("os._exit(0)", "the process exited with code 0 without reporting a result"),
+    "segfault-via-ctypes": ("ctypes.string_at(0)", "the process was killed by SIGSEGV"),
+    "closes-every-fd-then-returns": ("os.closerange(0, 65536)\nreturn None",
+                                     "without reporting a result"),
+    "returns-a-100-mb-body": ('return {"status_code": 200, "body": "x" * (100 << 20)}',
+                              "body is 104857600 bytes, over the limit"),
+    "settings-with-nan": ('settings["ratio"] = float("nan")',
+                          "settings['ratio'] is not JSON-serializable"),
+    "settings-with-a-set": ('settings["tags"] = {"a", "b"}',
+                            "settings['tags'] is not JSON-serializable"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_endings_are_errors(hostile, canary, name, case):
+    body, error = BROKEN[case]
+    response, record = call(hostile, name, workflow(body, prelude="import ctypes, os"))
+    assert_contained(response, record, "error", 500, canary, error)
+    assert hostile.ctl_json("settings", name) == {}
+
+
+def test_a_printed_fake_result_is_only_output(hostile, canary, name):
+    fake = json.dumps({"outcome": "success", "settings": {"set": {"admin": True}, "unset": []},
+                       "response": {"status_code": 299, "body": "forged", "headers": {}}})
+    code = workflow(f"""
+        print({fake!r}, flush=True)
+        os.write(1, {fake!r}.encode())
+        os.write(2, {fake!r}.encode())
+        return {{"status_code": 201, "body": "real"}}
+        """, prelude="import os")
+    response, record = call(hostile, name, code)
+    assert (response.status_code, response.text) == (201, "real")
+    assert_contained(response, record, "success", 201, canary)
+    assert "forged" in hostile.logs(record["id"])["output"]
+    assert hostile.ctl_json("settings", name) == {}
+
+
+# ------------------------------------------------------------------ nothing carries over
+
+def test_a_global_is_not_seen_by_the_next_execution(hostile, canary, name):
+    code = workflow("STATE.append(1)\nreturn {'status_code': 200, 'body': str(len(STATE))}",
+                    prelude="STATE = []")
+    url = hostile.deploy(name, code)
+    bodies = [requests.post(url, json={}, timeout=30) for _ in range(2)]
+    assert [b.text for b in bodies] == ["1", "1"]
+    record = hostile.logs(bodies[1].headers["X-Wfd-Execution-Id"])
+    assert_contained(bodies[1], record, "success", 200, canary)
+
+
+def test_a_tmp_file_is_not_seen_by_the_next_execution(hostile, canary, name):
+    code = workflow("""
+        found = sorted(os.listdir("/tmp")) + sorted(os.listdir("."))
+        open("/tmp/left-behind", "w").write("x")
+        open("here-too", "w").write("x")
+        return {"status_code": 200, "body": json.dumps(found)}
+        """, prelude="import json, os")
+    url = hostile.deploy(name, code)
+    bodies = [requests.post(url, json={}, timeout=30) for _ in range(2)]
+    assert [b.json() for b in bodies] == [[], []]
+    record = hostile.logs(bodies[1].headers["X-Wfd-Execution-Id"])
+    assert_contained(bodies[1], record, "success", 200, canary)
+
+
+# ------------------------------------------------------------------ the daemon dies
+
+def test_sigkill_of_the_daemon_leaves_nothing_running(make_daemon, name):
+    daemon = make_daemon(CONFIG)
+    comm = comm_token()
+    code = workflow(f"""
+        set_comm({comm!r})
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(300)
+            os._exit(0)
+        time.sleep(300)
+        """, prelude=SET_COMM + "import os, time")
+    url = daemon.deploy(name, code, "--timeout", "300")
+    callers = [threading.Thread(target=_post_ignoring_errors, args=(url,)) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    # Two executions, each its workflow process and a setsid grandchild.
+    wait_for(lambda: len(host_pids(comm)) == 4, timeout=15, what="4 workflow processes")
+    os.kill(daemon.process.pid, signal.SIGKILL)
+    daemon.process.wait(10)
+    wait_for(lambda: host_pids(comm) == [], timeout=10, what="every execution gone")
+    for caller in callers:
+        caller.join(30)
+    restarted = make_daemon(CONFIG, data_dir=daemon.data_dir)
+    canary = restarted.deploy(f"{name}-canary", CANARY)
+    assert requests.post(canary, json={}, timeout=30).text == "alive"
+
+
+def _post_ignoring_errors(url: str) -> None:
+    """A caller whose daemon is about to die: the connection error is the point."""
+    with contextlib.suppress(requests.ConnectionError):
+        requests.post(url, json={}, timeout=60)
 
 
 def test_a_flood_beyond_the_queue_gets_503_with_retry_after(make_daemon, name):
@@ -125,8 +456,6 @@ def test_a_flood_beyond_the_queue_gets_503_with_retry_after(make_daemon, name):
         def workflow(_request, settings):
             time.sleep(1.5)
         """)
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(requests.post, url, json={}) for _ in range(6)]
         started = time.monotonic()

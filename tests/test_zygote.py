@@ -18,6 +18,10 @@ def workflow(_request, settings):
 
 OK = 'def workflow(_request, settings):\n    return {"status_code": 200, "body": "ok"}\n'
 
+# The zygote's children are not sandboxed yet; with isolation on, the daemon
+# cold-spawns inside the sandbox instead (wfd/server.py make_executor).
+UNISOLATED = 'isolation = "none"\n'
+
 
 def status(daemon) -> dict:
     return daemon.ctl_json("status")
@@ -36,6 +40,19 @@ def children(pid: int) -> list[int]:
     return [int(child) for child in text.split()]
 
 
+def sleeping(argument: str) -> list[int]:
+    """Host pids of live `sleep ARGUMENT` processes (zombies are dead already)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if ((entry / "cmdline").read_bytes() == f"sleep\0{argument}\0".encode()
+                    and state_of(int(entry.name)) != "Z"):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def state_of(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -44,7 +61,7 @@ def state_of(pid: int) -> str:
 
 
 def test_zygote_killed_mid_execution(make_daemon, name):
-    daemon = make_daemon()
+    daemon = make_daemon(UNISOLATED)
     first = ready_zygote(daemon)["zygote_pid"]
     url = daemon.deploy(name, SLEEPER)
     answers = []
@@ -64,7 +81,7 @@ def test_zygote_killed_mid_execution(make_daemon, name):
 
 
 def test_zygote_that_cannot_boot_falls_back_to_cold_spawn(make_daemon, name):
-    daemon = make_daemon('preload = ["json", "no_such_module_for_wfd"]\n')
+    daemon = make_daemon(UNISOLATED + 'preload = ["json", "no_such_module_for_wfd"]\n')
     now = wait_for(lambda: (s := status(daemon))["zygote_state"] == "backoff" and s,
                    what="the zygote to back off")
     assert "no_such_module_for_wfd" in now["zygote_error"]
@@ -85,7 +102,10 @@ def test_executions_share_nothing(daemon, name):
             marker = os.path.join(tempfile.gettempdir(), "left-behind")
             seen = {"counter": counter, "file": os.path.exists(marker),
                     "preloaded_global": getattr(json, "wfd_left_behind", None),
-                    "random": random.random(), "pid": os.getpid(), "cwd": os.getcwd(),
+                    "random": random.random(), "cwd": os.getcwd(),
+                    # pid and start time: a PID namespace reuses the same pid
+                    "process": (os.getpid(),
+                                open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]),
                     "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd"))}
             open(marker, "w").close()
             json.wfd_left_behind = "from an earlier execution"
@@ -95,17 +115,22 @@ def test_executions_share_nothing(daemon, name):
     assert [run["counter"] for run in runs] == [1] * 5
     assert not any(run["file"] or run["preloaded_global"] for run in runs)
     assert len({run["random"] for run in runs}) == 5
-    assert len({run["pid"] for run in runs}) == 5
-    assert len({run["cwd"] for run in runs}) == 5
+    assert len({tuple(run["process"]) for run in runs}) == 5
+    if status(daemon)["isolation"]["mode"] == "none":
+        # In the sandbox every execution's cwd is /tmp, on a tmpfs of its own
+        # that ends with it; here each has its own host directory, removed
+        # once the child is reaped (just after the response).
+        assert len({run["cwd"] for run in runs}) == 5
+        wait_for(lambda: not any(Path(run["cwd"]).exists() for run in runs),
+                 what="the working directories to be removed")
     if status(daemon)["executor"] == "zygote":
         # stdin, stdout, stderr, the result pipe and the one listdir opens: nothing
         # else (no other execution's pipes, no channel, no spare's socket).
         assert all(run["fds"] == [0, 1, 2, 3, 4] for run in runs), [r["fds"] for r in runs]
-    assert not any(Path(run["cwd"]).exists() for run in runs)
 
 
 def test_children_are_reaped(make_daemon, name):
-    daemon = make_daemon('spares_min = 1\nspares_max = 3\n')
+    daemon = make_daemon(UNISOLATED + 'spares_min = 1\nspares_max = 3\n')
     zygote = ready_zygote(daemon)["zygote_pid"]
     url = daemon.deploy(name, OK)
     for _ in range(50):
@@ -119,7 +144,7 @@ def test_children_are_reaped(make_daemon, name):
 
 
 def test_timed_out_execution_is_killed_and_cleaned(make_daemon, name):
-    daemon = make_daemon()
+    daemon = make_daemon(UNISOLATED)
     zygote = ready_zygote(daemon)["zygote_pid"]
     url = daemon.deploy(name, """
         import os, subprocess, time
@@ -139,7 +164,7 @@ def test_timed_out_execution_is_killed_and_cleaned(make_daemon, name):
 
 
 def test_preload_change_restarts_the_zygote(make_daemon, name):
-    daemon = make_daemon('preload = ["json"]\n')
+    daemon = make_daemon(UNISOLATED + 'preload = ["json"]\n')
     first = ready_zygote(daemon)
     assert first["preload"] == "json"
     url = daemon.deploy(name, OK)
@@ -161,8 +186,8 @@ def test_what_a_finished_execution_started_is_killed(daemon, name):
     url = daemon.deploy(name, """
         import subprocess
         def workflow(_request, settings):
-            helper = subprocess.Popen(["sleep", "60"])
-            return {"status_code": 200, "body": str(helper.pid)}
+            subprocess.Popen(["sleep", "60.4242"])  # found on the host by its argument
+            return {"status_code": 200, "body": "started"}
     """)
-    helper = int(requests.post(url, json={}).text)
-    wait_for(lambda: state_of(helper) == "gone", what="the helper to be killed")
+    assert requests.post(url, json={}).text == "started"
+    wait_for(lambda: not sleeping("60.4242"), what="the helper to be killed")

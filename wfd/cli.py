@@ -19,6 +19,8 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--socket", help="control socket path (default DATA_DIR/wfd.sock)")
     parser.add_argument("--log-format", choices=("text", "json"))
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--isolation", choices=("strict", "best-effort", "none"),
+                        help="sandbox executions (default strict; docs/isolation.md)")
     args = parser.parse_args(argv)
 
     from wfd import config as config_module
@@ -28,7 +30,8 @@ def serve_main(argv: list[str]) -> int:
         config = config_module.load(
             args.config, data_dir=args.data_dir, listen=args.listen,
             admin_listen=args.admin_listen, public_url=args.public_url, team=args.team,
-            socket=args.socket, log_format=args.log_format, log_level=args.log_level)
+            socket=args.socket, log_format=args.log_format, log_level=args.log_level,
+            isolation=args.isolation)
     except config_module.ConfigError as exc:
         print(f"wfd serve: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from typing import Any
 
 MIB = 1024 * 1024
 MODULE_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+ISOLATION_MODES = ("strict", "best-effort", "none")
 
 
 class ConfigError(Exception):
@@ -30,6 +31,7 @@ class Limits:
     processes: int = 128
     open_files: int = 256
     file_size_mb: int = 64
+    tmp_mb: int = 128
     concurrency: int = 10
     output_kb: int = 1024
     settings_kb: int = 1024
@@ -80,6 +82,7 @@ class Config:
     # Bounds of the pool of already-forked children waiting for work.
     spares_min: int = 2
     spares_max: int = 8
+    isolation: str = "strict"
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
 
@@ -148,6 +151,9 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format must be 'text' or 'json', got {config.log_format!r}")
     _check_executor(config)
+    if config.isolation not in ISOLATION_MODES:
+        raise ConfigError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, "
+                          f"got {config.isolation!r}")
     return config
 
 

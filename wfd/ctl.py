@@ -192,6 +192,17 @@ def _fields(data: dict[str, Any]) -> str:
                      for key, value in data.items())
 
 
+def _isolation(isolation: dict[str, Any]) -> str:
+    """The sandbox layers one per line, then what the start-up self-test tried."""
+    lines = [f"isolation: {isolation['mode']} (executor {isolation['executor']})"]
+    for name, layer in isolation["layers"].items():
+        lines.append(f"  {name:<13} {'on ' if layer['active'] else 'OFF'}  {layer['detail']}")
+    for name, check in isolation["self_test"].items():
+        verdict = "held" if check["held"] else ("FAILED" if check["expected"] else "open")
+        lines.append(f"  self-test {name:<22} {verdict}")
+    return "\n".join(lines)
+
+
 def render(command: str, result: Any) -> str:
     """The human-readable text for a command's result."""
     if command == "list":
@@ -225,6 +236,9 @@ def render(command: str, result: Any) -> str:
         if "response" in result:
             text += f"\nresponse: {result['response']['status_code']}\n{result['response']['body']}"
         return text
+    if command == "status" and "isolation" in result:
+        return (_fields({k: v for k, v in result.items() if k != "isolation"}) + "\n"
+                + _isolation(result["isolation"]))
     if command == "logs":
         text = _fields({k: v for k, v in result.items() if k not in ("output", "traceback")})
         text += "\n--- output ---\n" + (result["output"] or "")

@@ -21,7 +21,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from wfd.cgroups import JOIN_FAILED_EXIT, ExecutionCgroup
 from wfd.config import MIB, Limits
+from wfd.isolation import Isolation
 
 # How long to keep reading a child's pipes after it exited: a process that
 # escaped its group (and so the kill) may still hold them open.
@@ -47,8 +49,13 @@ class Job:
     mode: str = "run"
     response_bytes: int = 10 * MIB
 
-    def payload(self, result_fd: int) -> bytes:
-        """The JSON document the child reads on stdin."""
+    def payload(self, result_fd: int, rlimit_nproc: bool = True) -> bytes:
+        """The JSON document the child reads on stdin.
+
+        Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
+        cgroup bounds the execution instead, and RLIMIT_NPROC would count
+        every execution's processes together (they share one sandbox uid).
+        """
         limits = self.limits
         job: dict[str, Any] = {
             "protocol": 1,
@@ -62,7 +69,7 @@ class Job:
             "limits": {
                 "memory_bytes": limits.memory_mb * MIB,
                 "cpu_s": int(limits.cpu_s),
-                "processes": limits.processes,
+                "processes": limits.processes if rlimit_nproc else None,
                 "open_files": limits.open_files,
                 "file_size_bytes": limits.file_size_mb * MIB,
                 "settings_bytes": limits.settings_kb * 1024,
@@ -153,12 +160,16 @@ class Pipes:
 
 
 async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
-                    ended: "asyncio.Future[int]", kill: Callable[[], None]) -> Outcome:
+                    ended: "asyncio.Future[int]", kill: Callable[[], None], *,
+                    cgroup: ExecutionCgroup | None = None,
+                    signal_exits: bool = False) -> Outcome:
     """Feed the job, drain output and result, enforce the timeout, judge.
 
     `ended` gives the child's return code (negative for a signal) or raises
-    ChildLost; `kill` ends the child's whole process group. The child's ends
-    of `pipes` must be closed already; this closes ours.
+    ChildLost; `kill` ends the child's whole process group, and `cgroup`, when
+    there is one, everything else it started. `signal_exits`: the child is
+    bwrap, which reports a signal death as exit 128 + N. The child's ends of
+    `pipes` must be closed already; this closes ours.
     """
     output = _Captured(job.limits.output_kb * 1024)
     result = _Captured(job.response_bytes + job.limits.settings_kb * 1024
@@ -181,6 +192,8 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
             with contextlib.suppress(ChildLost):
                 returncode = await ended
         ended.add_done_callback(_consume)
+        if cgroup is not None:
+            await asyncio.to_thread(cgroup.kill)
         await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT_S)
         for task in [*readers, feeder]:
             task.cancel()
@@ -189,7 +202,10 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
     if lost is not None:
         outcome = Outcome("error", duration_ms, error=lost)
     else:
-        outcome = _judge(job, returncode, result, timed_out, duration_ms)
+        how = _Ended(_signal_of(returncode, signal_exits), returncode, timed_out,
+                     cgroup is not None and cgroup.memory_oom(),
+                     cgroup is not None and returncode == JOIN_FAILED_EXIT)
+        outcome = _judge(job, how, result, duration_ms)
     outcome.output = output.data.decode("utf-8", "replace")
     outcome.output_truncated = output.truncated
     if output.truncated:
@@ -281,16 +297,30 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+@dataclass
+class _Launch:
+    """How one child is started, and the cgroup (if any) that holds everything it forks."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    cgroup: ExecutionCgroup | None = None
+    # bwrap reports a signal death of the sandboxed process as exit 128 + signal.
+    signal_exits: bool = False
+
+
 class SpawnExecutor:
     """Starts a fresh `python -I -m sandbox` for every execution.
 
     Simple and fully isolated, at the price of an interpreter start-up per
-    execution (100-300 ms). The zygote executor falls back to it while its
-    zygote is down, and the tests run against both.
+    execution (100-300 ms). The layers around it (bwrap, a cgroup) come from
+    `isolation`; under bwrap the working directory is the sandbox's own tmpfs,
+    so nothing is created or removed on the host. The zygote executor falls
+    back to it while its zygote is down, and the tests run against both.
     """
 
-    def __init__(self, python: str = sys.executable, tmp_root: Path | None = None) -> None:
-        self.python = python
+    def __init__(self, isolation: Isolation | None = None, tmp_root: Path | None = None) -> None:
+        self.isolation = isolation or Isolation("none", sys.executable, None, None)
         self.tmp_root = tmp_root
         self.running = 0
 
@@ -304,25 +334,42 @@ class SpawnExecutor:
         return {"executor": "spawn"}
 
     async def run(self, job: Job) -> Outcome:
-        workdir = tempfile.mkdtemp(prefix=f"wfd-{job.execution_id}-", dir=self.tmp_root)
         self.running += 1
         try:
-            return await self._spawn(job, workdir)
+            if self.isolation.sandboxed:
+                return await self._run_with_cgroup(job, "/", {"PATH": CHILD_PATH}, True)
+            workdir = tempfile.mkdtemp(prefix=f"wfd-{job.execution_id}-", dir=self.tmp_root)
+            try:
+                env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+                return await self._run_with_cgroup(job, workdir, env, False)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, workdir, True)
         finally:
             self.running -= 1
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
 
-    async def _spawn(self, job: Job, workdir: str) -> Outcome:
+    async def _run_with_cgroup(self, job: Job, cwd: str, env: dict[str, str],
+                               sandboxed: bool) -> Outcome:
+        """Make the execution's cgroup, run the child in it, and always remove it."""
+        cgroup = await asyncio.to_thread(self.isolation.cgroup_for, job.limits,
+                                         job.execution_id)
+        try:
+            argv = self.isolation.argv(job.limits, cgroup)
+            return await self._spawn(job, _Launch(argv, cwd, env, cgroup, sandboxed))
+        finally:
+            if cgroup is not None:
+                await asyncio.to_thread(cgroup.close)
+
+    async def _spawn(self, job: Job, launch: "_Launch") -> Outcome:
         pipes = Pipes()
         started = time.perf_counter()
         try:
             process = await asyncio.create_subprocess_exec(
-                self.python, "-I", "-m", "sandbox",
+                *launch.argv,
                 stdin=pipes.job_r, stdout=pipes.output_w, stderr=pipes.output_w,
                 pass_fds=(pipes.result_w,),
                 start_new_session=True,
-                cwd=workdir,
-                env={"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir},
+                cwd=launch.cwd,
+                env=launch.env,
             )
         except BaseException:
             pipes.close_ours()
@@ -330,28 +377,70 @@ class SpawnExecutor:
         finally:
             pipes.close_theirs()
         ended = asyncio.ensure_future(process.wait())
-        return await supervise(job, job.payload(pipes.result_w), pipes, started, ended,
-                               lambda: _kill_group(process.pid))
+        payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None)
+        return await supervise(job, payload, pipes, started, ended,
+                               lambda: _kill_group(process.pid), cgroup=launch.cgroup,
+                               signal_exits=launch.signal_exits)
 
 
-def _judge(job: Job, returncode: int | None, result: _Captured, timed_out: bool,
-           duration_ms: float) -> Outcome:
-    """Turn a child's exit and its result (if any) into an Outcome."""
-    if timed_out:
-        return Outcome("timeout", duration_ms,
-                       error=f"timed out after {job.limits.timeout_s:g} s")
+@dataclass(frozen=True)
+class _Ended:
+    """How the child ended, as far as the daemon can tell without its result."""
+
+    signal: int | None
+    returncode: int | None
+    timed_out: bool
+    oom_killed: bool
+    join_failed: bool
+
+
+def _signal_of(returncode: int | None, signal_exits: bool) -> int | None:
+    """The signal that killed the workflow's process, if one did.
+
+    Under bwrap the daemon's child is bwrap, which exits 128 + N when the
+    sandboxed process dies of signal N (a workflow calling os._exit(137)
+    therefore looks like SIGKILL: it can only mislabel its own execution).
+    """
+    if returncode is None:
+        return None
+    if returncode < 0:
+        return -returncode
+    if signal_exits and 128 < returncode < 128 + signal.NSIG:
+        return returncode - 128
+    return None
+
+
+def _judge(job: Job, ended: _Ended, result: _Captured, duration_ms: float) -> Outcome:
+    """Turn a child's exit and its result (if any) into an Outcome.
+
+    A kernel OOM kill in the execution's cgroup decides `memory` over
+    anything but a success: a workflow that failed because one of its
+    processes was OOM-killed ran out of memory, whatever it said about it.
+    """
+    limits = job.limits
+    if ended.timed_out:
+        return Outcome("timeout", duration_ms, error=f"timed out after {limits.timeout_s:g} s")
     if result.truncated:
         return Outcome("error", duration_ms, error="the result was too large")
+    oom = (f"the memory limit of {limits.memory_mb} MiB was reached: the kernel killed "
+           "a process of the execution")
     if result.data:
-        return _parse_result(result.data, duration_ms)
-    if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-        return Outcome("cpu", duration_ms,
-                       error=f"CPU time limit of {job.limits.cpu_s} s exceeded")
-    if returncode is not None and returncode < 0:
-        name = signal.Signals(-returncode).name
+        outcome = _parse_result(result.data, duration_ms)
+        if ended.oom_killed and outcome.status != "success":
+            outcome.status, outcome.error = "memory", f"{oom}; then: {outcome.error}"
+        return outcome
+    if ended.oom_killed:
+        return Outcome("memory", duration_ms, error=oom)
+    if ended.signal in (signal.SIGXCPU, signal.SIGKILL):
+        return Outcome("cpu", duration_ms, error=f"CPU time limit of {limits.cpu_s} s exceeded")
+    if ended.signal is not None:
+        name = signal.Signals(ended.signal).name
         return Outcome("error", duration_ms, error=f"the process was killed by {name}")
-    return Outcome("error", duration_ms,
-                   error=f"the process exited with code {returncode} without reporting a result")
+    if ended.join_failed:
+        return Outcome("error", duration_ms, error="boot failed: the process could not "
+                       f"join its cgroup (exit {JOIN_FAILED_EXIT})")
+    return Outcome("error", duration_ms, error=f"the process exited with code "
+                   f"{ended.returncode} without reporting a result")
 
 
 def _parse_result(data: bytes, duration_ms: float) -> Outcome:

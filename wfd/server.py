@@ -1,7 +1,9 @@
 """The running daemon: wires the parts together and owns their lifecycle.
 
-Start-up order: store (migrations), control socket, HTTP listeners, and only
-then "ready". Shutdown runs the same steps backwards: stop accepting, let
+Start-up order: isolation detection (before the loop, see `serve`), the
+executor (a zygote is exec'd before aiosqlite starts its thread), store
+(migrations), the isolation self-test, control socket, HTTP listeners, and
+only then "ready". Shutdown runs the same steps backwards: stop accepting, let
 running executions finish within the grace period, close the store.
 """
 
@@ -16,32 +18,45 @@ import uvloop
 from aiohttp import web
 
 from wfd import config as config_module
-from wfd import http, logs
+from wfd import http, logs, selftest
 from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
 from wfd.control import Commands, ControlServer
 from wfd.dispatch import Dispatcher
 from wfd.executor import Executor, SpawnExecutor
+from wfd.isolation import Isolation, IsolationError
 from wfd.scheduler import Scheduler
 from wfd.store import Store
 from wfd.zygote import ZygoteExecutor
 
 
-def make_executor(config: Config) -> Executor:
-    """The executor the config names; constructing it starts nothing."""
-    if config.executor == "spawn":
-        return SpawnExecutor()
-    return ZygoteExecutor(config.preload, config.spares_min, config.spares_max)
+def make_executor(config: Config, isolation: Isolation) -> Executor:
+    """The executor the config names; constructing it starts nothing.
+
+    The zygote's children do not have the sandbox's layers (bwrap, a cgroup)
+    yet, so where any is on, executions cold-spawn inside them rather than
+    run with less isolation than the operator asked for.
+    """
+    if config.executor == "spawn" or isolation.sandboxed or isolation.backend is not None:
+        if config.executor == "zygote":
+            logs.event("zygote-not-isolated", level=30, isolation=isolation.mode,
+                       executor="spawn")
+        return SpawnExecutor(isolation)
+    return ZygoteExecutor(config.preload, config.spares_min, config.spares_max,
+                          isolation=isolation)
 
 
 class Daemon:
     """One wfd daemon. Constructing it touches nothing; `start` does."""
 
-    def __init__(self, config: Config, config_path: str | Path | None = None) -> None:
+    def __init__(self, config: Config, isolation: Isolation,
+                 config_path: str | Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        self.isolation = isolation
+        self.self_test: dict[str, selftest.Check] = {}
         self.store = Store(config.db_path)
-        self.executor = make_executor(config)
+        self.executor = make_executor(config, isolation)
         self.admission = Admission(config.concurrency, config.queue_max)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
         self.scheduler = Scheduler(self.store, self.dispatcher)
@@ -54,8 +69,14 @@ class Daemon:
         self._reload = asyncio.Event()
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        """/healthz: 200 while serving, 503 while starting or draining."""
-        return (200 if self.state == "serving" else 503), {"status": self.state}
+        """/healthz: 200 while serving, 503 while starting or draining; active layers."""
+        active = [name for name, layer in self.isolation.layers().items() if layer["active"]]
+        return (200 if self.state == "serving" else 503), {
+            "status": self.state,
+            "isolation": {"mode": self.isolation.mode, "active": active,
+                          "self_test": "failed" if selftest.failures(self.self_test)
+                          else "passed"},
+        }
 
     def status(self) -> dict[str, Any]:
         """The daemon's own part of `wfd ctl status`."""
@@ -73,6 +94,10 @@ class Daemon:
             "waiting": self.admission.waiting,
             "concurrency": self.admission.concurrency,
             **self.executor.status(),
+            "isolation": {"mode": self.isolation.mode,
+                          "executor": self.executor.status()["executor"],
+                          "layers": self.isolation.layers(),
+                          "self_test": selftest.report(self.self_test)},
         }
 
     async def start(self) -> None:
@@ -81,6 +106,7 @@ class Daemon:
         # The zygote is exec'd before aiosqlite starts its thread (STYLE.md).
         await self.executor.start()
         await self.store.open()
+        await self.check_isolation()
         await self.control.start()
         await self.scheduler.start()
         catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health)
@@ -90,6 +116,21 @@ class Daemon:
         self.state = "serving"
         logs.event("serving", listen=self.config.listen, socket=self.config.socket_path,
                    data_dir=self.config.data_dir, pid=os.getpid())
+
+    async def check_isolation(self) -> None:
+        """Prove the detected layers with a probe execution; strict refuses on a hole."""
+        self.self_test = await selftest.run(self.executor, self.isolation, self.config)
+        failed = selftest.failures(self.self_test)
+        if not failed:
+            logs.event("isolation", mode=self.isolation.mode, self_test="passed",
+                       active=",".join(n for n, layer in self.isolation.layers().items()
+                                       if layer["active"]))
+            return
+        detail = "; ".join(f"{name}: saw {self.self_test[name].seen!r}" for name in failed)
+        if self.isolation.mode == "strict":
+            raise IsolationError(f"isolation self-test failed, refusing to serve: {detail}")
+        logs.logger.error("ISOLATION SELF-TEST FAILED (isolation = %r, serving anyway): %s",
+                          self.isolation.mode, detail)
 
     async def _listen(self, app: web.Application, address: str) -> None:
         host, port = split_host_port(address)
@@ -149,17 +190,20 @@ class Daemon:
             await runner.cleanup()
         await self.executor.close()
         await self.store.close()
+        await asyncio.to_thread(self.isolation.close)
         logs.event("stopped")
 
 
 def serve(config: Config, config_path: str | Path | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     logs.setup(config.log_format, config.log_level)
-    daemon = Daemon(config, config_path)
     try:
+        # Before the loop: detection may move this process between cgroups,
+        # which must happen before any thread (aiosqlite) exists.
+        daemon = Daemon(config, Isolation.detect(config.isolation), config_path)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, IsolationError) as exc:
         logs.logger.error("cannot start: %s", exc)
         return 1
     return 0

@@ -25,6 +25,7 @@ import orjson
 
 from wfd import logs
 from wfd.executor import CHILD_PATH, ChildLost, Job, Outcome, Pipes, SpawnExecutor, supervise
+from wfd.isolation import Isolation
 
 # A forked child finds its result pipe on fd 3 (sandbox/spare.py).
 RESULT_FD = 3
@@ -195,12 +196,13 @@ class ZygoteExecutor:
     """
 
     def __init__(self, preload: Sequence[str], spares_min: int, spares_max: int,
-                 prefix: Sequence[str] = (), python: str = sys.executable) -> None:
+                 prefix: Sequence[str] = (), python: str = sys.executable,
+                 isolation: Isolation | None = None) -> None:
         self.preload = list(preload)
         self.spares = (spares_min, spares_max)
         # The hardening work puts bubblewrap's argv here.
         self.command = [*prefix, python, "-I", "-m", "sandbox.zygote"]
-        self.fallback = SpawnExecutor(python)
+        self.fallback = SpawnExecutor(isolation)
         self.state = "stopped"
         self.current: ZygoteProcess | None = None
         self.restarts = 0

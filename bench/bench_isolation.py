@@ -1,0 +1,72 @@
+"""Measure what each isolation layer adds to one execution, end to end.
+
+Run as root from the repo root: `.venv/bin/python bench/bench_isolation.py [runs]`.
+Each row runs a trivial catch workflow through the daemon's real executor
+(spawn, job on stdin, result pipe, kill and cleanup) with one combination of
+layers, and prints the median and 90th percentile in milliseconds;
+docs/isolation.md quotes them. Runs are sequential, so the numbers are
+latency, not throughput.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import uvloop
+
+from wfd import bwrap, cgroups, ids
+from wfd.config import Limits
+from wfd.executor import Job, SpawnExecutor
+from wfd.isolation import Isolation
+
+CODE = 'def workflow(_request, settings):\n    return {"status_code": 200, "body": "ok"}\n'
+
+
+async def once(executor: SpawnExecutor) -> float:
+    job = Job(execution_id=ids.execution_id(), name="bench", kind="catch", version=1,
+              code=CODE, limits=Limits(), request={})
+    started = time.perf_counter()
+    outcome = await executor.run(job)
+    assert outcome.status == "success", outcome
+    return (time.perf_counter() - started) * 1000
+
+
+async def measure(rows: dict[str, Isolation], runs: int) -> dict[str, list[float]]:
+    """Interleaved (one of each per round), so load drifting on the host hits every row alike."""
+    executors = {label: SpawnExecutor(isolation) for label, isolation in rows.items()}
+    samples: dict[str, list[float]] = {label: [] for label in rows}
+    for _ in range(runs):
+        for label, executor in executors.items():
+            samples[label].append(await once(executor))
+    return samples
+
+
+def main(runs: int) -> None:
+    support = bwrap.probe()
+    backend = cgroups.detect()
+    if not support.available or backend is None:
+        sys.exit(f"need bwrap and a writable cgroup tree (bwrap: {support.reason}, "
+                 f"cgroup: {backend})")
+    python = sys.executable
+    rows = {
+        "rlimits only (isolation = none)": Isolation("none", python, None, None),
+        "+ cgroup (join prefix, limits, kill, rmdir)": Isolation("best-effort", python, None,
+                                                                  backend),
+        "+ bwrap (namespaces, uid, fs view, tmpfs)": Isolation("strict", python, support, None),
+        "+ bwrap + cgroup (strict default)": Isolation("strict", python, support, backend),
+    }
+    print(f"{runs} executions each, {support.version}, cgroup {backend.name}, "
+          f"daemon {'root (setpriv)' if support.mode == 'setpriv' else 'unprivileged (userns)'}")
+    results = uvloop.run(measure(rows, runs))
+    base = statistics.median(next(iter(results.values())))
+    for label, samples in results.items():
+        samples.sort()
+        median, p90 = statistics.median(samples), samples[int(len(samples) * 0.9)]
+        print(f"{label:<46} median {median:6.1f} ms  p90 {p90:6.1f} ms  (+{median - base:.1f})")
+    backend.close()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 40)

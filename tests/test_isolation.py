@@ -1,0 +1,113 @@
+"""Isolation modes at start-up: what each refuses, degrades to, and reports.
+
+The hostile suite (test_hostile.py) attacks a strict daemon; this file checks
+the operator's side: the start-up error of strict mode on a host without
+bwrap, best-effort's degradation to the layers that remain, `none`, and
+what `wfd ctl status` and /healthz say in each case.
+"""
+
+import pytest
+import requests
+from conftest import Daemon, wait_for
+
+from wfd import selftest
+
+# A PATH without bwrap or setpriv: how a host without bubblewrap looks to the daemon.
+NO_BWRAP = {"PATH": "/nonexistent"}
+SANDBOX_LAYERS = ("namespaces", "identity", "filesystem")
+SANDBOX_CHECKS = ("data_dir_hidden", "host_processes_hidden", "unprivileged",
+                  "runtime_read_only")
+
+
+def layers(daemon: Daemon) -> dict[str, bool]:
+    status = daemon.ctl_json("status")["isolation"]
+    return {name: layer["active"] for name, layer in status["layers"].items()}
+
+
+def self_test(daemon: Daemon) -> dict[str, dict]:
+    return daemon.ctl_json("status")["isolation"]["self_test"]
+
+
+@pytest.mark.parametrize("daemon", ["spawn"], indirect=True)  # the isolated one
+def test_strict_is_the_default_and_every_layer_is_active_and_proven(daemon):
+    status = daemon.ctl_json("status")["isolation"]
+    assert status["mode"] == "strict"
+    assert all(layers(daemon).values()), status["layers"]
+    assert {name: c["held"] for name, c in self_test(daemon).items()} == dict.fromkeys(
+        ("probe_ran", *SANDBOX_CHECKS, "no_survivors"), True)
+    health = requests.get(f"{daemon.base}/healthz", timeout=5).json()
+    assert health["isolation"] == {"mode": "strict", "active": list(layers(daemon)),
+                                   "self_test": "passed"}
+
+
+@pytest.mark.parametrize("daemon", ["spawn"], indirect=True)  # the isolated one
+def test_ctl_status_text_lists_each_layer(daemon):
+    text = daemon.ctl("status").stdout
+    assert "isolation: strict (executor spawn)" in text
+    for name in ("rlimits", *SANDBOX_LAYERS, "cgroup", "no_survivors"):
+        assert any(line.split()[:2] == [name, "on"] for line in text.splitlines()), text
+
+
+def test_strict_without_bwrap_refuses_to_start_and_says_what_to_do(make_daemon):
+    daemon = make_daemon(start=False, env=NO_BWRAP)
+    assert daemon.spawn().wait(30) == 1
+    log = daemon.log()
+    assert "cannot start" in log and "bwrap not on PATH" in log
+    assert "apt-get install bubblewrap" in log and 'isolation = "best-effort"' in log
+
+
+def test_best_effort_without_bwrap_keeps_the_cgroup_and_says_what_is_off(make_daemon, name):
+    daemon = make_daemon('isolation = "best-effort"\n', env=NO_BWRAP)
+    active = layers(daemon)
+    assert [n for n in SANDBOX_LAYERS if active[n]] == []
+    assert active["cgroup"] and active["no_survivors"] and active["rlimits"]
+    checks = self_test(daemon)
+    assert [n for n in SANDBOX_CHECKS if checks[n]["expected"]] == []
+    assert checks["no_survivors"] == {"held": True, "expected": True, "seen": []}
+    assert "ISOLATION" not in daemon.log()  # nothing promised failed
+    assert "bwrap not on PATH" in daemon.log()
+    url = daemon.deploy(name, 'def workflow(_request, settings):\n    return {"status_code": '
+                              '200, "body": "ok"}\n')
+    assert requests.post(url, json={}, timeout=30).text == "ok"
+
+
+def test_none_reports_every_sandbox_layer_off_and_what_the_probe_got_through(make_daemon):
+    daemon = make_daemon('isolation = "none"\n')
+    active = layers(daemon)
+    assert active == {"rlimits": True, "namespaces": False, "identity": False,
+                      "filesystem": False, "cgroup": False, "no_survivors": False}
+    checks = self_test(daemon)
+    # Run as root here: the probe really read the data dir and saw the daemon.
+    assert not checks["data_dir_hidden"]["held"] and not checks["host_processes_hidden"]["held"]
+    assert not any(c["expected"] for n, c in checks.items() if n != "probe_ran")
+    health = requests.get(f"{daemon.base}/healthz", timeout=5).json()
+    assert health["isolation"]["active"] == ["rlimits"]
+
+
+def test_the_probes_survivor_is_killed_even_without_any_layer(make_daemon):
+    """In `none` the probe's setsid grandchild escapes; the self-test must still reap it."""
+    daemon = make_daemon('isolation = "none"\n')
+    seen = self_test(daemon)["no_survivors"]["seen"]
+    assert len(seen) == 1
+    wait_for(lambda: not _alive(seen[0]), timeout=5, what="probe survivor killed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def test_an_unknown_isolation_mode_is_a_config_error(make_daemon):
+    daemon = make_daemon('isolation = "paranoid"\n', start=False)
+    assert daemon.spawn().wait(30) == 2
+    assert "isolation must be one of strict, best-effort, none" in daemon.log()
+
+
+@pytest.mark.parametrize("held, expected, failed", [
+    (True, True, False), (False, True, True), (False, False, False), (True, False, False)])
+def test_a_check_fails_only_when_it_was_expected_to_hold(held, expected, failed):
+    checks = {"data_dir_hidden": selftest.Check(held, expected, None)}
+    assert selftest.failures(checks) == (["data_dir_hidden"] if failed else [])

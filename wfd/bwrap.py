@@ -1,0 +1,190 @@
+"""Build the bubblewrap (bwrap) command line that isolates one execution, and probe for it.
+
+The sandbox sees a read-only /usr, the Python runtime and the sandbox package,
+the few /etc files DNS and TLS need, its own /proc, a minimal /dev and a
+size-capped private tmpfs as /tmp and working directory.  The daemon's data
+directory, config and socket are simply not mounted.  Network is shared:
+workflows call HTTP APIs.
+
+Identity.  When the daemon is not root, bwrap makes a user namespace and maps
+uid 65534 inside to the daemon's own (unprivileged) uid.  When the daemon runs
+as root that mapping would be a disguise: "65534" inside is kernel uid 0
+outside, which we measured could still write /proc/sys (e.g. vm/drop_caches)
+and would pass SO_PEERCRED checks as root.  So as root bwrap keeps root only to
+build the mounts, without a user namespace, and `setpriv` inside the sandbox
+switches to the real kernel uid 65534 with no capabilities and no_new_privs
+before Python starts.  Either way the code runs as a real unprivileged uid.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+SANDBOX_UID = 65534  # "nobody" on Debian; never owns anything the daemon cares about
+WORKDIR = "/tmp"
+ETC_FILES = (
+    "resolv.conf",
+    "hosts",
+    "nsswitch.conf",
+    "host.conf",
+    "gai.conf",
+    "ld.so.cache",
+    "localtime",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+)
+USR_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+PROBE_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class BwrapSupport:
+    """Whether strict isolation can run here, and if not, why (for logs and /healthz)."""
+
+    available: bool
+    version: str | None
+    mode: str  # "setpriv" (daemon is root) or "userns" (daemon is unprivileged)
+    reason: str | None = None
+
+
+def _prefixes() -> list[Path]:
+    return sorted({Path(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+
+
+def _within(path: Path, roots: list[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def runtime_roots(python: str, extra_ro: list[Path]) -> list[Path]:
+    """Directories to bind read-only so `python -I -m sandbox` works inside.
+
+    Our own interpreter's prefixes (venv and its base) when `python` is ours,
+    the sandbox package, and extra_ro; /usr is bound anyway.  Nested paths are
+    dropped so each tree is mounted once.
+    """
+    exe = Path(python)
+    candidates = [Path(p) for p in extra_ro]
+    prefixes = _prefixes()
+    if _within(exe, prefixes) or _within(exe.resolve(), prefixes):
+        candidates += prefixes
+    spec = importlib.util.find_spec("sandbox")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) for p in spec.submodule_search_locations]
+    roots: list[Path] = []
+    for path in sorted({c.resolve() for c in candidates}, key=lambda p: len(p.parts)):
+        if not _within(path, [Path("/usr"), *roots]):
+            roots.append(path)
+    if not _within(exe.resolve(), [Path("/usr"), *roots]):
+        raise ValueError(f"{python} is outside every bound path; add its prefix to extra_ro")
+    return roots
+
+
+def _system_view() -> list[str]:
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in USR_LINKS:
+        host = Path("/") / name
+        if host.is_symlink():
+            args += ["--symlink", os.readlink(host), str(host)]
+        elif host.is_dir():
+            args += ["--ro-bind", str(host), str(host)]
+    for name in ETC_FILES:
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    return args
+
+
+def _bind_runtime(roots: list[Path]) -> list[str]:
+    """Bind each root at its own path; bwrap would create missing parents 0700."""
+    args: list[str] = []
+    made: set[Path] = set()
+    for root in roots:
+        for parent in reversed(root.parents[:-1]):
+            if parent not in made:
+                made.add(parent)
+                args += ["--perms", "0755", "--dir", str(parent)]
+        args += ["--ro-bind", str(root), str(root)]
+    return args
+
+
+def _private_dirs(size_bytes: int) -> list[str]:
+    size = str(size_bytes)
+    return [
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm",
+        "--perms", "1777", "--size", size, "--tmpfs", WORKDIR,
+        "--chdir", WORKDIR,
+    ]  # fmt: skip
+
+
+def _environment(roots: list[Path]) -> list[str]:
+    path = ":".join([*(str(r / "bin") for r in roots if (r / "bin").is_dir()), "/usr/bin", "/bin"])
+    env = {"PATH": path, "HOME": WORKDIR, "TMPDIR": WORKDIR, "LANG": "C.UTF-8"}
+    args = ["--clearenv"]
+    for key, value in env.items():
+        args += ["--setenv", key, value]
+    return args
+
+
+def _identity(uid: int, privileged: bool) -> list[str]:
+    if not privileged:
+        return ["--unshare-user", "--uid", str(uid), "--gid", str(uid), "--cap-drop", "ALL", "--"]
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or not setpriv.startswith("/usr/"):
+        raise FileNotFoundError("setpriv (util-linux) must be installed under /usr")
+    return [
+        "--", setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+        "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--",
+    ]  # fmt: skip
+
+
+def command(
+    python: str,
+    workdir_size_bytes: int,
+    extra_ro: list[Path] | None = None,
+    *,
+    uid: int = SANDBOX_UID,
+    privileged: bool | None = None,
+) -> list[str]:
+    """Argv prefix; append `[python, "-I", "-m", "sandbox"]` (or any command) to it.
+
+    `privileged` defaults to "the daemon is root" and selects how the
+    unprivileged identity is obtained (see the module docstring).
+    """
+    if privileged is None:
+        privileged = os.geteuid() == 0
+    roots = runtime_roots(python, extra_ro or [])
+    return [
+        shutil.which("bwrap") or "bwrap",
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--new-session", "--die-with-parent",
+        *_environment(roots),
+        *_system_view(),
+        *_bind_runtime(roots),
+        *_private_dirs(workdir_size_bytes),
+        *_identity(uid, privileged),
+    ]  # fmt: skip
+
+
+def probe(python: str = sys.executable) -> BwrapSupport:
+    """Run `python -I -c pass` in the real sandbox once: PATH, namespaces and file access."""
+    mode = "setpriv" if os.geteuid() == 0 else "userns"
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return BwrapSupport(False, None, mode, "bwrap not on PATH (Debian package bubblewrap)")
+    version = subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip()
+    try:
+        argv = [*command(python, 1 << 20), python, "-I", "-c", "pass"]
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+        return BwrapSupport(False, version, mode, f"sandbox probe failed: {e}")
+    if run.returncode != 0:
+        detail = run.stderr.strip().splitlines()[-1:] or [f"exit {run.returncode}"]
+        return BwrapSupport(False, version, mode, f"sandbox probe failed: {detail[0]}")
+    return BwrapSupport(True, version, mode)

@@ -1,0 +1,141 @@
+"""Which sandbox layers this host gives an execution, and how to start one inside them.
+
+Detected once, at start-up and before the event loop starts any thread: the
+bwrap probe runs a real sandboxed interpreter, and cgroup detection may move
+the daemon into a leaf (v2), which must happen before aiosqlite's threads
+exist. After that an `Isolation` only builds argv and per-execution cgroups.
+
+Each layer degrades on its own: no bwrap means no namespaces, identity or
+filesystem view (refused in "strict"); no writable cgroup tree means rlimits
+only. `layers()` says which are active, for `wfd ctl status` and /healthz.
+"""
+
+import contextlib
+import sys
+from dataclasses import asdict, dataclass
+
+from wfd import bwrap, cgroups, logs
+from wfd.config import MIB, Limits
+
+# One CPU per execution: a workflow spinning threads on every core would
+# otherwise delay every other workflow (SPEC 5), which RLIMIT_CPU cannot stop.
+CPU_QUOTA = 1.0
+
+
+class IsolationError(Exception):
+    """The configured isolation cannot be had on this host; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer as the operator sees it: on or off, and what that means here."""
+
+    active: bool
+    detail: str
+
+
+def strict_advice(reason: str | None) -> str:
+    """The start-up error of strict mode: what is missing and the three ways out."""
+    return (
+        f'isolation = "strict" needs bubblewrap and namespaces, and this host cannot run '
+        f"them: {reason}. Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; "
+        "setpriv comes with util-linux). For a daemon that is not root, also allow user "
+        "namespaces (sysctl user.max_user_namespaces > 0; under systemd, RestrictNamespaces= "
+        'must allow user mnt pid ipc uts). Or set isolation = "best-effort" to run with the '
+        'layers this host has, or "none" for rlimits only.'
+    )
+
+
+class Isolation:
+    """The layers detected at start-up, and the per-execution plumbing they need."""
+
+    def __init__(self, mode: str, python: str, support: bwrap.BwrapSupport | None,
+                 backend: cgroups.CgroupBackend | None) -> None:
+        self.mode = mode
+        self.python = python
+        self.support = support
+        self.backend = backend
+
+    @classmethod
+    def detect(cls, mode: str, python: str = sys.executable) -> "Isolation":
+        """Probe bwrap and cgroups (blocking; call before the loop starts threads)."""
+        if mode == "none":
+            return cls(mode, python, None, None)
+        support = bwrap.probe(python)
+        if not support.available:
+            if mode == "strict":
+                raise IsolationError(strict_advice(support.reason))
+            logs.logger.error("isolation best-effort: NO namespaces, unprivileged identity "
+                              "or filesystem view: %s", support.reason)
+        backend = _detect_cgroups()
+        if backend is None:
+            logs.logger.warning("no writable cgroup tree: limits are rlimits only; a fork bomb "
+                                "is bounded per uid by RLIMIT_NPROC, not per execution")
+        return cls(mode, python, support, backend)
+
+    @property
+    def sandboxed(self) -> bool:
+        """Executions run under bwrap: namespaces, unprivileged uid, read-only view."""
+        return self.support is not None and self.support.available
+
+    def layers(self) -> dict[str, dict[str, object]]:
+        """Each layer, active or not, with a line saying what it is or why it is off."""
+        missing = self.support.reason if self.support else 'isolation = "none"'
+        sandbox = self.sandboxed
+        version = self.support.version if self.support else None
+        survivors = [name for name, on in (("pid namespace", sandbox),
+                                           ("cgroup kill", self.backend is not None)) if on]
+        layers = {
+            "rlimits": Layer(True, "memory, CPU, file size, open files, processes, no core; "
+                                   "PR_SET_PDEATHSIG, no_new_privs"),
+            "namespaces": Layer(sandbox, f"{version}: pid, ipc, uts, mount; network shared"
+                                if sandbox else missing),
+            "identity": Layer(sandbox, f"uid {bwrap.SANDBOX_UID} via {self.support.mode}"
+                              if sandbox else missing),
+            "filesystem": Layer(sandbox, "read-only /usr and Python runtime, private /tmp "
+                                "tmpfs; data dir, config and socket absent"
+                                if sandbox else missing),
+            "cgroup": Layer(self.backend is not None, self._cgroup_detail()),
+            "no_survivors": Layer(bool(survivors), " + ".join(survivors)
+                                  or "process group kill only: setsid escapes it"),
+        }
+        return {name: asdict(layer) for name, layer in layers.items()}
+
+    def _cgroup_detail(self) -> str:
+        if self.backend is None:
+            return "no writable cgroup v2 subtree nor v1 pids+memory: rlimits only"
+        described = self.backend.describe()
+        paths = described.get("paths") or {"": described.get("path")}
+        return f"{described['cgroup']} at {', '.join(map(str, paths.values()))}"
+
+    def cgroup_for(self, limits: Limits, execution_id: str) -> cgroups.ExecutionCgroup | None:
+        """A fresh cgroup for one execution, or None where the host has none.
+
+        The memory cap adds the /tmp tmpfs size: its pages are charged to the
+        group, while RLIMIT_DATA already bounds each process's heap.
+        """
+        if self.backend is None:
+            return None
+        memory = (limits.memory_mb + limits.tmp_mb) * MIB
+        return self.backend.create(execution_id, memory, limits.processes, CPU_QUOTA)
+
+    def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None) -> list[str]:
+        """The whole command line of one execution: cgroup join, bwrap, interpreter."""
+        command = [self.python, "-I", "-m", "sandbox"]
+        if self.sandboxed:
+            command = [*bwrap.command(self.python, limits.tmp_mb * MIB), *command]
+        return cgroup.join_argv(command) if cgroup else command
+
+    def close(self) -> None:
+        """Remove the daemon's own cgroup parents (at shutdown)."""
+        if self.backend is not None:
+            with contextlib.suppress(OSError, cgroups.CgroupError):
+                self.backend.close()
+
+
+def _detect_cgroups() -> cgroups.CgroupBackend | None:
+    try:
+        return cgroups.detect()
+    except OSError as exc:
+        logs.logger.warning("cgroup detection failed: %s", exc)
+        return None
