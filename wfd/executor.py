@@ -88,7 +88,12 @@ class Outcome:
 
 
 class Executor(Protocol):
-    """Anything that can run a job in isolation and say how it ended."""
+    """Anything that can run a job in isolation and say how it ended.
+
+    `run` may be cancelled (the daemon interrupts executions still running
+    at the end of its shutdown grace period): before re-raising the
+    CancelledError it must have killed every process the job started.
+    """
 
     async def run(self, job: Job) -> Outcome: ...
 
@@ -201,12 +206,14 @@ class SpawnExecutor:
                    asyncio.create_task(_drain_fd(result_r, result))]
         timed_out = False
         try:
-            process.stdin.write(job.payload(result_w))
-            await process.stdin.drain()
-            process.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the child died before reading its job; its exit says why
-        try:
+            # Inside the try: a cancellation while the job is being written
+            # (a large body) must kill the child too.
+            try:
+                process.stdin.write(job.payload(result_w))
+                await process.stdin.drain()
+                process.stdin.close()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the child died before reading its job; its exit says why
             await asyncio.wait_for(process.wait(), job.limits.timeout_s)
         except TimeoutError:
             timed_out = True
