@@ -1,44 +1,70 @@
 """The running daemon: wires the parts together and owns their lifecycle.
 
 Start-up order: store (migrations), control socket, HTTP listeners, and only
-then "ready". Shutdown runs the same steps backwards: stop accepting, let
-running executions finish within the grace period, close the store.
+then "ready" (READY=1 to systemd). Shutdown (SIGTERM, SPEC 7) in order:
+stop accepting catch requests, let running executions finish within
+`grace_s`, interrupt the rest (recorded `interrupted`), close the control
+socket and the listeners, close the store. SIGHUP re-reads the config file
+and applies what can change without a restart.
 """
 
 import asyncio
+import logging
 import os
 import signal
 import time
-from pathlib import Path
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import uvloop
 from aiohttp import web
 
-from wfd import http, logs
+from wfd import http, logs, sdnotify
 from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
 from wfd.control import Commands, ControlServer
 from wfd.dispatch import Dispatcher
 from wfd.executor import SpawnExecutor
-from wfd.store import Store
+from wfd.metrics import Metrics
+from wfd.retention import Pruner
+from wfd.store import ExecutionRecord, Store
+
+# Keys a SIGHUP cannot apply: they are bound to open sockets, files or
+# semaphores. A changed value is logged as needing a restart and ignored.
+RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
+                "max_body_mb", "global_concurrency")
+# After the drain, how long the listeners give handlers to send their responses.
+RESPONSE_FLUSH_S = 5.0
 
 
 class Daemon:
-    """One wfd daemon. Constructing it touches nothing; `start` does."""
+    """One wfd daemon. Constructing it touches nothing; `start` does.
 
-    def __init__(self, config: Config) -> None:
+    `loader` rebuilds the configuration from the same file and flags; it is
+    what SIGHUP calls.
+    """
+
+    def __init__(self, config: Config, loader: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._loader = loader
         self.store = Store(config.db_path)
         self.executor = SpawnExecutor()
         self.admission = Admission(config.concurrency, config.queue_max)
+        self.metrics = Metrics()
+        self.metrics.watch_admission(lambda: self.admission.waiting,
+                                     lambda: self.admission.running)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
-        commands = Commands(config, self.store, self.dispatcher, self.status)
-        self.control = ControlServer(config.socket_path, commands, config.socket_group)
+        self.pruner = Pruner(self.store, lambda: self.config.retention)
+        self.commands = Commands(config, self.store, self.dispatcher, self.status)
+        self.dispatcher.listeners += [self._count, self.pruner.note, self.commands.publish]
+        self.control = ControlServer(config.socket_path, self.commands, config.socket_group)
         self.state = "starting"
         self.started = time.monotonic()
         self._runners: list[web.AppRunner] = []
+        self._background: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 200 while serving, 503 while starting or draining."""
@@ -61,23 +87,31 @@ class Daemon:
             "concurrency": self.admission.concurrency,
         }
 
+    def _count(self, record: ExecutionRecord) -> None:
+        self.metrics.execution_finished(record.workflow, record.status,
+                                        record.duration_ms / 1000)
+
     async def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.config.data_dir, 0o700)
         await self.store.open()
         await self.control.start()
-        catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health)
+        catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health,
+                                   self.metrics)
         await self._listen(catch_app, self.config.listen)
         if self.config.admin_listen:
-            await self._listen(http.admin_app(self.health), self.config.admin_listen)
+            await self._listen(http.admin_app(self.health, self.metrics),
+                               self.config.admin_listen)
         self.state = "serving"
+        sdnotify.ready()
+        sdnotify.status(f"serving on {self.config.listen}")
         logs.event("serving", listen=self.config.listen, socket=self.config.socket_path,
                    data_dir=self.config.data_dir, pid=os.getpid())
 
     async def _listen(self, app: web.Application, address: str) -> None:
         host, port = split_host_port(address)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=self.config.grace_s)
+                               shutdown_timeout=RESPONSE_FLUSH_S)
         await runner.setup()
         self._runners.append(runner)
         await web.TCPSite(runner, host, port, reuse_address=True).start()
@@ -92,27 +126,87 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        interval = sdnotify.watchdog_interval()
+        # Fed from the first moment: migrations and the drain can be long.
+        watchdog = asyncio.create_task(sdnotify.feed_watchdog(interval)) if interval else None
         try:
             await self.start()
+            self._spawn(self.pruner.run())
+            self._spawn(self._reloads())
             await self._stop.wait()
         finally:
             await self.shutdown()
+            if watchdog is not None:
+                watchdog.cancel()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        self._background.append(asyncio.create_task(work))
 
     async def shutdown(self) -> None:
         """Stop accepting, drain within the grace period, close the store."""
         self.state = "draining"
-        logs.event("stopping", running=self.admission.running)
+        sdnotify.stopping()
+        logs.event("stopping", running=self.admission.running, waiting=self.admission.waiting,
+                   grace_s=self.config.grace_s)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._stop_accepting()
+        interrupted = await self.dispatcher.drain(self.config.grace_s)
+        self.commands.end_streams()
         await self.control.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.store.close()
-        logs.event("stopped")
+        logs.event("stopped", interrupted=interrupted)
+
+    async def _stop_accepting(self) -> None:
+        """Close the catch listener; the admin one keeps answering 503 and metrics."""
+        if self._runners:
+            for site in list(self._runners[0].sites):
+                await site.stop()
+
+    async def _reloads(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            sdnotify.reloading()
+            self.reload()
+            sdnotify.ready()
+
+    def reload(self) -> bool:
+        """Re-read the configuration and apply it; False (old one kept) if it is broken."""
+        if self._loader is None:
+            return False
+        try:
+            new = self._loader()
+        except ConfigError as exc:
+            logs.event("reload-failed", level=logging.ERROR, error=str(exc))
+            return False
+        fixed = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
+        if fixed:
+            logs.event("reload-needs-restart", level=logging.WARNING, keys=",".join(fixed))
+            new = replace(new, **{key: getattr(self.config, key) for key in fixed})
+        self._apply(new)
+        logs.event("reloaded", log_level=new.log_level, queue_max=new.queue_max,
+                   grace_s=new.grace_s)
+        return True
+
+    def _apply(self, config: Config) -> None:
+        """Swap `config` into every part that reads it while running."""
+        self.config = config
+        self.dispatcher.config = config  # limits, and the catch routes' team
+        self.commands.config = config
+        self.admission.queue_max = config.queue_max
+        logs.setup(config.log_format, config.log_level)
+        self.pruner.wake()
 
 
-def serve(config: Config, config_path: str | Path | None = None) -> int:
+def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     logs.setup(config.log_format, config.log_level)
-    daemon = Daemon(config)
+    daemon = Daemon(config, loader)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
