@@ -42,6 +42,7 @@ lint: $(DEV_VENV)/.installed
 
 bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_timers.py
+	$(DEV_VENV)/bin/python bench/bench_scheduler.py
 
 # -- installing as a service -----------------------------------------------------
 

@@ -45,8 +45,9 @@ def test_list_and_show_in_text_and_json(daemon, name):
     assert listed[name]["version"] == 1
     assert listed[name]["schedule"] is None
     text = daemon.ctl("list").stdout.splitlines()
-    assert re.match(r"NAME\s+KIND\s+ENABLED\s+VERSION\s+SCHEDULE", text[0])
-    assert any(re.match(rf"{re.escape(name)}\s+catch\s+True\s+1\s+-$", line) for line in text)
+    assert re.match(r"NAME\s+KIND\s+ENABLED\s+VERSION\s+SCHEDULE\s+NEXT_DUE$", text[0])
+    assert any(re.match(rf"{re.escape(name)}\s+catch\s+True\s+1\s+-\s+-$", line)
+               for line in text)
     shown = daemon.ctl_json("show", name)
     limits = shown["effective_limits"]
     assert (limits["timeout_s"], limits["memory_mb"], limits["concurrency"]) == (7, 300, 3)
@@ -113,3 +114,15 @@ def test_a_malformed_request_on_the_socket_does_not_hurt_the_daemon(daemon):
         answer = json.loads(raw.makefile().readline())
         assert (answer["id"], answer["ok"]) == (5, False)
     assert daemon.ctl_json("status")["state"] == "serving"
+
+
+def test_unreadable_files_are_one_line_errors(daemon, tmp_path):
+    missing = daemon.ctl("deploy", "x", str(tmp_path / "missing.py"), "--catch", check=False)
+    assert missing.returncode == 1
+    assert missing.stderr == (f"wfd ctl: cannot read {tmp_path / 'missing.py'}: "
+                              "No such file or directory\n")
+    not_json = tmp_path / "backup.json"
+    not_json.write_text("{oops")
+    refused = daemon.ctl("import", str(not_json), check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"wfd ctl: {not_json} is not JSON: ")

@@ -4,6 +4,7 @@ import json
 import re
 
 import requests
+from conftest import wait_for
 
 # The catch example from HrFlow's Workflows documentation; the only change is
 # `api_url=settings["API_URL"]`, which points the SDK at a local stand-in.
@@ -35,6 +36,33 @@ def workflow(_request, settings):
     )
 '''
 
+# HrFlow's documented pull example, unchanged but for `api_url` and the endpoint.
+SEED_PULL = '''
+import requests
+
+from hrflow import Hrflow
+
+INTERNAL_ENDPOINT = "{endpoint}"
+
+def workflow(settings):
+    client = Hrflow(api_secret=settings["API_KEY"], api_user=settings["USER_EMAIL"], api_url=settings["API_URL"])
+
+    last_uid = settings["LAST_UID"]
+    data = requests.get("{{}}?last_uid={{}}".format(INTERNAL_ENDPOINT, last_uid)).json()
+    for file_url in data["files"]:
+        file_content = requests.get(file_url, allow_redirects=True).content
+
+        client.profile.parsing.add_file(
+            source_key=settings["SOURCE_KEY"],
+            profile_file=file_content,
+            profile_content_type="application/pdf",
+            reference="profile_reference"
+        )
+
+    # Update LAST_UID
+    settings["LAST_UID"] = data["last_uid"]
+'''
+
 PDF = b"%PDF-1.4 a resume \x00\x01\x02"
 
 
@@ -64,3 +92,33 @@ def test_seed_catch_example(daemon, name, standin):
     [notification] = other.requests
     assert notification["body"] == b"key=value"
     assert "ask_secret" not in json.dumps(daemon.executions(name))
+
+
+def test_seed_pull_example_advances_its_cursor(daemon, name, standin):
+    storage, hrflow = standin(), standin()
+    batches = {"u0": (["a", "b"], "u1"), "u1": (["c"], "u2"), "u2": ([], "u2")}
+
+    def records(request):
+        files, last = batches[request["query"].removeprefix("last_uid=")]
+        return 200, {}, {"files": [f"{storage.url}/files/{f}.pdf" for f in files],
+                         "last_uid": last}
+
+    storage.routes[("GET", "/records")] = records
+    for letter in "abc":
+        storage.routes[("GET", f"/files/{letter}.pdf")] = (200, {}, f"%PDF {letter}".encode())
+    hrflow.routes[("POST", "/v1/profile/parsing/file")] = (201, {}, {"code": 201})
+
+    code = SEED_PULL.format(endpoint=f"{storage.url}/records")
+    daemon.deploy(name, code, "--every", "1h", kind="--pull")  # settings first, then the timer
+    daemon.ctl("settings", name, "set", "API_KEY=k", "USER_EMAIL=u@example.com",
+               f"API_URL={hrflow.url}/v1/", "SOURCE_KEY=src", "LAST_UID=u0")
+    daemon.deploy(name, code, "--every", "1s", kind="--pull")
+    wait_for(lambda: daemon.ctl_json("settings", name)["LAST_UID"] == "u2", timeout=20,
+             what="the cursor to reach u2")
+    uploads = [r["body"] for r in hrflow.requests]
+    assert len(uploads) == 3
+    assert sorted(c for body in uploads for c in "abc" if f"%PDF {c}".encode() in body) == [
+        "a", "b", "c"]
+    assert [r["query"] for r in storage.requests if r["path"] == "/records"][:2] == [
+        "last_uid=u0", "last_uid=u1"]
+    assert all(r["status"] == "success" for r in daemon.executions(name))

@@ -26,9 +26,13 @@ class Admission:
         self._global = asyncio.Semaphore(concurrency)
         self._per_workflow: dict[str, tuple[int, asyncio.Semaphore]] = {}
 
-    def reserve(self, name: str, limit: int) -> "Reservation":
-        """A place in the queue for one execution of `name`, or Overloaded."""
-        if self.waiting >= self.queue_max:
+    def reserve(self, name: str, limit: int, bounded: bool = True) -> "Reservation":
+        """A place in the queue for one execution of `name`, or Overloaded.
+
+        Timer runs pass `bounded=False`: there is at most one per workflow, so
+        they cannot flood the queue, and refusing them would lose a tick.
+        """
+        if bounded and self.waiting >= self.queue_max:
             raise Overloaded(f"{self.waiting} executions are already waiting")
         known = self._per_workflow.get(name)
         if known is None or known[0] != limit:

@@ -19,6 +19,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from wfd import catch, ids, logs
 from wfd.admission import Overloaded
 from wfd.config import Config, ConfigError
 from wfd.dispatch import Dispatcher
+from wfd.schedule import Schedule, ScheduleError, next_due
+from wfd.scheduler import Busy, Scheduler
 from wfd.store import ExecutionRecord, Store, StoreError, Workflow, merge_settings
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -53,10 +56,11 @@ class Commands:
     """The handlers behind each `wfd ctl` command."""
 
     def __init__(self, config: Config, store: Store, dispatcher: Dispatcher,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 scheduler: Scheduler, status: Callable[[], dict[str, Any]]) -> None:
         self.config = config
         self.store = store
         self.dispatcher = dispatcher
+        self.scheduler = scheduler
         self._status = status
         self._followers: dict[str, set[Follower]] = {}
 
@@ -83,11 +87,19 @@ class Commands:
         return (f"{self.config.base_url}/teams/{self.config.team}/{workflow.name}"
                 f"/python3.{minor}/{workflow.catch_key}")
 
+    @staticmethod
+    def _listing(workflow: Workflow) -> dict[str, Any]:
+        """A workflow as `list` and `show` print it: the schedule in words."""
+        listed = workflow.public()
+        if workflow.schedule:
+            listed["schedule"] = Schedule.from_json(workflow.schedule).describe()
+        return listed
+
     async def status(self) -> dict[str, Any]:
         return {**self._status(), **await self.store.counts()}
 
     async def list_workflows(self) -> list[dict[str, Any]]:
-        return [w.public() for w in await self.store.workflows()]
+        return [self._listing(w) for w in await self.store.workflows()]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any] | None = None,
                      schedule: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -113,24 +125,33 @@ class Commands:
             raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
                                f" stays in place: {problem}")
         workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key())
+        await self.scheduler.refresh(name)
         logs.event("deployed", workflow=name, version=workflow.version, kind=kind)
         result = {"name": name, "kind": kind, "version": workflow.version}
         if kind == "catch":
             result["url"] = self._url(workflow)
         return result
 
-    def parse_schedule(self, kind: str, schedule: dict[str, Any] | None) -> dict[str, Any] | None:
-        if kind == "pull":
-            raise CommandError("pull workflows are not supported by this daemon yet")
-        if schedule:
-            raise CommandError("a catch workflow takes no schedule")
-        return None
+    @staticmethod
+    def parse_schedule(kind: str, schedule: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The stored form of `--every`/`--cron`/`--tz`, refused with a clear message."""
+        if kind == "catch":
+            if schedule and any(schedule.values()):
+                raise CommandError("a catch workflow takes no schedule (--every, --cron, --tz)")
+            return None
+        given = schedule or {}
+        try:
+            parsed = Schedule.parse(given.get("every"), given.get("cron"), given.get("tz"))
+            next_due(parsed, datetime.now(UTC))  # refuses a cron that never matches
+        except ScheduleError as exc:
+            raise CommandError(f"invalid schedule: {exc}") from None
+        return parsed.to_json()
 
     async def show(self, name: str) -> dict[str, Any]:
         workflow = await self._workflow(name)
         limits = self.dispatcher.limits(workflow)
         recent = await self.store.executions(workflow.name, 1)
-        return {**workflow.public(),
+        return {**self._listing(workflow),
                 "effective_limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
                 "settings_keys": sorted(workflow.settings),
                 "last_execution": recent[0].summary() if recent else None}
@@ -142,13 +163,21 @@ class Commands:
         return self._url(workflow)
 
     async def enable(self, name: str) -> dict[str, Any]:
-        return (await self.store.set_enabled(check_name(name), True)).public()
+        return await self._set_enabled(name, True)
 
     async def disable(self, name: str) -> dict[str, Any]:
-        return (await self.store.set_enabled(check_name(name), False)).public()
+        return await self._set_enabled(name, False)
+
+    async def _set_enabled(self, name: str, enabled: bool) -> dict[str, Any]:
+        await self.store.set_enabled(check_name(name), enabled)
+        await self.scheduler.refresh(name)
+        logs.event("enabled" if enabled else "disabled", workflow=name)
+        return self._listing(await self._workflow(name))
 
     async def delete(self, name: str) -> dict[str, Any]:
+        """Forget a workflow. A run in progress finishes, but nothing of it is kept."""
         await self.store.delete(check_name(name))
+        await self.scheduler.refresh(name)
         self.dispatcher.admission.forget(name)
         logs.event("deleted", workflow=name)
         return {"deleted": name}
@@ -179,9 +208,14 @@ class Commands:
             request = {"Content-Type": "application/json",
                        **catch.json_fields({} if data is None else data)}
         try:
-            executed = await self.dispatcher.execute(workflow, "manual", request)
+            if workflow.kind == "pull":
+                executed = await self.scheduler.run_now(workflow)
+            else:
+                executed = await self.dispatcher.execute(workflow, "manual", request)
         except Overloaded as exc:
             raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
+        except Busy as exc:
+            raise CommandError(str(exc)) from None
         out: dict[str, Any] = executed.record.summary()
         if workflow.kind == "catch":
             response = executed.response
@@ -243,7 +277,7 @@ class Commands:
             raise CommandError(f"version must be an integer, got {version!r}")
         workflow = await self.store.rollback(check_name(name), version)
         logs.event("rolled-back", workflow=name, version=version)
-        return workflow.public()
+        return self._listing(workflow)
 
     async def rotate_key(self, name: str) -> dict[str, Any]:
         workflow = await self._workflow(name)
@@ -269,6 +303,8 @@ class Commands:
             names = await self.store.import_(workflows)
         except (KeyError, TypeError, ValueError) as exc:
             raise CommandError(f"the export is incomplete or malformed: {exc!r}") from None
+        for imported in names:
+            await self.scheduler.refresh(imported)
         logs.event("imported", workflows=len(names))
         return {"imported": names}
 

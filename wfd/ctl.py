@@ -27,12 +27,26 @@ LIMIT_OPTIONS = (("--timeout", "timeout_s", float), ("--memory", "memory_mb", in
                  ("--open-files", "open_files", int), ("--concurrency", "concurrency", int))
 
 
-class NotRunning(Exception):
+class CtlError(Exception):
+    """A command that failed; `exit_code` says how, the message says why."""
+
+    exit_code = EXIT_REFUSED
+
+
+class NotRunning(CtlError):
     """Nothing answers on the control socket."""
 
+    exit_code = EXIT_NOT_RUNNING
 
-class Refused(Exception):
+
+class Refused(CtlError):
     """The daemon answered with an error."""
+
+
+class UsageError(CtlError):
+    """Arguments that parse but make no sense together."""
+
+    exit_code = EXIT_USAGE
 
 
 def replies(socket_path: str, command: str, **args: Any) -> Iterator[dict[str, Any]]:
@@ -79,7 +93,7 @@ def follow(socket_path: str, name: str, as_json: bool) -> None:
         elif as_json:
             print(json.dumps(item), flush=True)
         else:
-            print(render("logs", item, None) + "\n", flush=True)
+            print(render("logs", item) + "\n", flush=True)
 
 
 def parse_value(text: str) -> Any:
@@ -139,15 +153,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(Exception):
-    """Arguments that parse but make no sense together."""
-
-
 def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """Translate parsed arguments into a control command and its arguments."""
     command = args.command
     if command == "deploy":
-        code = Path(args.file).read_text()
+        code = _read(args.file)
         schedule = None
         if args.kind == "pull" or args.every or args.cron:
             schedule = {"every": args.every, "cron": args.cron, "tz": args.tz}
@@ -185,10 +195,20 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if command == "rollback":
         return "rollback", {"name": args.name, "version": args.version}
     if command == "import":
-        return "import", {"data": json.loads(Path(args.file).read_text())}
+        try:
+            return "import", {"data": json.loads(_read(args.file))}
+        except ValueError as exc:
+            raise UsageError(f"{args.file} is not JSON: {exc}") from None
     if command in ("status", "list", "export"):
         return command, {}
     return command, {"name": args.name}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CtlError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -205,16 +225,10 @@ def _fields(data: dict[str, Any]) -> str:
                      for key, value in data.items())
 
 
-def _schedule(row: dict[str, Any]) -> dict[str, Any]:
-    schedule = row.get("schedule")
-    return {**row, "schedule": schedule.get("describe") if isinstance(schedule, dict) else None}
-
-
-def render(command: str, result: Any, args: argparse.Namespace | None) -> str:
+def render(command: str, result: Any) -> str:
     """The human-readable text for a command's result."""
     if command == "list":
-        return table([_schedule(r) for r in result],
-                     ["name", "kind", "enabled", "version", "schedule"])
+        return table(result, ["name", "kind", "enabled", "version", "schedule", "next_due"])
     if command == "executions":
         return table(result, ["id", "started_at", "trigger", "status", "http_status",
                               "duration_ms", "version"])
@@ -268,20 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             follow(socket_path, request["name"], as_json)
             return EXIT_OK
         result = call(socket_path, command, **request)
-    except UsageError as exc:
+    except CtlError as exc:
         print(f"wfd ctl: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        print(f"wfd ctl: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except ValueError as exc:
-        print(f"wfd ctl: invalid JSON: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except NotRunning as exc:
-        print(f"wfd ctl: {exc}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    except Refused as exc:
-        print(f"wfd ctl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # e.g. no permission on the socket
+        print(f"wfd ctl: {socket_path}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return EXIT_OK  # how `logs --follow` is meant to end
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     elif as_json or command == "export":
         print(json.dumps(result, indent=2))
     else:
-        print(render(command, result, args))
+        print(render(command, result))
     if command == "run" and result["status"] != "success":
         return EXIT_EXECUTION_FAILED
     return EXIT_OK

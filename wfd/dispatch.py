@@ -55,11 +55,11 @@ class Dispatcher:
     def limits(self, workflow: Workflow) -> Limits:
         return self.config.limits.merged(workflow.limits)
 
-    def reserve(self, workflow: Workflow) -> Reservation:
+    def reserve(self, workflow: Workflow, bounded: bool = True) -> Reservation:
         """Queue an execution of `workflow`; raises Overloaded when full or stopping."""
         if self.draining:
             raise Overloaded("the daemon is stopping")
-        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency)
+        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded)
 
     async def execute(self, workflow: Workflow, trigger: str,
                       request: dict[str, Any] | None = None,
@@ -111,16 +111,21 @@ class Dispatcher:
         execution is recorded `interrupted`. Returns how many were interrupted.
         """
         self.draining = True
-        pending = set(self._inflight)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=grace_s)
-        if not pending:
-            return 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        await asyncio.sleep(0)  # executions spawned just before the stop reach us first
+        # A loop, not one wait: a request admitted before the stop may start late.
+        while self._inflight and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._inflight), timeout=left)
         self._interrupting = True
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending)
-        return len(pending)
+        interrupted = 0
+        while self._inflight:
+            pending = set(self._inflight)
+            interrupted += len(pending)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+        return interrupted
 
     async def check(self, name: str, kind: str, code: str, limits: Limits) -> str | None:
         """Deploy-time check of new code in a child; the problem, or None if fine."""

@@ -28,6 +28,7 @@ from wfd.dispatch import Dispatcher
 from wfd.executor import SpawnExecutor
 from wfd.metrics import Metrics
 from wfd.retention import Pruner
+from wfd.scheduler import Scheduler
 from wfd.store import ExecutionRecord, Store
 
 # Keys a SIGHUP cannot apply: they are bound to open sockets, files or
@@ -55,8 +56,10 @@ class Daemon:
         self.metrics.watch_admission(lambda: self.admission.waiting,
                                      lambda: self.admission.running)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
+        self.scheduler = Scheduler(self.store, self.dispatcher)
         self.pruner = Pruner(self.store, lambda: self.config.retention)
-        self.commands = Commands(config, self.store, self.dispatcher, self.status)
+        self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,
+                                 self.status)
         self.dispatcher.listeners += [self._count, self.pruner.note, self.commands.publish]
         self.control = ControlServer(config.socket_path, self.commands, config.socket_group)
         self.state = "starting"
@@ -96,6 +99,7 @@ class Daemon:
         os.chmod(self.config.data_dir, 0o700)
         await self.store.open()
         await self.control.start()
+        await self.scheduler.start()
         catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health,
                                    self.metrics)
         await self._listen(catch_app, self.config.listen)
@@ -153,6 +157,7 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._stop_accepting()
+        await self.scheduler.close()
         interrupted = await self.dispatcher.drain(self.config.grace_s)
         self.commands.end_streams()
         await self.control.close()

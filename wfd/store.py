@@ -58,7 +58,13 @@ MIGRATIONS = [
     );
     CREATE INDEX executions_by_workflow ON executions (workflow, id);
     """,
-    # Retention by age deletes the oldest records first without a table scan.
+    # 2: pull timers. next_due survives restarts; skipped counts ticks that
+    # came while a run was still going.
+    """
+    ALTER TABLE workflows ADD COLUMN next_due TEXT;
+    ALTER TABLE workflows ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 3: retention by age deletes the oldest records first without a table scan.
     """
     CREATE INDEX executions_by_started ON executions (started_at);
     """,
@@ -93,6 +99,8 @@ class Workflow:
     created_at: str
     updated_at: str
     code: str
+    next_due: str | None = None
+    skipped: int = 0
 
     def public(self) -> dict[str, Any]:
         """What `wfd ctl` may show: everything but the code and the secret key."""
@@ -105,6 +113,8 @@ class Workflow:
             "limits": self.limits,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "next_due": self.next_due,
+            "skipped": self.skipped,
         }
 
 
@@ -142,7 +152,7 @@ class ExecutionRecord:
 
 _WORKFLOW_COLUMNS = (
     "w.name, w.kind, w.enabled, w.version, w.catch_key, w.settings, w.limits, "
-    "w.schedule, w.created_at, w.updated_at, v.code"
+    "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped"
 )
 _WORKFLOW_SELECT = (
     f"SELECT {_WORKFLOW_COLUMNS} FROM workflows w "
@@ -167,6 +177,8 @@ def _workflow(row: Any) -> Workflow:
         created_at=row[8],
         updated_at=row[9],
         code=row[10],
+        next_due=row[11],
+        skipped=row[12],
     )
 
 
@@ -251,8 +263,13 @@ class Store:
         row = await self._fetchone(f"{_WORKFLOW_SELECT} WHERE w.name = ?", name)
         return _workflow(row) if row else None
 
-    async def workflows(self) -> list[Workflow]:
-        rows = await self._fetchall(f"{_WORKFLOW_SELECT} ORDER BY w.name")
+    async def workflows(self, names: list[str] | None = None) -> list[Workflow]:
+        """All workflows, or those named (in one query, for a batch of timer ticks)."""
+        if names is None:
+            rows = await self._fetchall(f"{_WORKFLOW_SELECT} ORDER BY w.name")
+        else:
+            marks = ", ".join("?" * len(names))
+            rows = await self._fetchall(f"{_WORKFLOW_SELECT} WHERE w.name IN ({marks})", *names)
         return [_workflow(row) for row in rows]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any],
@@ -357,28 +374,44 @@ class Store:
         refused and the record says so.
         """
         async with self._transaction() as db:
+            try:
+                stored = await _settings(db, record.workflow)
+            except StoreError:
+                return record  # deleted while it ran: nothing to keep
             if change and (change["set"] or change["unset"]):
-                try:
-                    stored = await _settings(db, record.workflow)
-                except StoreError:
-                    stored = None  # deleted while it ran: nothing to merge into
-                if stored is not None:
-                    merged = orjson.dumps(merge_settings(stored, change))
-                    if len(merged) > max_settings_bytes:
-                        record.status, record.http_status = "error", (
-                            500 if record.http_status else None)
-                        record.error = (f"settings would be {len(merged)} bytes, over the "
-                                        f"limit of {max_settings_bytes}; nothing was kept")
-                    else:
-                        await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
-                                         (merged.decode(), record.workflow))
-            await db.execute(
-                f"INSERT INTO executions ({_EXECUTION_COLUMNS}) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.id, record.workflow, record.version, record.trigger, record.status,
-                 record.started_at, record.duration_ms, record.http_status, record.error,
-                 record.traceback, record.output, int(record.output_truncated)))
+                merged = orjson.dumps(merge_settings(stored, change))
+                if len(merged) > max_settings_bytes:
+                    record.status, record.http_status = "error", (
+                        500 if record.http_status else None)
+                    record.error = (f"settings would be {len(merged)} bytes, over the "
+                                    f"limit of {max_settings_bytes}; nothing was kept")
+                else:
+                    await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
+                                     (merged.decode(), record.workflow))
+            await _insert_execution(db, record)
         return record
+
+    async def record(self, record: ExecutionRecord) -> None:
+        """Store a record that changes nothing else (a skipped tick), if its workflow exists."""
+        async with self._transaction() as db, db.execute(
+                "SELECT 1 FROM workflows WHERE name = ?", (record.workflow,)) as cursor:
+            if await cursor.fetchone():
+                await _insert_execution(db, record)
+
+    async def set_next_due(self, name: str, next_due: str | None) -> None:
+        """Persist when a pull workflow is next due (None: not armed)."""
+        await self.set_next_dues({name: next_due})
+
+    async def set_next_dues(self, dues: dict[str, str | None]) -> None:
+        """Persist the next due times of many pull workflows in one transaction."""
+        async with self._transaction() as db:
+            await db.executemany("UPDATE workflows SET next_due = ? WHERE name = ?",
+                                 [(due, name) for name, due in dues.items()])
+
+    async def add_skipped(self, name: str, count: int) -> None:
+        async with self._transaction() as db:
+            await db.execute("UPDATE workflows SET skipped = skipped + ? WHERE name = ?",
+                             (count, name))
 
     async def executions(self, name: str, limit: int = 20) -> list[ExecutionRecord]:
         rows = await self._fetchall(
@@ -503,6 +536,15 @@ async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
     if row is None:
         raise StoreError(f"no workflow named {name}")
     return orjson.loads(row[0])
+
+
+async def _insert_execution(db: aiosqlite.Connection, record: ExecutionRecord) -> None:
+    await db.execute(
+        f"INSERT INTO executions ({_EXECUTION_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (record.id, record.workflow, record.version, record.trigger, record.status,
+         record.started_at, record.duration_ms, record.http_status, record.error,
+         record.traceback, record.output, int(record.output_truncated)))
 
 
 def _json_or_null(value: Any) -> str | None:
