@@ -7,10 +7,11 @@ behind a long delete. A pass runs every `interval_s`, and sooner once
 `BATCH` executions have finished since the last one: under a flood the
 table overshoots its bound by about one batch, not by a minute of traffic.
 
-After a pass that deleted rows, the freed pages go back to the file system
-in small incremental steps (the database is created with
-auto_vacuum=INCREMENTAL), so the file shrinks after a burst instead of
-staying at its high-water mark. systemd/README.md states the VACUUM policy.
+After a pass that deleted rows, free pages beyond a quarter of the file go
+back to the file system in small incremental steps (the database is created
+with auto_vacuum=INCREMENTAL), so the file shrinks after a burst instead of
+staying at its high-water mark, while steady traffic reuses the pages it
+freed. systemd/README.md states the VACUUM policy.
 """
 
 import asyncio
@@ -23,8 +24,10 @@ from wfd.config import Retention
 from wfd.store import ExecutionRecord, Store, utc_iso
 
 BATCH = 500
-# Pages per incremental_vacuum step: 4 MiB with the default 4 KiB pages.
-RECLAIM_PAGES = 1024
+# Given back per incremental_vacuum step, so no one transaction is long.
+RECLAIM_STEP_BYTES = 4 * 1024 * 1024
+# Share of the file left free for new records to reuse.
+FREE_SLACK = 0.25
 INTERVAL_S = 60.0
 
 
@@ -72,9 +75,24 @@ class Pruner:
             deleted += batch
             await asyncio.sleep(0)
         if deleted:
-            reclaimed = 0
-            while pages := await self.store.reclaim_space(RECLAIM_PAGES):
-                reclaimed += pages
-                await asyncio.sleep(0)
-            logs.event("pruned", executions=deleted, pages_reclaimed=reclaimed)
+            reclaimed = await self._reclaim()
+            logs.event("pruned", executions=deleted, bytes_reclaimed=reclaimed)
         return deleted
+
+    async def _reclaim(self) -> int:
+        """Give free pages beyond FREE_SLACK of the file back; how many bytes went.
+
+        The slack is kept because new records reuse free pages: giving all of
+        them back after every pass would only make the file grow again.
+        """
+        reclaimed = 0
+        while True:
+            size = await self.store.size()
+            excess = size["db_free_bytes"] - int(size["db_bytes"] * FREE_SLACK)
+            if excess <= 0:
+                return reclaimed
+            freed = await self.store.reclaim_space(min(RECLAIM_STEP_BYTES, excess))
+            if not freed:
+                return reclaimed  # a database created without auto_vacuum
+            reclaimed += freed
+            await asyncio.sleep(0)

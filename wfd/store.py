@@ -463,18 +463,19 @@ class Store:
                 deleted += await _prune_workflow(db, name, keep_per_workflow, limit - deleted)
         return deleted
 
-    async def reclaim_space(self, max_pages: int) -> int:
-        """Give up to `max_pages` free pages back to the file system; how many went.
+    async def reclaim_space(self, max_bytes: int) -> int:
+        """Give up to `max_bytes` of free pages back to the file system; how many went.
 
         Only databases created with auto_vacuum=INCREMENTAL can; in older
         ones this does nothing and free pages are reused by new records.
         """
+        (page_size,) = await self._fetchone("PRAGMA page_size")
         (before,) = await self._fetchone("PRAGMA freelist_count")
-        pragma = f"PRAGMA incremental_vacuum({int(max_pages)})"
+        pragma = f"PRAGMA incremental_vacuum({max(1, int(max_bytes) // page_size)})"
         async with self._transaction() as db, db.execute(pragma) as cursor:
             await cursor.fetchall()  # each step frees one page: run it to the end
         (after,) = await self._fetchone("PRAGMA freelist_count")
-        return before - after
+        return (before - after) * page_size
 
     # -- export and import ------------------------------------------------------
 
