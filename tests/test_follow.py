@@ -1,11 +1,16 @@
 """`wfd ctl logs NAME --follow`: a workflow's executions streamed as they end."""
 
+import asyncio
 import json
 import signal
 import subprocess
 import sys
 
+import pytest
 import requests
+
+from wfd.control import FOLLOW_BUFFER_BYTES, CommandError, Follower
+from wfd.store import ExecutionRecord
 
 PRINTS = "def workflow(_request, settings):\n    print('seen', _request.get('n'))\n"
 
@@ -69,3 +74,24 @@ def test_followers_that_hang_up_do_not_hurt_the_daemon(daemon, name):
         follower.wait(10)
     assert requests.post(url, json={}).status_code == 200
     assert daemon.ctl_json("status")["state"] == "serving"
+
+
+def test_a_follower_that_falls_behind_is_cut_off_with_a_reason():
+    """In-process: the daemon's memory is bounded whatever a client does."""
+    follower = Follower()
+    chunk = "o" * (1024 * 1024)
+    records = [ExecutionRecord(id=str(i), workflow="w", version=1, trigger="catch",
+                               status="success", started_at="", duration_ms=1.0, output=chunk)
+               for i in range(FOLLOW_BUFFER_BYTES // len(chunk) + 1)]
+
+    async def main() -> list[str]:
+        for record in records[:-1]:
+            follower.push(record)
+        sent = [r.id for r in await follower.next_batch()]  # the client reads: room again
+        for record in records:
+            follower.push(record)
+        with pytest.raises(CommandError, match="fell behind"):
+            await follower.next_batch()
+        return sent
+
+    assert asyncio.run(main()) == [r.id for r in records[:-1]]

@@ -122,3 +122,5 @@ def test_sighup_with_a_smaller_retention_prunes_at_once(make_daemon, name):
     daemon.process.send_signal(signal.SIGHUP)
     wait_for(lambda: len(daemon.executions(name)) == 3, what="pruning to 3 records")
     assert "pruned executions=2" in daemon.log()
+    status = daemon.ctl_json("status")
+    assert status["executions"] == 3 and status["db_bytes"] > status["db_free_bytes"] >= 0

@@ -37,8 +37,9 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 EXPORT_FORMAT = "wfd-export/1"
-# Records a `logs --follow` client may lag behind before it is cut off.
-FOLLOW_BUFFER = 1000
+# Output a `logs --follow` client may lag behind by before it is cut off:
+# a record carries up to output_kb (1 MiB) of output.
+FOLLOW_BUFFER_BYTES = 32 * 1024 * 1024
 
 
 class CommandError(Exception):
@@ -340,14 +341,18 @@ class Follower:
 
     def __init__(self) -> None:
         self._records: deque[ExecutionRecord] = deque()
+        self._bytes = 0
         self._wake = asyncio.Event()
         self._ended: str | None = None
 
     def push(self, record: ExecutionRecord) -> None:
-        if len(self._records) >= FOLLOW_BUFFER:
-            self.end(f"fell behind by over {FOLLOW_BUFFER} executions; follow again")
+        size = len(record.output) + len(record.traceback or "")
+        if self._bytes + size > FOLLOW_BUFFER_BYTES:
+            self.end("fell behind: too many executions' output waiting to be sent; "
+                     "follow again")
         elif self._ended is None:
             self._records.append(record)
+            self._bytes += size
             self._wake.set()
 
     def end(self, reason: str) -> None:
@@ -362,6 +367,7 @@ class Follower:
             raise CommandError(self._ended)
         batch = list(self._records)
         self._records.clear()
+        self._bytes = 0
         return batch
 
 
