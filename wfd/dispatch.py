@@ -50,6 +50,9 @@ class Dispatcher:
         self.listeners: list[Callable[[ExecutionRecord], None]] = []
         self.draining = False
         self._inflight: set[asyncio.Task[Executed]] = set()
+        # The in-flight tasks not yet past the executor: only these may be
+        # interrupted; one already recording its outcome is let finish.
+        self._interruptible: set[asyncio.Task[Executed]] = set()
         self._interrupting = False
 
     def limits(self, workflow: Workflow) -> Limits:
@@ -75,7 +78,9 @@ class Dispatcher:
                   response_bytes=self.config.max_body_bytes)
         task = asyncio.create_task(self._execute(job, trigger, reservation))
         self._inflight.add(task)
+        self._interruptible.add(task)
         task.add_done_callback(self._inflight.discard)
+        task.add_done_callback(self._interruptible.discard)
         return await task
 
     async def _execute(self, job: Job, trigger: str, reservation: Reservation) -> Executed:
@@ -91,6 +96,7 @@ class Dispatcher:
             outcome = Outcome("interrupted", (time.perf_counter() - started) * 1000,
                               error=f"the daemon stopped and the {self.config.grace_s:g} s "
                                     "grace period ran out; nothing it changed was kept")
+        self._interruptible.discard(asyncio.current_task())
         record = _record(job, trigger, started_at, outcome)
         record = await self.store.finish(record, outcome.settings_change,
                                          job.limits.settings_kb * 1024)
@@ -120,11 +126,11 @@ class Dispatcher:
         self._interrupting = True
         interrupted = 0
         while self._inflight:
-            pending = set(self._inflight)
-            interrupted += len(pending)
-            for task in pending:
+            interrupted += len(self._interruptible)
+            for task in self._interruptible:
                 task.cancel()
-            await asyncio.wait(pending)
+            self._interruptible.clear()
+            await asyncio.wait(set(self._inflight))
         return interrupted
 
     async def check(self, name: str, kind: str, code: str, limits: Limits) -> str | None:
