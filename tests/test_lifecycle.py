@@ -171,13 +171,15 @@ def test_sighup_changes_a_limit_live(make_daemon, name):
     run = daemon.ctl("run", name, "--data", '{"seconds": "1.5"}', check=False)
     assert (run.returncode, ": timeout (" in run.stdout) == (4, True)
 
-    daemon.config_file.write_text("[limits]\ntimeout_s = 5\n")
+    assert "DEBUG" not in daemon.log()
+    daemon.config_file.write_text('log_level = "debug"\n[limits]\ntimeout_s = 5\n')
     daemon.process.send_signal(signal.SIGHUP)
     wait_for(lambda: daemon.ctl_json("show", name)["effective_limits"]["timeout_s"] == 5,
              what="the reloaded timeout")
     run = daemon.ctl("run", name, "--data", '{"seconds": "1.5"}')
     assert ": success (" in run.stdout
     assert daemon.ctl_json("settings", name) == {"finished": 1}
+    assert "DEBUG ctl command=run" in daemon.log()  # the log level changed too
 
 
 def test_sighup_keeps_the_old_config_when_the_new_one_is_broken(make_daemon, name):
