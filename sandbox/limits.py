@@ -2,6 +2,7 @@
 
 import contextlib
 import ctypes
+import os
 import resource
 import signal
 
@@ -31,6 +32,16 @@ def apply(limits: dict) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def die_with_parent(parent: int) -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies.
+
+    Returns False when the parent is already gone (the process was
+    re-parented before the request took effect): the caller should exit.
+    """
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    return os.getppid() == parent
 
 
 def _prctl(option: int, value: int) -> None:

@@ -27,9 +27,27 @@ class WorkflowError(Exception):
 
 
 def main() -> int:
-    """Read the job, run it, report. Exit 70 only when the job itself is unreadable."""
+    """Cold-spawn entry: read the job from stdin, run it, report."""
     try:
-        job = orjson.loads(sys.stdin.buffer.read())
+        job = read_job()
+    except Exception:
+        traceback.print_exc()
+        return EXIT_BOOT_FAILED
+    return execute(job)
+
+
+def read_job() -> dict:
+    """The job the daemon wrote on stdin (fd 0), read to EOF."""
+    return orjson.loads(sys.stdin.buffer.read())
+
+
+def execute(job: dict) -> int:
+    """Apply the job's limits, run or check it, report. Exit 70 only when it cannot start.
+
+    Shared by both ways an execution starts: a fresh interpreter
+    (`python -I -m sandbox`) and a child forked by the zygote.
+    """
+    try:
         limits.apply(job["limits"])
     except Exception:
         traceback.print_exc()

@@ -158,11 +158,16 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         daemon.kill()
 
 
-@pytest.fixture(scope="session")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One daemon shared by the tests that only deploy and call workflows."""
-    shared = Daemon(tmp_path_factory.mktemp("shared") / "data",
-                    "[limits]\ntimeout_s = 5\n").start()
+@pytest.fixture(scope="session", params=["zygote", "spawn"])
+def daemon(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon per executor, shared by the tests that only deploy and call workflows.
+
+    Each such test runs against both ways an execution starts (forked from
+    the zygote, or a fresh interpreter): they must behave exactly alike.
+    """
+    shared = Daemon(tmp_path_factory.mktemp(f"shared-{request.param}") / "data",
+                    f'executor = "{request.param}"\n[limits]\ntimeout_s = 5\n').start()
     yield shared
     shared.kill()
 

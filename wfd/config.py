@@ -6,6 +6,7 @@ flag. Unknown keys are errors rather than silently ignored, so a typo in
 """
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 MIB = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MODULE_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class ConfigError(Exception):
@@ -80,6 +82,14 @@ class Config:
     global_concurrency: int = 0
     queue_max: int = 100
     grace_s: float = 30.0
+    # How executions start (README "The zygote"): "zygote" forks them from a
+    # preloaded process, "spawn" starts a fresh interpreter for each one.
+    executor: str = "zygote"
+    # Modules the zygote imports once so that executions start with them loaded.
+    preload: tuple[str, ...] = ("hrflow", "requests", "json")
+    # Bounds of the pool of already-forked children waiting for work.
+    spares_min: int = 2
+    spares_max: int = 8
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
 
@@ -124,6 +134,8 @@ def _typed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     for key, value in values.items():
         if key in ("data_dir", "socket") and value:
             value = Path(value)
+        if key == "preload" and isinstance(value, list):
+            value = tuple(value)
         out[key] = value
     return out
 
@@ -149,4 +161,18 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
                           f"got {config.log_level!r}")
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format must be 'text' or 'json', got {config.log_format!r}")
+    _check_executor(config)
     return config
+
+
+def _check_executor(config: Config) -> None:
+    if config.executor not in ("zygote", "spawn"):
+        raise ConfigError(f"executor must be 'zygote' or 'spawn', got {config.executor!r}")
+    if not (isinstance(config.preload, tuple)
+            and all(isinstance(name, str) and MODULE_PATTERN.fullmatch(name)
+                    for name in config.preload)):
+        raise ConfigError(f"preload must be a list of module names, got {config.preload!r}")
+    low, high = config.spares_min, config.spares_max
+    if not (type(low) is int and type(high) is int and 0 <= low <= high and high >= 1):
+        raise ConfigError(f"spares_min and spares_max must be integers with "
+                          f"0 <= spares_min <= spares_max, 1 <= spares_max; got {low}, {high}")

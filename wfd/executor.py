@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -95,7 +96,17 @@ class Executor(Protocol):
     CancelledError it must have killed every process the job started.
     """
 
+    async def start(self) -> None: ...
+
     async def run(self, job: Job) -> Outcome: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+class ChildLost(Exception):
+    """The child's end is unknown: whatever started it is gone. The message says why."""
 
 
 @dataclass
@@ -120,10 +131,89 @@ class _Captured:
         return b"".join(self.chunks)
 
 
-async def _drain(reader: asyncio.StreamReader, into: _Captured) -> None:
-    """Read to EOF, keeping what fits, so a chatty child never blocks."""
-    while chunk := await reader.read(65536):
-        into.add(chunk)
+class Pipes:
+    """One execution's three pipes, made by the daemon whichever way the child starts.
+
+    The child gets the job's reading end, the output's and the result's
+    writing ends (`theirs`); the daemon keeps the other three, so draining,
+    capping and judging are the same code for every executor.
+    """
+
+    def __init__(self) -> None:
+        self.job_r, self.job_w = os.pipe()
+        self.output_r, self.output_w = os.pipe()
+        self.result_r, self.result_w = os.pipe()
+
+    def theirs(self) -> list[int]:
+        return [self.job_r, self.output_w, self.result_w]
+
+    def close_theirs(self) -> None:
+        """Once the child holds its ends: EOF on ours then means it is done."""
+        for fd in self.theirs():
+            os.close(fd)
+
+    def close_ours(self) -> None:
+        for fd in (self.job_w, self.output_r, self.result_r):
+            os.close(fd)
+
+
+async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
+                    ended: "asyncio.Future[int]", kill: Callable[[], None]) -> Outcome:
+    """Feed the job, drain output and result, enforce the timeout, judge.
+
+    `ended` gives the child's return code (negative for a signal) or raises
+    ChildLost; `kill` ends the child's whole process group. The child's ends
+    of `pipes` must be closed already; this closes ours.
+    """
+    output = _Captured(job.limits.output_kb * 1024)
+    result = _Captured(job.response_bytes + job.limits.settings_kb * 1024
+                       + RESULT_OVERHEAD_BYTES)
+    readers = [asyncio.create_task(_drain_fd(pipes.output_r, output)),
+               asyncio.create_task(_drain_fd(pipes.result_r, result))]
+    feeder = asyncio.create_task(_feed(pipes.job_w, payload))
+    timed_out, lost, returncode = False, None, None
+    try:
+        returncode = await asyncio.wait_for(asyncio.shield(ended), job.limits.timeout_s)
+    except TimeoutError:
+        timed_out = True
+    except ChildLost as exc:
+        lost = str(exc)
+    finally:
+        # Whatever happened, nothing the execution started outlives it.
+        kill()
+        with contextlib.suppress(ChildLost):
+            returncode = await ended
+        await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT_S)
+        for task in [*readers, feeder]:
+            task.cancel()
+        await asyncio.gather(*readers, feeder, return_exceptions=True)
+    duration_ms = (time.perf_counter() - started) * 1000
+    if lost is not None:
+        outcome = Outcome("error", duration_ms, error=lost)
+    else:
+        outcome = _judge(job, returncode, result, timed_out, duration_ms)
+    outcome.output = output.data.decode("utf-8", "replace")
+    outcome.output_truncated = output.truncated
+    if output.truncated:
+        outcome.output += f"\n[wfd: output cut here, over the {job.limits.output_kb} KiB limit]"
+    return outcome
+
+
+async def _feed(fd: int, data: bytes) -> None:
+    """Write the job to the child's stdin and close it, never blocking the loop."""
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                await _ready(fd, asyncio.get_running_loop().add_writer,
+                             asyncio.get_running_loop().remove_writer)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the child died before reading its job; its exit says why
+    finally:
+        os.close(fd)
 
 
 async def _drain_fd(fd: int, into: _Captured) -> None:
@@ -134,23 +224,29 @@ async def _drain_fd(fd: int, into: _Captured) -> None:
     close the same number again later, possibly someone else's by then.
     """
     loop = asyncio.get_running_loop()
-    readable = asyncio.Event()
     os.set_blocking(fd, False)
-    loop.add_reader(fd, readable.set)
     try:
         while True:
             try:
                 chunk = os.read(fd, 65536)
             except BlockingIOError:
-                readable.clear()
-                await readable.wait()
+                await _ready(fd, loop.add_reader, loop.remove_reader)
                 continue
             if not chunk:
                 return
             into.add(chunk)
     finally:
-        loop.remove_reader(fd)
         os.close(fd)
+
+
+async def _ready(fd: int, watch: Callable[..., Any], unwatch: Callable[[int], Any]) -> None:
+    """Wait until the loop reports `fd` ready (for reading or writing, by `watch`)."""
+    ready = asyncio.get_running_loop().create_future()
+    watch(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        unwatch(fd)
 
 
 def _kill_group(pid: int) -> None:
@@ -163,7 +259,8 @@ class SpawnExecutor:
     """Starts a fresh `python -I -m sandbox` for every execution.
 
     Simple and fully isolated, at the price of an interpreter start-up per
-    execution.
+    execution (100-300 ms). The zygote executor falls back to it while its
+    zygote is down, and the tests run against both.
     """
 
     def __init__(self, python: str = sys.executable, tmp_root: Path | None = None) -> None:
@@ -171,67 +268,44 @@ class SpawnExecutor:
         self.tmp_root = tmp_root
         self.running = 0
 
+    async def start(self) -> None:
+        """Nothing to start: every execution brings its own interpreter."""
+
+    async def close(self) -> None:
+        """Nothing to stop: executions end with their requests."""
+
+    def status(self) -> dict[str, Any]:
+        return {"executor": "spawn"}
+
     async def run(self, job: Job) -> Outcome:
         workdir = tempfile.mkdtemp(prefix=f"wfd-{job.execution_id}-", dir=self.tmp_root)
         self.running += 1
         try:
-            return await self._supervise(job, workdir)
+            return await self._spawn(job, workdir)
         finally:
             self.running -= 1
             await asyncio.to_thread(shutil.rmtree, workdir, True)
 
-    async def _supervise(self, job: Job, workdir: str) -> Outcome:
-        result_r, result_w = os.pipe()
+    async def _spawn(self, job: Job, workdir: str) -> Outcome:
+        pipes = Pipes()
         started = time.perf_counter()
         try:
             process = await asyncio.create_subprocess_exec(
                 self.python, "-I", "-m", "sandbox",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                pass_fds=(result_w,),
+                stdin=pipes.job_r, stdout=pipes.output_w, stderr=pipes.output_w,
+                pass_fds=(pipes.result_w,),
                 start_new_session=True,
                 cwd=workdir,
                 env={"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir},
             )
         except BaseException:
-            os.close(result_r)
+            pipes.close_ours()
             raise
         finally:
-            os.close(result_w)
-        output = _Captured(job.limits.output_kb * 1024)
-        result = _Captured(job.response_bytes + job.limits.settings_kb * 1024
-                           + RESULT_OVERHEAD_BYTES)
-        readers = [asyncio.create_task(_drain(process.stdout, output)),
-                   asyncio.create_task(_drain_fd(result_r, result))]
-        timed_out = False
-        try:
-            # Inside the try: a cancellation while the job is being written
-            # (a large body) must kill the child too.
-            try:
-                process.stdin.write(job.payload(result_w))
-                await process.stdin.drain()
-                process.stdin.close()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the child died before reading its job; its exit says why
-            await asyncio.wait_for(process.wait(), job.limits.timeout_s)
-        except TimeoutError:
-            timed_out = True
-        finally:
-            # Whatever happened, nothing the execution started outlives it.
-            _kill_group(process.pid)
-            await process.wait()
-            await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT_S)
-            for task in readers:
-                task.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-        duration_ms = (time.perf_counter() - started) * 1000
-        outcome = _judge(job, process.returncode, result, timed_out, duration_ms)
-        outcome.output = output.data.decode("utf-8", "replace")
-        outcome.output_truncated = output.truncated
-        if output.truncated:
-            outcome.output += f"\n[wfd: output cut here, over the {job.limits.output_kb} KiB limit]"
-        return outcome
+            pipes.close_theirs()
+        ended = asyncio.ensure_future(process.wait())
+        return await supervise(job, job.payload(pipes.result_w), pipes, started, ended,
+                               lambda: _kill_group(process.pid))
 
 
 def _judge(job: Job, returncode: int | None, result: _Captured, timed_out: bool,

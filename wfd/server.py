@@ -25,18 +25,27 @@ from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
 from wfd.control import Commands, ControlServer
 from wfd.dispatch import Dispatcher
-from wfd.executor import SpawnExecutor
+from wfd.executor import Executor, SpawnExecutor
 from wfd.metrics import Metrics
 from wfd.retention import Pruner
 from wfd.scheduler import Scheduler
 from wfd.store import ExecutionRecord, Store
+from wfd.zygote import ZygoteExecutor
 
-# Keys a SIGHUP cannot apply: they are bound to open sockets, files or
-# semaphores. A changed value is logged as needing a restart and ignored.
+# Keys a SIGHUP cannot apply: they are bound to open sockets, files,
+# semaphores or the kind of executor. A changed value is logged as needing a
+# restart and ignored.
 RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
-                "max_body_mb", "global_concurrency")
+                "max_body_mb", "global_concurrency", "executor")
 # After the drain, how long the listeners give handlers to send their responses.
 RESPONSE_FLUSH_S = 5.0
+
+
+def make_executor(config: Config) -> Executor:
+    """The executor the config names; constructing it starts nothing."""
+    if config.executor == "spawn":
+        return SpawnExecutor()
+    return ZygoteExecutor(config.preload, config.spares_min, config.spares_max)
 
 
 class Daemon:
@@ -50,7 +59,7 @@ class Daemon:
         self.config = config
         self._loader = loader
         self.store = Store(config.db_path)
-        self.executor = SpawnExecutor()
+        self.executor = make_executor(config)
         self.admission = Admission(config.concurrency, config.queue_max)
         self.metrics = Metrics()
         self.metrics.watch_admission(lambda: self.admission.waiting,
@@ -88,6 +97,7 @@ class Daemon:
             "running": self.admission.running,
             "waiting": self.admission.waiting,
             "concurrency": self.admission.concurrency,
+            **self.executor.status(),
         }
 
     def _count(self, record: ExecutionRecord) -> None:
@@ -97,6 +107,8 @@ class Daemon:
     async def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.config.data_dir, 0o700)
+        # The zygote is exec'd before aiosqlite starts its thread (STYLE.md).
+        await self.executor.start()
         await self.store.open()
         await self.control.start()
         await self.scheduler.start()
@@ -130,6 +142,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signum)
+        # The handler only records the request; `_reloads` does the work.
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         interval = sdnotify.watchdog_interval()
         # Fed from the first moment: migrations and the drain can be long.
@@ -163,6 +176,7 @@ class Daemon:
         await self.control.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
+        await self.executor.close()
         await self.store.close()
         logs.event("stopped", interrupted=interrupted)
 
@@ -177,15 +191,15 @@ class Daemon:
             await self._reload.wait()
             self._reload.clear()
             sdnotify.reloading()
-            self.reload()
+            await self.reload()
             sdnotify.ready()
 
-    def reload(self) -> bool:
+    async def reload(self) -> bool:
         """Re-read the configuration and apply it; False (old one kept) if it is broken."""
         if self._loader is None:
             return False
         try:
-            new = self._loader()
+            new = await asyncio.to_thread(self._loader)
         except ConfigError as exc:
             logs.event("reload-failed", level=logging.ERROR, error=str(exc))
             return False
@@ -204,6 +218,8 @@ class Daemon:
         self.dispatcher.config = config  # limits, and the catch routes' team
         self.commands.config = config
         self.admission.queue_max = config.queue_max
+        if isinstance(self.executor, ZygoteExecutor):  # restarts the zygote if they changed
+            self.executor.configure(config.preload, config.spares_min, config.spares_max)
         logs.setup(config.log_format, config.log_level)
         self.pruner.wake()
 

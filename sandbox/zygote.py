@@ -1,0 +1,280 @@
+"""The zygote: preloads modules once, then forks one child per execution.
+
+Started by the daemon as `python -I -m sandbox.zygote CHANNEL_FD WORKDIRS
+SPARES_MIN SPARES_MAX [MODULE...]`. PROTOCOL.md ("The zygote") is the
+contract; in short, one select loop does, in order: read the daemon's
+messages (run, kill, ping, retire), reap exited children and report their
+exit, then fork spares until the pool is back at its target.
+"""
+
+import array
+import contextlib
+import gc
+import importlib
+import os
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import orjson
+
+from sandbox import limits, spare
+
+EXIT_BOOT_FAILED = 71  # a preload failed: restarting at once would fail the same way
+# With no miss for this long, the pool target shrinks by one spare.
+POOL_DECAY_S = 10.0
+MESSAGE_BYTES = 65536
+HAND_OVER_TRIES = 3
+
+
+@dataclass
+class Child:
+    """A forked child that took a job: the daemon knows it by execution id."""
+
+    execution_id: str
+    workdir: str
+
+
+class Pool:
+    """Warm spares, and how many to keep: grows on a miss, decays when idle."""
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+        self.target = low
+        self.spares: dict[int, socket.socket] = {}
+        self._last_miss = time.monotonic()
+
+    def take(self) -> tuple[int, socket.socket] | None:
+        if not self.spares:
+            self.target = min(self.high, self.target + 1)
+            self._last_miss = time.monotonic()
+            return None
+        return self.spares.popitem()
+
+    def wanted(self) -> int:
+        """How many spares to fork now, after letting an idle target decay."""
+        now = time.monotonic()
+        if self.target > self.low and now - self._last_miss > POOL_DECAY_S:
+            self.target -= 1
+            self._last_miss = now
+        return max(0, self.target - len(self.spares))
+
+    def trim(self) -> None:
+        """Close the sockets of spares over the target: they exit at EOF."""
+        while len(self.spares) > self.target:
+            self.spares.popitem()[1].close()
+
+
+class Zygote:
+    """The zygote's runtime state. Built after preloading, in the zygote only."""
+
+    def __init__(self, channel: socket.socket, workdirs: str, pool: Pool) -> None:
+        self.channel = channel
+        self.workdirs = workdirs
+        self.pool = pool
+        self.children: dict[int, Child] = {}
+        self.pids: dict[str, int] = {}
+        self.retiring = False
+        self.env = {key: os.environ[key] for key in ("PATH", "LANG") if key in os.environ}
+        self._count = 0
+
+    def serve(self) -> None:
+        """The loop: events, reap, refill; until the daemon leaves or retires us."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select
+        selector = selectors.DefaultSelector()
+        selector.register(self.channel, selectors.EVENT_READ)
+        selector.register(wake_r, selectors.EVENT_READ)
+        self.send({"ev": "ready", "pid": os.getpid()})
+        try:
+            while not (self.retiring and not self.children):
+                timeout = 0 if self.pool.wanted() and not self.retiring else 1.0
+                for key, _ in selector.select(timeout):
+                    if key.fileobj is self.channel and not self.read_channel():
+                        return
+                    if key.fileobj == wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(wake_r, 4096)
+                self.reap_children()
+                if not self.retiring:
+                    self.manage_spares()
+        finally:
+            self.shutdown()
+
+    def read_channel(self) -> bool:
+        """Handle every waiting message; False once the daemon closed the channel."""
+        while True:
+            try:
+                data, fds = receive(self.channel)
+            except BlockingIOError:
+                return True
+            except ConnectionError:
+                return False
+            if not data:
+                return False
+            message = orjson.loads(data)
+            op = message.get("op")
+            if op == "run":
+                self.start(message["id"], fds)
+            elif op == "kill":
+                self.kill(message["id"])
+            elif op == "ping":
+                self.send({"ev": "pong", "spares": len(self.pool.spares),
+                           "target": self.pool.target, "running": len(self.children)})
+            elif op == "retire":
+                self.retiring = True
+                self.pool.target = 0
+                self.pool.trim()
+
+    def start(self, execution_id: str, fds: list[int]) -> None:
+        """Hand the job's pipes to a spare (forking one if none is warm)."""
+        self._count += 1
+        workdir = os.path.join(self.workdirs, f"x{self._count}")
+        try:
+            pid = self._hand_over(workdir, fds)
+        except OSError as exc:
+            self.send({"ev": "failed", "id": execution_id,
+                       "error": f"the zygote could not start the execution: {exc}"})
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.children[pid] = Child(execution_id, workdir)
+        self.pids[execution_id] = pid
+
+    def _hand_over(self, workdir: str, fds: list[int]) -> int:
+        ticket = orjson.dumps({"workdir": workdir})
+        for _ in range(HAND_OVER_TRIES):
+            pid, work = self.pool.take() or self.fork_spare()
+            try:
+                socket.send_fds(work, [ticket], fds)
+                return pid
+            except (BrokenPipeError, ConnectionError):
+                continue  # that spare died waiting; its exit is reaped as usual
+            finally:
+                work.close()
+        raise OSError(f"{HAND_OVER_TRIES} children in a row died before taking the job")
+
+    def kill(self, execution_id: str) -> None:
+        """The daemon's timeout: kill the execution's whole process group."""
+        pid = self.pids.get(execution_id)
+        if pid is not None:
+            kill_group(pid)
+
+    def reap_children(self) -> None:
+        """Collect every exited child; report executions, forget dead spares."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                work = self.pool.spares.pop(pid, None)
+                if work is not None:
+                    work.close()
+                continue
+            del self.pids[child.execution_id]
+            kill_group(pid)  # nothing the execution started outlives it
+            shutil.rmtree(child.workdir, ignore_errors=True)
+            self.send({"ev": "exited", "id": child.execution_id, "pid": pid,
+                       "returncode": os.waitstatus_to_exitcode(status)})
+
+    def manage_spares(self) -> None:
+        """Fork one spare if the pool is short; the loop comes back for more."""
+        if self.pool.wanted():
+            with contextlib.suppress(OSError):  # out of processes: retry next pass
+                pid, work = self.fork_spare()
+                self.pool.spares[pid] = work
+
+    def fork_spare(self) -> tuple[int, socket.socket]:
+        """Fork a child that waits on its own socket for one job."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        zygote = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            spare.serve(theirs, zygote, self.env)  # never returns
+        theirs.close()
+        return pid, ours
+
+    def send(self, message: dict) -> None:
+        self.channel.send(orjson.dumps(message))
+
+    def shutdown(self) -> None:
+        """Leave nothing behind: kill what still runs, release the spares."""
+        self.pool.target = 0
+        self.pool.trim()
+        for pid, child in self.children.items():
+            kill_group(pid)
+            shutil.rmtree(child.workdir, ignore_errors=True)
+
+
+def receive(channel: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the fds that came with it, without waiting.
+
+    socket.recv_fds would do, but before Python 3.12 it ignores its flags.
+    """
+    data, ancillary, _, _ = channel.recvmsg(
+        MESSAGE_BYTES, socket.CMSG_SPACE(spare.PIPES * 4),
+        socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a child's process group; the child itself if it has none yet."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def preload(modules: list[str]) -> None:
+    """Import the modules every execution would import, then freeze what exists.
+
+    gc.freeze moves every object made so far out of the collector's reach, so
+    a collection in a forked child does not write to (and copy) those pages.
+    """
+    importlib.import_module("sandbox.runner")
+    for name in modules:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
+
+
+def main(argv: list[str]) -> int:
+    """Boot (preload, or report why not), then serve until the daemon lets go."""
+    daemon = os.getppid()
+    channel_fd, workdirs, low, high, *modules = argv
+    channel = socket.socket(fileno=int(channel_fd))
+    if not limits.die_with_parent(daemon):
+        return 0  # the daemon died already; later, the channel's EOF tells us
+    try:
+        preload(modules)
+    except BaseException as exc:
+        error = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
+        channel.send(orjson.dumps({"ev": "boot_failed", "error": f"preload failed: {error}"}))
+        return EXIT_BOOT_FAILED
+    Zygote(channel, workdirs, Pool(int(low), int(high))).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

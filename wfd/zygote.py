@@ -1,0 +1,374 @@
+"""The zygote executor: executions forked from a preloaded process, supervised.
+
+`ZygoteProcess` is one running zygote seen from the daemon: its process, the
+socketpair channel to it, and the executions it holds. `ZygoteExecutor` is
+the supervisor: it boots zygotes, restarts one that dies or whose preload
+list or installed packages changed, backs off from one that keeps failing to
+boot, and cold-spawns while none is ready. sandbox/PROTOCOL.md ("The
+zygote") is the contract with `sandbox/zygote.py`.
+"""
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from wfd import logs
+from wfd.executor import CHILD_PATH, ChildLost, Job, Outcome, Pipes, SpawnExecutor, supervise
+
+# A forked child finds its result pipe on fd 3 (sandbox/spare.py).
+RESULT_FD = 3
+BOOT_TIMEOUT_S = 30.0
+# How often the supervisor pings the zygote and checks for changed packages;
+# a zygote that has not answered for PING_TIMEOUT_S is killed as hung.
+WATCH_INTERVAL_S = 1.0
+PING_TIMEOUT_S = 10.0
+# A zygote that stayed up this long had no boot problem: the backoff resets.
+STABLE_S = 10.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 60.0
+MESSAGE_BYTES = 65536
+
+
+class BootFailed(Exception):
+    """The zygote could not boot (a preload failed, or it died first)."""
+
+
+class ZygoteProcess:
+    """One zygote process and the executions it holds. `start` does the work."""
+
+    def __init__(self, command: Sequence[str], preload: Sequence[str],
+                 spares: tuple[int, int]) -> None:
+        self.command = list(command)
+        self.preload = list(preload)
+        self.spares = spares
+        self.process: asyncio.subprocess.Process | None = None
+        self.channel: socket.socket | None = None
+        self.workdirs = ""
+        self.booted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending: dict[str, asyncio.Future[int]] = {}
+        self.pool: dict[str, int] = {}
+        self.last_answer = time.monotonic()
+        self.exited: asyncio.Task[int] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self) -> None:
+        """Exec the zygote with one end of a socketpair; return once it runs."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.workdirs = tempfile.mkdtemp(prefix="wfd-zygote-")
+        env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": self.workdirs,
+               "TMPDIR": self.workdirs}
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command, str(theirs.fileno()), self.workdirs,
+                *map(str, self.spares), *self.preload,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), start_new_session=True, env=env)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.channel = ours
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._read)
+        self.exited = asyncio.create_task(self._wait())
+
+    def run(self, execution_id: str, fds: list[int]) -> "asyncio.Future[int]":
+        """Ask for a child to run the job on `fds`; the future gives its return code."""
+        ended = asyncio.get_running_loop().create_future()
+        try:
+            socket.send_fds(self.channel, [orjson.dumps({"op": "run", "id": execution_id})], fds)
+        except OSError as exc:
+            ended.set_exception(ChildLost(f"could not reach the zygote: {exc}"))
+            return ended
+        self.pending[execution_id] = ended
+        return ended
+
+    def kill(self, execution_id: str) -> None:
+        """Have the zygote SIGKILL the execution's process group (if still running)."""
+        if execution_id in self.pending:
+            self._send({"op": "kill", "id": execution_id})
+
+    def ping(self) -> None:
+        self._send({"op": "ping"})
+
+    def retire(self) -> None:
+        """Planned stop: the zygote lets its executions finish, then exits."""
+        self._send({"op": "retire"})
+
+    def stop(self) -> None:
+        """Kill the zygote; its children die with it (PR_SET_PDEATHSIG)."""
+        if self.process and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):  # a dead zygote is noticed by _wait
+            self.channel.send(orjson.dumps(message))
+
+    def _read(self) -> None:
+        """Handle every waiting message from the zygote."""
+        while True:
+            try:
+                data = self.channel.recv(MESSAGE_BYTES)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                asyncio.get_running_loop().remove_reader(self.channel.fileno())
+                self.stop()  # a closed channel is a dead zygote: make it so
+                return
+            self.last_answer = time.monotonic()
+            self._handle(orjson.loads(data))
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        event = message.get("ev")
+        if event == "ready" and not self.booted.done():
+            self.booted.set_result(None)
+        elif event == "boot_failed" and not self.booted.done():
+            self.booted.set_exception(BootFailed(message.get("error", "boot failed")))
+        elif event == "exited":
+            ended = self.pending.pop(message["id"], None)
+            if ended is not None and not ended.done():
+                ended.set_result(message["returncode"])
+        elif event == "failed":
+            ended = self.pending.pop(message["id"], None)
+            if ended is not None and not ended.done():
+                ended.set_exception(ChildLost(message["error"]))
+        elif event == "pong":
+            self.pool = {key: message[key] for key in ("spares", "target", "running")}
+
+    async def _wait(self) -> int:
+        """Wait for the process to end; fail what it still held; clean up."""
+        returncode = await self.process.wait()
+        how = (f"killed by {signal.Signals(-returncode).name}" if returncode < 0
+               else f"exit code {returncode}")
+        if not self.booted.done():
+            self.booted.set_exception(BootFailed(f"the zygote exited while booting ({how})"))
+        for ended in self.pending.values():
+            if not ended.done():
+                ended.set_exception(ChildLost(f"the zygote died ({how}) during the execution"))
+        self.pending.clear()
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.channel.fileno())
+        self.channel.close()
+        await asyncio.to_thread(shutil.rmtree, self.workdirs, True)
+        return returncode
+
+
+def package_dirs() -> list[str]:
+    """Where installs land: a package added, upgraded or removed changes their mtime."""
+    paths = sysconfig.get_paths()
+    return sorted({paths["purelib"], paths["platlib"]})
+
+
+def packages_stamp(dirs: Sequence[str]) -> tuple[int, ...]:
+    stamps = []
+    for path in dirs:
+        try:
+            stamps.append(os.stat(path).st_mtime_ns)
+        except OSError:
+            stamps.append(0)
+    return tuple(stamps)
+
+
+class ZygoteExecutor:
+    """Runs executions in children of a supervised zygote; cold-spawns while it is down.
+
+    States: `starting` (executions wait for the boot), `ready`, `backoff`
+    (boot failed; executions cold-spawn until the next try), `stopped`.
+    """
+
+    def __init__(self, preload: Sequence[str], spares_min: int, spares_max: int,
+                 prefix: Sequence[str] = (), python: str = sys.executable) -> None:
+        self.preload = list(preload)
+        self.spares = (spares_min, spares_max)
+        # The hardening work puts bubblewrap's argv here.
+        self.command = [*prefix, python, "-I", "-m", "sandbox.zygote"]
+        self.fallback = SpawnExecutor(python)
+        self.state = "stopped"
+        self.current: ZygoteProcess | None = None
+        self.restarts = 0
+        self.last_error: str | None = None
+        self._failures = 0  # zygotes in a row that failed to boot or died young
+        self._booted_at = 0.0
+        self._stamp: tuple[int, ...] = ()
+        self._retired: set[ZygoteProcess] = set()
+        self._changed: asyncio.Event | None = None
+        self._settled: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._dirs = package_dirs()
+
+    async def start(self) -> None:
+        """Boot the first zygote and wait until it is ready or has failed once."""
+        self._changed, self._settled = asyncio.Event(), asyncio.Event()
+        self._task = asyncio.create_task(self._supervise())
+        await self._settled.wait()
+
+    def configure(self, preload: Sequence[str], spares_min: int, spares_max: int) -> None:
+        """New preload list or pool bounds (on SIGHUP): a changed one restarts the zygote."""
+        if (list(preload), (spares_min, spares_max)) != (self.preload, self.spares):
+            self.preload, self.spares = list(preload), (spares_min, spares_max)
+            self._changed.set()
+
+    async def run(self, job: Job) -> Outcome:
+        zygote = await self._ready_zygote()
+        if zygote is None:
+            return await self.fallback.run(job)
+        pipes = Pipes()
+        started = time.perf_counter()
+        try:
+            ended = zygote.run(job.execution_id, pipes.theirs())
+        finally:
+            pipes.close_theirs()
+        return await supervise(job, job.payload(RESULT_FD), pipes, started, ended,
+                               lambda: zygote.kill(job.execution_id))
+
+    async def _ready_zygote(self) -> ZygoteProcess | None:
+        """The zygote to use, waiting out a boot in progress; None means cold spawn."""
+        if self.state == "starting":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), BOOT_TIMEOUT_S)
+        return self.current if self.state == "ready" else None
+
+    def status(self) -> dict[str, Any]:
+        """The executor's part of `wfd ctl status`."""
+        zygote = self.current
+        pool = zygote.pool if zygote else {}
+        status = {
+            "executor": "zygote",
+            "zygote_state": self.state,
+            "zygote_pid": zygote.pid if zygote else None,
+            "spares": pool.get("spares"),
+            "spares_target": pool.get("target"),
+            "preload": ", ".join(self.preload),
+            "zygote_restarts": self.restarts,
+            "zygote_error": self.last_error,
+        }
+        if self.state != "ready":
+            status["fallback"] = "cold spawn while the zygote is down"
+        return status
+
+    async def close(self) -> None:
+        """Stop supervising and stop the zygote (executions are over by now)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.state = "stopped"
+
+    # -- the supervisor --------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Boot, watch, restart: one serving zygote at a time, until closed."""
+        try:
+            while True:
+                zygote = await self._boot()
+                if zygote is None:
+                    await self._back_off()
+                    continue
+                self._use(zygote)
+                reason = await self._watch(zygote)
+                if reason != "changed" and self._lost(zygote, reason):
+                    await self._back_off()
+        finally:
+            zygotes = [*self._retired, *([self.current] if self.current else [])]
+            for zygote in zygotes:
+                zygote.stop()
+            await asyncio.gather(*(zygote.exited for zygote in zygotes),
+                                 return_exceptions=True)
+
+    async def _boot(self) -> ZygoteProcess | None:
+        """Start a zygote and wait for its `ready`; None (and why, logged) if it failed."""
+        if self.current is None:
+            self._set_state("starting")
+        zygote = ZygoteProcess(self.command, self.preload, self.spares)
+        self._changed.clear()
+        self._stamp = packages_stamp(self._dirs)
+        try:
+            await zygote.start()
+            await asyncio.wait_for(asyncio.shield(zygote.booted), BOOT_TIMEOUT_S)
+        except (BootFailed, OSError, TimeoutError) as exc:
+            zygote.stop()
+            if zygote.exited is not None:
+                await zygote.exited
+            self.last_error = str(exc) or type(exc).__name__
+            logs.event("zygote-boot-failed", error=self.last_error, preload=self.preload)
+            return None
+        return zygote
+
+    def _use(self, zygote: ZygoteProcess) -> None:
+        """Make a freshly booted zygote current; retire the one it replaces."""
+        old, self.current = self.current, zygote
+        if old is not None:
+            self._retire(old)
+        self.last_error = None
+        self._booted_at = time.monotonic()
+        logs.event("zygote-ready", pid=zygote.pid, preload=self.preload)
+        self._set_state("ready")
+
+    async def _watch(self, zygote: ZygoteProcess) -> str:
+        """Until the zygote dies, hangs, or should be replaced; returns which."""
+        while True:
+            done, _ = await asyncio.wait({zygote.exited}, timeout=WATCH_INTERVAL_S)
+            if done:
+                return "died"
+            if time.monotonic() - self._booted_at >= STABLE_S:
+                self._failures = 0
+            if time.monotonic() - zygote.last_answer > PING_TIMEOUT_S:
+                zygote.stop()
+                await zygote.exited
+                return "hung"
+            if self._changed.is_set() or packages_stamp(self._dirs) != self._stamp:
+                logs.event("zygote-restart", reason="preload or installed packages changed")
+                return "changed"
+            zygote.ping()
+
+    def _lost(self, zygote: ZygoteProcess, reason: str) -> bool:
+        """A serving zygote is gone; True if it died young (so back off first)."""
+        self.current = None
+        self.restarts += 1
+        returncode = zygote.exited.result()
+        self.last_error = f"the zygote {reason} (return code {returncode})"
+        logs.event("zygote-lost", pid=zygote.pid, reason=reason, returncode=returncode)
+        self._set_state("starting")
+        return time.monotonic() - self._booted_at < STABLE_S
+
+    async def _back_off(self) -> None:
+        """Wait before the next boot, longer after each failure; cold spawn meanwhile."""
+        self._failures += 1
+        if self.current is not None:  # its replacement failed: the old one goes anyway
+            self._retire(self.current)
+            self.current = None
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self._failures - 1))
+        self._set_state("backoff")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), delay)
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        if state == "starting":
+            self._settled.clear()
+        else:
+            self._settled.set()
+
+    def _retire(self, zygote: ZygoteProcess) -> None:
+        """A replaced zygote exits once its executions are done; keep it until then."""
+        zygote.retire()
+        self._retired.add(zygote)
+        zygote.exited.add_done_callback(lambda _: self._retired.discard(zygote))
