@@ -43,6 +43,7 @@ lint: $(DEV_VENV)/.installed
 bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_timers.py
 	$(DEV_VENV)/bin/python bench/bench_scheduler.py
+	$(DEV_VENV)/bin/python bench/bench_retention.py
 	$(DEV_VENV)/bin/python bench/bench_executors.py
 
 # -- installing as a service -----------------------------------------------------

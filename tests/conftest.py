@@ -51,29 +51,37 @@ class Daemon:
     """A `wfd serve` process with helpers to drive it as a user would."""
 
     def __init__(self, data_dir: Path, config: str = "", extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, admin: bool = False):
         self.data_dir = data_dir
         self.port = free_port()
+        # With `admin`, /healthz and /metrics move to their own port (admin_listen).
+        self.admin_port = free_port() if admin else None
+        self.env = {**os.environ, **(env or {})}
         # Unix socket paths must stay short: keep them out of pytest's tmp tree.
         self.socket = f"{tempfile.gettempdir()}/wfd-{os.getpid()}-{next(_counter)}.sock"
         self.config_file = data_dir.parent / f"{data_dir.name}.toml"
         self.config_file.write_text(config)
         self.log_file = data_dir.parent / f"{data_dir.name}.log"
         self.extra_args = extra_args
-        self.env = env
         self.process: subprocess.Popen | None = None
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def admin_base(self) -> str:
+        """Where /healthz and /metrics are served."""
+        return f"http://127.0.0.1:{self.admin_port}" if self.admin_port else self.base
+
     def spawn(self) -> subprocess.Popen:
         """Start `wfd serve` without waiting for it to be healthy."""
         log = self.log_file.open("ab")
+        admin = ("--admin-listen", f"127.0.0.1:{self.admin_port}") if self.admin_port else ()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "wfd", "serve", "--config", str(self.config_file),
              "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}",
-             "--socket", self.socket, *self.extra_args],
+             "--socket", self.socket, *admin, *self.extra_args],
             stdout=log, stderr=log, start_new_session=True, env=self.env)
         log.close()
         return self.process
@@ -87,7 +95,7 @@ class Daemon:
         if self.process.poll() is not None:
             raise AssertionError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
         try:
-            return requests.get(f"{self.base}/healthz", timeout=1).status_code == 200
+            return requests.get(f"{self.admin_base}/healthz", timeout=1).status_code == 200
         except requests.ConnectionError:
             return False
 
@@ -143,8 +151,10 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
     def make(config: str = "", data_dir: Path | None = None, start: bool = True,
-             extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Daemon:
-        daemon = Daemon(data_dir or tmp_path / f"data{len(started)}", config, extra_args, env)
+             extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+             admin: bool = False) -> Daemon:
+        daemon = Daemon(data_dir or tmp_path / f"data{len(started)}", config, extra_args,
+                        env, admin)
         started.append(daemon)
         return daemon.start() if start else daemon
 

@@ -112,8 +112,13 @@ MEMORY_CASES = {
     "by-growth": ("chunks = []\nwhile True:\n    chunks.append(bytearray(10 * 1024 ** 2))",
                   "MemoryError"),
     "over-threads": ("""
+        import threading
         from concurrent.futures import ThreadPoolExecutor
+        # All four threads exist before any allocates: a thread started once
+        # memory is gone fails to start (RuntimeError), which is not the point.
+        started = threading.Barrier(4)
         def grow():
+            started.wait()
             chunks = []
             while True:
                 chunks.append(bytearray(10 * 1024 ** 2))

@@ -81,6 +81,8 @@ def test_readiness_and_watchdog_come_from_the_daemon(service: dict[str, str]) ->
     assert service["NotifyAccess"] == "main"  # a workflow child cannot fake READY=1
     assert seconds(service["WatchdogSec"]) > 0
     assert service["Restart"] == "on-failure"  # a watchdog abort restarts the daemon
+    # `systemctl reload` is SIGHUP: the daemon re-reads its config in place.
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
 
 def test_stop_lets_the_daemon_drain(service: dict[str, str], example: dict) -> None:

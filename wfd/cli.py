@@ -23,19 +23,23 @@ def serve_main(argv: list[str]) -> int:
                         help="sandbox executions (default strict; docs/isolation.md)")
     args = parser.parse_args(argv)
 
+    import functools
+
     from wfd import config as config_module
     from wfd.server import serve
 
+    # The same file and flags again on SIGHUP: flags keep overriding the file.
+    loader = functools.partial(
+        config_module.load, args.config, data_dir=args.data_dir, listen=args.listen,
+        admin_listen=args.admin_listen, public_url=args.public_url, team=args.team,
+        socket=args.socket, log_format=args.log_format, log_level=args.log_level,
+        isolation=args.isolation)
     try:
-        config = config_module.load(
-            args.config, data_dir=args.data_dir, listen=args.listen,
-            admin_listen=args.admin_listen, public_url=args.public_url, team=args.team,
-            socket=args.socket, log_format=args.log_format, log_level=args.log_level,
-            isolation=args.isolation)
+        config = loader()
     except config_module.ConfigError as exc:
         print(f"wfd serve: {exc}", file=sys.stderr)
         return 2
-    return serve(config, config_path=args.config)
+    return serve(config, loader)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
+LOG_LEVELS = ("debug", "info", "warning", "error")
 MODULE_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 ISOLATION_MODES = ("strict", "best-effort", "none")
 
@@ -55,6 +56,15 @@ class Retention:
 
     max_per_workflow: int = 1000
     max_age_days: float = 30.0
+
+    def validate(self) -> "Retention":
+        """Return self, or raise ConfigError: keeping nothing, or forever, is not retention."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"retention {item.name} must be a positive number, "
+                                  f"got {value!r}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -142,12 +152,16 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
     limits = Limits(**_typed(Limits, raw.pop("limits", {}), "[limits] ")).validate()
-    retention = Retention(**_typed(Retention, raw.pop("retention", {}), "[retention] "))
+    retention = Retention(**_typed(Retention, raw.pop("retention", {}),
+                                   "[retention] ")).validate()
     raw.update({k: v for k, v in overrides.items() if v is not None})
     config = Config(limits=limits, retention=retention, **_typed(Config, raw, ""))
     split_host_port(config.listen)
     if config.admin_listen:
         split_host_port(config.admin_listen)
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, "
+                          f"got {config.log_level!r}")
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format must be 'text' or 'json', got {config.log_format!r}")
     _check_executor(config)

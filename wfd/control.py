@@ -2,9 +2,11 @@
 
 The protocol is one JSON object per line each way (see wfd/ctl.py for the
 client): `{"id", "command", "args"}` in, `{"id", "ok", "result" | "error"}`
-out. Handlers return plain data; formatting is the client's job. Anyone
-who can connect is an administrator, so the socket is created mode 0600
-(0660 with `socket_group`) before it accepts anything.
+out. A streaming command (`follow`) first sends any number of
+`{"id", "ok": true, "item"}` lines, then that same final line. Handlers
+return plain data; formatting is the client's job. Anyone who can connect
+is an administrator, so the socket is created mode 0600 (0660 with
+`socket_group`) before it accepts anything.
 """
 
 import asyncio
@@ -15,7 +17,8 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,12 +31,15 @@ from wfd.config import Config, ConfigError
 from wfd.dispatch import Dispatcher
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
-from wfd.store import Store, StoreError, Workflow, merge_settings
+from wfd.store import ExecutionRecord, Store, StoreError, Workflow, merge_settings
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 EXPORT_FORMAT = "wfd-export/1"
+# Output a `logs --follow` client may lag behind by before it is cut off:
+# a record carries up to output_kb (1 MiB) of output.
+FOLLOW_BUFFER_BYTES = 32 * 1024 * 1024
 
 
 class CommandError(Exception):
@@ -57,6 +63,7 @@ class Commands:
         self.dispatcher = dispatcher
         self.scheduler = scheduler
         self._status = status
+        self._followers: dict[str, set[Follower]] = {}
 
     def table(self) -> dict[str, Callable[..., Awaitable[Any]]]:
         return {
@@ -65,6 +72,7 @@ class Commands:
             "disable": self.disable, "delete": self.delete, "settings": self.settings,
             "settings-set": self.settings_set, "settings-unset": self.settings_unset,
             "run": self.run, "executions": self.executions, "logs": self.logs,
+            "follow": self.follow,
             "versions": self.versions, "rollback": self.rollback,
             "rotate-key": self.rotate_key, "export": self.export, "import": self.import_,
         }
@@ -229,8 +237,38 @@ class Commands:
         record = await self.store.execution(str(execution_id))
         if record is None:
             raise CommandError(f"no execution with id {execution_id}")
-        return {**record.summary(), "traceback": record.traceback, "output": record.output,
-                "output_truncated": record.output_truncated}
+        return _full(record)
+
+    async def follow(self, name: str) -> AsyncIterator[dict[str, Any]]:
+        """`logs NAME --follow`: each execution of `name` as it ends, until stopped.
+
+        The first item says the subscription is in place, so that a client
+        (or a test) knows from when on no execution will be missed.
+        """
+        await self._workflow(name)
+        return self._stream(name)
+
+    async def _stream(self, name: str) -> AsyncIterator[dict[str, Any]]:
+        follower = Follower()
+        self._followers.setdefault(name, set()).add(follower)
+        try:
+            yield {"following": name}
+            while True:
+                for record in await follower.next_batch():
+                    yield _full(record)
+        finally:
+            self._followers[name].discard(follower)
+
+    def publish(self, record: ExecutionRecord) -> None:
+        """A listener of the dispatcher: hand a stored record to its followers."""
+        for follower in self._followers.get(record.workflow, ()):
+            follower.push(record)
+
+    def end_streams(self) -> None:
+        """Shutdown: end every `--follow` stream with a message."""
+        for followers in self._followers.values():
+            for follower in followers:
+                follower.end("the daemon is stopping")
 
     async def versions(self, name: str) -> list[dict[str, Any]]:
         return await self.store.versions(check_name(name))
@@ -261,6 +299,7 @@ class Commands:
             raise CommandError("the export has no list of workflows")
         for item in workflows:
             check_name(item.get("name") if isinstance(item, dict) else None)
+            _check_exported(item)
         try:
             names = await self.store.import_(workflows)
         except (KeyError, TypeError, ValueError) as exc:
@@ -269,6 +308,67 @@ class Commands:
             await self.scheduler.refresh(imported)
         logs.event("imported", workflows=len(names))
         return {"imported": names}
+
+
+def _check_exported(item: dict[str, Any]) -> None:
+    """Refuse what the store would accept but could not serve.
+
+    A workflow whose current version is not among its versions would be
+    stored and then be invisible (its code is joined on that version).
+    """
+    name, versions = item["name"], item.get("versions")
+    if item.get("kind") not in ("catch", "pull"):
+        raise CommandError(f"{name}: kind must be catch or pull, got {item.get('kind')!r}")
+    if not isinstance(versions, list) or not all(isinstance(v, dict) for v in versions):
+        raise CommandError(f"{name}: versions must be a list of objects")
+    if item.get("version") not in {v.get("version") for v in versions}:
+        raise CommandError(f"{name}: current version {item.get('version')} is not among "
+                           "its versions")
+
+
+def _full(record: ExecutionRecord) -> dict[str, Any]:
+    """A record as `wfd ctl logs` shows it: with its output and traceback."""
+    return {**record.summary(), "traceback": record.traceback, "output": record.output,
+            "output_truncated": record.output_truncated}
+
+
+class Follower:
+    """One `--follow` stream's buffer of records not yet sent.
+
+    Bounded: a client that reads slower than executions end is cut off
+    with an error rather than growing the daemon's memory without limit.
+    """
+
+    def __init__(self) -> None:
+        self._records: deque[ExecutionRecord] = deque()
+        self._bytes = 0
+        self._wake = asyncio.Event()
+        self._ended: str | None = None
+
+    def push(self, record: ExecutionRecord) -> None:
+        size = len(record.output) + len(record.traceback or "")
+        if self._bytes + size > FOLLOW_BUFFER_BYTES:
+            self.end("fell behind: too many executions' output waiting to be sent; "
+                     "follow again")
+        elif self._ended is None:
+            self._records.append(record)
+            self._bytes += size
+            self._wake.set()
+
+    def end(self, reason: str) -> None:
+        self._ended = self._ended or reason
+        self._wake.set()
+
+    async def next_batch(self) -> list[ExecutionRecord]:
+        """The records buffered so far, waiting for one; raises CommandError once ended."""
+        await self._wake.wait()
+        self._wake.clear()
+        if self._ended is not None:
+            raise CommandError(self._ended)
+        batch = list(self._records)
+        self._records.clear()
+        self._bytes = 0
+        return batch
 
 
 class ControlServer:
@@ -316,7 +416,10 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
-                writer.write(orjson.dumps(await self._answer(line)) + b"\n")
+                answer = await self._answer(line)
+                if isinstance(answer.get("result"), AsyncIterator):
+                    answer = await self._stream(answer["id"], answer["result"], reader, writer)
+                writer.write(orjson.dumps(answer) + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass  # a client that hung up or sent a line over the limit
@@ -324,6 +427,34 @@ class ControlServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _stream(self, request_id: Any, items: AsyncIterator[dict[str, Any]],
+                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> dict[str, Any]:
+        """Send each item as `{"id", "ok", "item"}`; return the final reply line.
+
+        The connection is the stream's alone: anything the client sends, or
+        its hanging up, ends the stream at once (even while nothing happens).
+        """
+        hangup = asyncio.ensure_future(reader.read(1))
+        try:
+            while True:
+                item = asyncio.ensure_future(anext(items))
+                await asyncio.wait({item, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    await asyncio.wait({item})  # the generator must stop before aclose
+                    raise ConnectionResetError("the client hung up")
+                writer.write(orjson.dumps({"id": request_id, "ok": True,
+                                           "item": item.result()}) + b"\n")
+                await writer.drain()
+        except StopAsyncIteration:
+            return {"id": request_id, "ok": True, "result": None}
+        except CommandError as exc:
+            return {"id": request_id, "ok": False, "error": str(exc)}
+        finally:
+            hangup.cancel()
+            await items.aclose()
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
         request_id = None

@@ -7,6 +7,8 @@ result as text (or as JSON with `--json`).
 Exit codes: 0 success; 1 the daemon refused the command (the error is one
 line on stderr); 2 bad usage; 3 the daemon is not running (no socket, or
 nobody listening); 4 `run` executed the workflow but the execution failed.
+`logs NAME --follow` runs until Ctrl-C (exit 0) or until the daemon ends the
+stream (it stops, or the client fell behind: exit 1 with the reason).
 """
 
 import argparse
@@ -14,6 +16,7 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +49,8 @@ class UsageError(CtlError):
     exit_code = EXIT_USAGE
 
 
-def call(socket_path: str, command: str, **args: Any) -> Any:
-    """Send one command and return its result; raises NotRunning or Refused."""
+def replies(socket_path: str, command: str, **args: Any) -> Iterator[dict[str, Any]]:
+    """Send one command; yield each reply line: stream items, then the final reply."""
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         client.connect(socket_path)
@@ -55,18 +58,42 @@ def call(socket_path: str, command: str, **args: Any) -> Any:
         client.close()
         raise NotRunning(f"wfd is not running (no daemon at {socket_path}: "
                          f"{exc.strerror})") from None
-    with client:
+    with client, client.makefile("rb") as lines:
         client.sendall(json.dumps({"id": 1, "command": command, "args": args}).encode() + b"\n")
-        buffer = bytearray()
-        while not buffer.endswith(b"\n"):
-            chunk = client.recv(1 << 20)
-            if not chunk:
-                raise Refused("the daemon closed the connection without answering")
-            buffer += chunk
-    reply = json.loads(buffer)
+        for line in lines:
+            reply = json.loads(line)
+            yield reply
+            if "item" not in reply:
+                return
+    raise Refused("the daemon closed the connection without answering")
+
+
+def final(reply: dict[str, Any]) -> Any:
+    """The result of a final reply line; raises Refused for an error."""
     if not reply.get("ok"):
         raise Refused(reply.get("error", "unknown error"))
     return reply.get("result")
+
+
+def call(socket_path: str, command: str, **args: Any) -> Any:
+    """Send one command and return its result; raises NotRunning or Refused."""
+    *_, last = replies(socket_path, command, **args)
+    return final(last)
+
+
+def follow(socket_path: str, name: str, as_json: bool) -> None:
+    """Print each execution of `name` as it ends, until the daemon ends the stream."""
+    for reply in replies(socket_path, "follow", name=name):
+        if "item" not in reply:
+            final(reply)
+            return
+        item = reply["item"]
+        if "following" in item:
+            print(f"following {item['following']}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        elif as_json:
+            print(json.dumps(item), flush=True)
+        else:
+            print(render("logs", item) + "\n", flush=True)
 
 
 def parse_value(text: str) -> Any:
@@ -113,7 +140,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="JSON body for a catch workflow")
     executions = add("executions", "recent executions of a workflow", "name")
     executions.add_argument("--limit", type=int, default=20)
-    add("logs", "record, output and traceback of an execution", "execution_id")
+    logs = add("logs", "record, output and traceback of an execution; with --follow, "
+               "a workflow's executions as they end")
+    logs.add_argument("target", metavar="EXECUTION_ID|NAME")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="stream NAME's executions as they end, until Ctrl-C")
     rollback = add("rollback", "make an earlier version current", "name")
     rollback.add_argument("version", type=int)
     export = add("export", "every workflow, version and setting as JSON")
@@ -158,7 +189,9 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if command == "executions":
         return "executions", {"name": args.name, "limit": args.limit}
     if command == "logs":
-        return "logs", {"execution_id": args.execution_id}
+        if args.follow:
+            return "follow", {"name": args.target}
+        return "logs", {"execution_id": args.target}
     if command == "rollback":
         return "rollback", {"name": args.name, "version": args.version}
     if command == "import":
@@ -259,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     as_json = getattr(args, "json", False)
     try:
         command, request = request_for(args)
+        if command == "follow":
+            follow(socket_path, request["name"], as_json)
+            return EXIT_OK
         result = call(socket_path, command, **request)
     except CtlError as exc:
         print(f"wfd ctl: {exc}", file=sys.stderr)
@@ -266,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. no permission on the socket
         print(f"wfd ctl: {socket_path}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return EXIT_OK  # how `logs --follow` is meant to end
     if command == "export" and args.file:
         Path(args.file).write_text(json.dumps(result, indent=2) + "\n")
         print(f"exported {len(result['workflows'])} workflow(s) to {args.file}")

@@ -6,13 +6,15 @@ in one transaction, then one log line. Catch responses are sent only after
 that transaction commits, so an acknowledged change survives a crash.
 """
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from wfd import ids, logs
-from wfd.admission import Admission, Reservation
+from wfd.admission import Admission, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.executor import Executor, Job, Outcome
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
@@ -31,7 +33,12 @@ class Executed:
 
 
 class Dispatcher:
-    """The single place executions are started and recorded."""
+    """The single place executions are started and recorded.
+
+    Every execution runs in a task of its own, tracked until its record is
+    stored, so that shutdown can wait for them all and interrupt the ones
+    still running at the deadline whatever started them (catch, timer, ctl).
+    """
 
     def __init__(self, config: Config, store: Store, executor: Executor,
                  admission: Admission) -> None:
@@ -39,12 +46,22 @@ class Dispatcher:
         self.store = store
         self.executor = executor
         self.admission = admission
+        # Called with each stored record: metrics, `wfd ctl logs --follow`, retention.
+        self.listeners: list[Callable[[ExecutionRecord], None]] = []
+        self.draining = False
+        self._inflight: set[asyncio.Task[Executed]] = set()
+        # The in-flight tasks not yet past the executor: only these may be
+        # interrupted; one already recording its outcome is let finish.
+        self._interruptible: set[asyncio.Task[Executed]] = set()
+        self._interrupting = False
 
     def limits(self, workflow: Workflow) -> Limits:
         return self.config.limits.merged(workflow.limits)
 
     def reserve(self, workflow: Workflow, bounded: bool = True) -> Reservation:
-        """Queue an execution of `workflow`; raises Overloaded when full."""
+        """Queue an execution of `workflow`; raises Overloaded when full or stopping."""
+        if self.draining:
+            raise Overloaded("the daemon is stopping")
         return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded)
 
     async def execute(self, workflow: Workflow, trigger: str,
@@ -59,17 +76,62 @@ class Dispatcher:
                   limits=limits, settings=workflow.settings,
                   request=request if workflow.kind == "catch" else None,
                   response_bytes=self.config.max_body_bytes)
-        async with reservation:
-            started_at = datetime.now(UTC)
-            outcome = await self.executor.run(job)
+        task = asyncio.create_task(self._execute(job, trigger, reservation))
+        self._inflight.add(task)
+        self._interruptible.add(task)
+        task.add_done_callback(self._inflight.discard)
+        task.add_done_callback(self._interruptible.discard)
+        return await task
+
+    async def _execute(self, job: Job, trigger: str, reservation: Reservation) -> Executed:
+        started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
+        try:
+            async with reservation:
+                started_at, started = datetime.now(UTC), time.perf_counter()
+                outcome = await self.executor.run(job)
+        except asyncio.CancelledError:
+            if not self._interrupting:
+                raise
+            asyncio.current_task().uncancel()
+            outcome = Outcome("interrupted", (time.perf_counter() - started) * 1000,
+                              error=f"the daemon stopped and the {self.config.grace_s:g} s "
+                                    "grace period ran out; nothing it changed was kept")
+        self._interruptible.discard(asyncio.current_task())
         record = _record(job, trigger, started_at, outcome)
         record = await self.store.finish(record, outcome.settings_change,
-                                         limits.settings_kb * 1024)
+                                         job.limits.settings_kb * 1024)
         logs.event("execution", id=record.id, workflow=record.workflow,
                    version=record.version, trigger=trigger, status=record.status,
                    duration_ms=round(record.duration_ms, 1), http=record.http_status)
+        for listener in self.listeners:
+            listener(record)
         response = outcome.response if record.status == "success" else None
         return Executed(record, response)
+
+    async def drain(self, grace_s: float) -> int:
+        """Refuse new work, wait up to `grace_s` for executions, interrupt the rest.
+
+        Queued executions were accepted, so they may still run within the
+        grace period. At the deadline each remaining task is cancelled: the
+        executor's cancellation path kills the child's process group, and the
+        execution is recorded `interrupted`. Returns how many were interrupted.
+        """
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        await asyncio.sleep(0)  # executions spawned just before the stop reach us first
+        # A loop, not one wait: a request admitted before the stop may start late.
+        while self._inflight and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._inflight), timeout=left)
+        self._interrupting = True
+        interrupted = 0
+        while self._inflight:
+            interrupted += len(self._interruptible)
+            for task in self._interruptible:
+                task.cancel()
+            self._interruptible.clear()
+            await asyncio.wait(set(self._inflight))
+        return interrupted
 
     async def check(self, name: str, kind: str, code: str, limits: Limits) -> str | None:
         """Deploy-time check of new code in a child; the problem, or None if fine."""

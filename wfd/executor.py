@@ -96,7 +96,12 @@ class Outcome:
 
 
 class Executor(Protocol):
-    """Anything that can run a job in isolation and say how it ended."""
+    """Anything that can run a job in isolation and say how it ended.
+
+    `run` may be cancelled (the daemon interrupts executions still running
+    at the end of its shutdown grace period): before re-raising the
+    CancelledError it must have killed every process the job started.
+    """
 
     async def start(self) -> None: ...
 

@@ -1,4 +1,4 @@
-"""The HTTP side: catch routes, and /healthz for load balancers and systemd checks."""
+"""The HTTP side: catch routes, /healthz for load balancers, /metrics for Prometheus."""
 
 import hmac
 from collections.abc import Callable
@@ -7,9 +7,11 @@ from typing import Any
 from aiohttp import web
 
 from wfd import catch, ids, logs
+from wfd import metrics as metrics_module
 from wfd.admission import Overloaded
 from wfd.config import Config
 from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher
+from wfd.metrics import Metrics
 from wfd.store import Store
 
 CATCH_ROUTE = r"/teams/{team}/{name}/{runtime:python3\.\d+}/{key}"
@@ -20,10 +22,14 @@ _NO_KEY = ids.catch_key()
 class CatchHandler:
     """Answers `POST /teams/{team}/{name}/python3.{minor}/{key}`."""
 
-    def __init__(self, config: Config, store: Store, dispatcher: Dispatcher) -> None:
-        self.config = config
+    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
         self.store = store
         self.dispatcher = dispatcher
+
+    @property
+    def config(self) -> Config:
+        """The dispatcher's, so that a SIGHUP reload reaches the catch routes too."""
+        return self.dispatcher.config
 
     async def __call__(self, request: web.Request) -> web.Response:
         execution_id = ids.execution_id()
@@ -91,23 +97,53 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=code)
 
 
+async def metrics_page(request: web.Request) -> web.Response:
+    metrics: Metrics = request.app["metrics"]
+    return web.Response(body=metrics.exposition(),
+                        headers={"Content-Type": metrics_module.CONTENT_TYPE})
+
+
+def counted(metrics: Metrics) -> Callable:
+    """Middleware: count every response by route name and status code."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+        route = request.match_info.route.name or "other"
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            metrics.http_response(route, exc.status)
+            raise
+        except Exception:
+            metrics.http_response(route, 500)
+            raise
+        metrics.http_response(route, response.status)
+        return response
+
+    return middleware
+
+
 def catch_app(config: Config, store: Store, dispatcher: Dispatcher,
-              health: Callable[[], tuple[int, dict]]) -> web.Application:
-    """The public listener: catch routes, plus /healthz unless an admin listener has it."""
-    app = web.Application(client_max_size=config.max_body_bytes)
-    app.router.add_route("*", CATCH_ROUTE, CatchHandler(config, store, dispatcher))
+              health: Callable[[], tuple[int, dict]], metrics: Metrics) -> web.Application:
+    """The public listener: catch routes, plus /healthz and /metrics unless on admin_listen."""
+    app = web.Application(client_max_size=config.max_body_bytes,
+                          middlewares=[counted(metrics)])
+    app.router.add_route("*", CATCH_ROUTE, CatchHandler(store, dispatcher), name="catch")
     if not config.admin_listen:
-        add_admin_routes(app, health)
+        add_admin_routes(app, health, metrics)
     return app
 
 
-def add_admin_routes(app: web.Application, health: Callable[[], tuple[int, dict]]) -> None:
+def add_admin_routes(app: web.Application, health: Callable[[], tuple[int, dict]],
+                     metrics: Metrics) -> None:
     app["health"] = health
-    app.router.add_get("/healthz", healthz)
+    app["metrics"] = metrics
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/metrics", metrics_page, name="metrics")
 
 
-def admin_app(health: Callable[[], tuple[int, dict]]) -> web.Application:
-    """The operator's listener, when `admin_listen` moves /healthz off the public one."""
-    app = web.Application()
-    add_admin_routes(app, health)
+def admin_app(health: Callable[[], tuple[int, dict]], metrics: Metrics) -> web.Application:
+    """The operator's listener, when `admin_listen` moves /healthz and /metrics there."""
+    app = web.Application(middlewares=[counted(metrics)])
+    add_admin_routes(app, health, metrics)
     return app

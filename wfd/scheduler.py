@@ -24,6 +24,7 @@ from typing import Any
 
 from wfd import ids, logs
 from wfd.dispatch import Dispatcher, Executed
+from wfd.metrics import Metrics
 from wfd.schedule import Schedule, first_due_after_restart, next_due
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
 from wfd.timers import TimerQueue
@@ -40,9 +41,11 @@ def utc_now() -> datetime:
 class Scheduler:
     """Owns the timers of every enabled pull workflow."""
 
-    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, metrics: Metrics | None = None
+                 ) -> None:
         self.store = store
         self.dispatcher = dispatcher
+        self.metrics = metrics or Metrics()
         self.timers = TimerQueue()
         # name -> due times skipped while its current run goes on
         self._running: dict[str, list[datetime]] = {}
@@ -140,6 +143,7 @@ class Scheduler:
             # drift; after `now`, so a late tick never schedules one in the past.
             dues[name] = next_due(_schedule(workflow), max(due, now), last_started=due)
             runs.append((workflow, due, generation))
+            self.metrics.timer_fired((now - due).total_seconds())
         # Persisted before any run starts: a crash cannot fire these ticks twice.
         await self.store.set_next_dues({name: utc_iso(due) for name, due in dues.items()})
         for workflow, due, generation in runs:
@@ -151,7 +155,10 @@ class Scheduler:
                 self._spawn(self._execute(workflow, "pull"))
             else:
                 skipped.append(due)
-                self._spawn(self.store.add_skipped(workflow.name, 1))
+                self.metrics.tick_skipped(workflow.name)
+                # Awaited here, not spawned: close() waits for this batch, so
+                # the count is never written after the store is closed.
+                await self.store.add_skipped(workflow.name, 1)
 
     async def _execute(self, workflow: Workflow, trigger: str) -> Executed:
         skipped = self._running[workflow.name] = []

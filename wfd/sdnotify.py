@@ -14,6 +14,7 @@ How `wfd serve` uses it:
   serves requests, not in a thread, so a wedged loop stops feeding and
   systemd restarts us; cancel it last, after the store is closed, because
   the drain can take `grace_s`;
+- `reloading()` when SIGHUP re-reads the config, then `ready()` again;
 - `stopping()` as soon as SIGTERM (or any shutdown) begins, so systemd shows
   "deactivating" and applies `TimeoutStopSec=` instead of waiting blind;
 - `status(text)` for a one-line state in `systemctl status` (optional).
@@ -25,6 +26,7 @@ that returns False, so the daemon calls these unconditionally.
 import asyncio
 import os
 import socket
+import time
 
 
 def notify(message: str) -> bool:
@@ -58,6 +60,16 @@ def ready() -> bool:
 def stopping() -> bool:
     """Report that shutdown has begun, so systemd shows the unit as deactivating."""
     return notify("STOPPING=1")
+
+
+def reloading() -> bool:
+    """Report that a SIGHUP reload has begun; `ready()` again when it is done.
+
+    `MONOTONIC_USEC` is required with `Type=notify-reload` (systemd 253+) and
+    harmless before, so `systemctl reload` waits for the reload to finish.
+    """
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
 
 def status(text: str) -> bool:

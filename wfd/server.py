@@ -3,31 +3,45 @@
 Start-up order: isolation detection (before the loop, see `serve`), the
 executor (a zygote is exec'd before aiosqlite starts its thread), store
 (migrations), the isolation self-test, control socket, HTTP listeners, and
-only then "ready". Shutdown runs the same steps backwards: stop accepting, let
-running executions finish within the grace period, close the store.
+only then "ready" (READY=1 to systemd). Shutdown (SIGTERM, SPEC 7) in order:
+stop accepting catch requests, let running executions finish within
+`grace_s`, interrupt the rest (recorded `interrupted`), close the control
+socket and the listeners, close the store. SIGHUP re-reads the config file
+and applies what can change without a restart.
 """
 
 import asyncio
+import logging
 import os
 import signal
 import time
-from pathlib import Path
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import uvloop
 from aiohttp import web
 
-from wfd import config as config_module
-from wfd import http, logs, selftest
+from wfd import http, logs, sdnotify, selftest
 from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
 from wfd.control import Commands, ControlServer
 from wfd.dispatch import Dispatcher
 from wfd.executor import Executor, SpawnExecutor
 from wfd.isolation import Isolation, IsolationError
+from wfd.metrics import Metrics
+from wfd.retention import Pruner
 from wfd.scheduler import Scheduler
-from wfd.store import Store
+from wfd.store import ExecutionRecord, Store
 from wfd.zygote import ZygoteExecutor
+
+# Keys a SIGHUP cannot apply: they are bound to open sockets, files,
+# semaphores or the kind of executor. A changed value is logged as needing a
+# restart and ignored.
+RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
+                "max_body_mb", "global_concurrency", "executor")
+# After the drain, how long the listeners give handlers to send their responses.
+RESPONSE_FLUSH_S = 5.0
 
 
 def make_executor(config: Config, isolation: Isolation) -> Executor:
@@ -47,24 +61,35 @@ def make_executor(config: Config, isolation: Isolation) -> Executor:
 
 
 class Daemon:
-    """One wfd daemon. Constructing it touches nothing; `start` does."""
+    """One wfd daemon. Constructing it touches nothing; `start` does.
+
+    `loader` rebuilds the configuration from the same file and flags; it is
+    what SIGHUP calls.
+    """
 
     def __init__(self, config: Config, isolation: Isolation,
-                 config_path: str | Path | None = None) -> None:
+                 loader: Callable[[], Config] | None = None) -> None:
         self.config = config
-        self.config_path = config_path
+        self._loader = loader
         self.isolation = isolation
         self.self_test: dict[str, selftest.Check] = {}
         self.store = Store(config.db_path)
         self.executor = make_executor(config, isolation)
         self.admission = Admission(config.concurrency, config.queue_max)
+        self.metrics = Metrics()
+        self.metrics.watch_admission(lambda: self.admission.waiting,
+                                     lambda: self.admission.running)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
-        self.scheduler = Scheduler(self.store, self.dispatcher)
-        commands = Commands(config, self.store, self.dispatcher, self.scheduler, self.status)
-        self.control = ControlServer(config.socket_path, commands, config.socket_group)
+        self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
+        self.pruner = Pruner(self.store, lambda: self.config.retention)
+        self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,
+                                 self.status)
+        self.dispatcher.listeners += [self._count, self.pruner.note, self.commands.publish]
+        self.control = ControlServer(config.socket_path, self.commands, config.socket_group)
         self.state = "starting"
         self.started = time.monotonic()
         self._runners: list[web.AppRunner] = []
+        self._background: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
 
@@ -100,6 +125,10 @@ class Daemon:
                           "self_test": selftest.report(self.self_test)},
         }
 
+    def _count(self, record: ExecutionRecord) -> None:
+        self.metrics.execution_finished(record.workflow, record.status,
+                                        record.duration_ms / 1000)
+
     async def start(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.config.data_dir, 0o700)
@@ -109,11 +138,15 @@ class Daemon:
         await self.check_isolation()
         await self.control.start()
         await self.scheduler.start()
-        catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health)
+        catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health,
+                                   self.metrics)
         await self._listen(catch_app, self.config.listen)
         if self.config.admin_listen:
-            await self._listen(http.admin_app(self.health), self.config.admin_listen)
+            await self._listen(http.admin_app(self.health, self.metrics),
+                               self.config.admin_listen)
         self.state = "serving"
+        sdnotify.ready()
+        sdnotify.status(f"serving on {self.config.listen}")
         logs.event("serving", listen=self.config.listen, socket=self.config.socket_path,
                    data_dir=self.config.data_dir, pid=os.getpid())
 
@@ -135,7 +168,7 @@ class Daemon:
     async def _listen(self, app: web.Application, address: str) -> None:
         host, port = split_host_port(address)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=self.config.grace_s)
+                               shutdown_timeout=RESPONSE_FLUSH_S)
         await runner.setup()
         self._runners.append(runner)
         await web.TCPSite(runner, host, port, reuse_address=True).start()
@@ -146,61 +179,100 @@ class Daemon:
             os._exit(1)  # a second signal forces an immediate exit
         self._stop.set()
 
-    def request_reload(self) -> None:
-        """SIGHUP handler: only records the request; `_reloader` does the work."""
-        self._reload.set()
-
-    async def _reloader(self) -> None:
-        """On SIGHUP, re-read the config file's zygote keys (the others need a restart)."""
-        while True:
-            await self._reload.wait()
-            self._reload.clear()
-            if self.config_path is None:
-                logs.event("reload-skipped", reason="no config file")
-                continue
-            try:
-                fresh = await asyncio.to_thread(config_module.load, Path(self.config_path))
-            except ConfigError as exc:
-                logs.event("reload-failed", error=str(exc))
-                continue
-            if isinstance(self.executor, ZygoteExecutor):
-                self.executor.configure(fresh.preload, fresh.spares_min, fresh.spares_max)
-            logs.event("reloaded", preload=",".join(fresh.preload))
-
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signum)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        reloader = asyncio.create_task(self._reloader())
+        # The handler only records the request; `_reloads` does the work.
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        interval = sdnotify.watchdog_interval()
+        # Fed from the first moment: migrations and the drain can be long.
+        watchdog = asyncio.create_task(sdnotify.feed_watchdog(interval)) if interval else None
         try:
             await self.start()
+            self._spawn(self.pruner.run())
+            self._spawn(self._reloads())
             await self._stop.wait()
         finally:
-            reloader.cancel()
             await self.shutdown()
+            if watchdog is not None:
+                watchdog.cancel()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        self._background.append(asyncio.create_task(work))
 
     async def shutdown(self) -> None:
         """Stop accepting, drain within the grace period, close the store."""
         self.state = "draining"
-        logs.event("stopping", running=self.admission.running)
-        await self.control.close()
+        sdnotify.stopping()
+        logs.event("stopping", running=self.admission.running, waiting=self.admission.waiting,
+                   grace_s=self.config.grace_s)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._stop_accepting()
         await self.scheduler.close()
+        interrupted = await self.dispatcher.drain(self.config.grace_s)
+        self.commands.end_streams()
+        await self.control.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.executor.close()
         await self.store.close()
         await asyncio.to_thread(self.isolation.close)
-        logs.event("stopped")
+        logs.event("stopped", interrupted=interrupted)
+
+    async def _stop_accepting(self) -> None:
+        """Close the catch listener; the admin one keeps answering 503 and metrics."""
+        if self._runners:
+            for site in list(self._runners[0].sites):
+                await site.stop()
+
+    async def _reloads(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            sdnotify.reloading()
+            await self.reload()
+            sdnotify.ready()
+
+    async def reload(self) -> bool:
+        """Re-read the configuration and apply it; False (old one kept) if it is broken."""
+        if self._loader is None:
+            return False
+        try:
+            new = await asyncio.to_thread(self._loader)
+        except ConfigError as exc:
+            logs.event("reload-failed", level=logging.ERROR, error=str(exc))
+            return False
+        fixed = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
+        if fixed:
+            logs.event("reload-needs-restart", level=logging.WARNING, keys=",".join(fixed))
+            new = replace(new, **{key: getattr(self.config, key) for key in fixed})
+        self._apply(new)
+        logs.event("reloaded", log_level=new.log_level, queue_max=new.queue_max,
+                   grace_s=new.grace_s)
+        return True
+
+    def _apply(self, config: Config) -> None:
+        """Swap `config` into every part that reads it while running."""
+        self.config = config
+        self.dispatcher.config = config  # limits, and the catch routes' team
+        self.commands.config = config
+        self.admission.queue_max = config.queue_max
+        if isinstance(self.executor, ZygoteExecutor):  # restarts the zygote if they changed
+            self.executor.configure(config.preload, config.spares_min, config.spares_max)
+        logs.setup(config.log_format, config.log_level)
+        self.pruner.wake()
 
 
-def serve(config: Config, config_path: str | Path | None = None) -> int:
+def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     logs.setup(config.log_format, config.log_level)
     try:
         # Before the loop: detection may move this process between cgroups,
         # which must happen before any thread (aiosqlite) exists.
-        daemon = Daemon(config, Isolation.detect(config.isolation), config_path)
+        daemon = Daemon(config, Isolation.detect(config.isolation), loader)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
     except (ConfigError, OSError, IsolationError) as exc:

@@ -64,7 +64,14 @@ MIGRATIONS = [
     ALTER TABLE workflows ADD COLUMN next_due TEXT;
     ALTER TABLE workflows ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3: retention by age deletes the oldest records first without a table scan.
+    """
+    CREATE INDEX executions_by_started ON executions (started_at);
+    """,
 ]
+
+
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 class StoreError(Exception):
@@ -200,8 +207,12 @@ class Store:
         """Open (creating if needed) the database and apply pending migrations."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000",
-                       "foreign_keys=ON"):
+        # auto_vacuum must come first: it takes effect only in a database that
+        # has no tables yet (retention and VACUUM policy: systemd/README.md).
+        # journal_size_limit truncates the WAL after a checkpoint past 64 MiB.
+        for pragma in ("auto_vacuum=INCREMENTAL", "journal_mode=WAL", "synchronous=NORMAL",
+                       "busy_timeout=5000", "foreign_keys=ON",
+                       f"journal_size_limit={WAL_LIMIT_BYTES}"):
             await self._db.execute(f"PRAGMA {pragma}")
         await self._migrate()
 
@@ -414,11 +425,57 @@ class Store:
         return _execution(row) if row else None
 
     async def counts(self) -> dict[str, int]:
-        """Totals for `wfd ctl status`."""
+        """Totals for `wfd ctl status`, the database's size included."""
         workflows, enabled = await self._fetchone(
             "SELECT count(*), coalesce(sum(enabled), 0) FROM workflows")
         (executions,) = await self._fetchone("SELECT count(*) FROM executions")
-        return {"workflows": workflows, "enabled": enabled, "executions": executions}
+        return {"workflows": workflows, "enabled": enabled, "executions": executions,
+                **await self.size()}
+
+    async def size(self) -> dict[str, int]:
+        """Bytes the database file holds, and how many of them are free pages."""
+        (page_size,) = await self._fetchone("PRAGMA page_size")
+        (pages,) = await self._fetchone("PRAGMA page_count")
+        (free,) = await self._fetchone("PRAGMA freelist_count")
+        return {"db_bytes": pages * page_size, "db_free_bytes": free * page_size}
+
+    # -- retention ---------------------------------------------------------------
+
+    async def prune_executions(self, keep_per_workflow: int, older_than: str,
+                               limit: int) -> int:
+        """Delete at most `limit` records past retention, in one short transaction.
+
+        First records that started before `older_than` (ISO 8601 UTC), oldest
+        first, then for each workflow those beyond its `keep_per_workflow`
+        newest. Returns how many went; the caller repeats until it gets 0, so
+        no single transaction holds the store for long.
+        """
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM executions WHERE id IN (SELECT id FROM executions"
+                " WHERE started_at < ? ORDER BY started_at LIMIT ?)", (older_than, limit))
+            deleted = cursor.rowcount
+            async with db.execute("SELECT name FROM workflows ORDER BY name") as names:
+                workflows = [row[0] for row in await names.fetchall()]
+            for name in workflows:
+                if deleted >= limit:
+                    break
+                deleted += await _prune_workflow(db, name, keep_per_workflow, limit - deleted)
+        return deleted
+
+    async def reclaim_space(self, max_bytes: int) -> int:
+        """Give up to `max_bytes` of free pages back to the file system; how many went.
+
+        Only databases created with auto_vacuum=INCREMENTAL can; in older
+        ones this does nothing and free pages are reused by new records.
+        """
+        (page_size,) = await self._fetchone("PRAGMA page_size")
+        (before,) = await self._fetchone("PRAGMA freelist_count")
+        pragma = f"PRAGMA incremental_vacuum({max(1, int(max_bytes) // page_size)})"
+        async with self._transaction() as db, db.execute(pragma) as cursor:
+            await cursor.fetchall()  # each step frees one page: run it to the end
+        (after,) = await self._fetchone("PRAGMA freelist_count")
+        return (before - after) * page_size
 
     # -- export and import ------------------------------------------------------
 
@@ -459,6 +516,19 @@ class Store:
                     " VALUES (?, ?, ?, ?)",
                     [(name, v["version"], v["code"], v["created_at"]) for v in item["versions"]])
         return [item["name"] for item in workflows]
+
+
+async def _prune_workflow(db: aiosqlite.Connection, name: str, keep: int, limit: int) -> int:
+    """Delete up to `limit` of `name`'s records older than its `keep` newest."""
+    async with db.execute("SELECT id FROM executions WHERE workflow = ?"
+                          " ORDER BY id DESC LIMIT 1 OFFSET ?", (name, keep)) as cursor:
+        row = await cursor.fetchone()
+    if row is None:
+        return 0
+    cursor = await db.execute(
+        "DELETE FROM executions WHERE id IN (SELECT id FROM executions"
+        " WHERE workflow = ? AND id <= ? ORDER BY id LIMIT ?)", (name, row[0], limit))
+    return cursor.rowcount
 
 
 async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
