@@ -1,14 +1,127 @@
-"""The isolation hook of a forked execution: a no-op today, on purpose.
+"""Per-execution isolation of a child forked by the zygote (sandbox mode).
 
-A child forked by the zygote calls `enter(job)` once it holds only its own
-file descriptors and has read its job, and before it makes its working
-directory, applies its rlimits and runs user code. This is where the
-sandbox hardening goes: unshare a new mount and PID namespace, mount a
-private tmpfs on /tmp, join the execution's cgroup, drop to an unprivileged
-uid. Keeping the place named and fixed now lets that work slot in without
-touching the fork protocol.
+The zygote runs under bubblewrap as uid 65534 without capabilities, so it
+cannot build namespaces for others; each warm spare builds its own instead,
+as any unprivileged process may:
+
+1. `unshare_namespaces` (the spare, before it forks): a new user namespace
+   mapping only its own uid (65534 outside: no other identity exists in it)
+   gives it capabilities inside that namespace alone, and with them new
+   mount, PID and IPC namespaces. Mounts become private, so nothing mounted
+   here reaches the zygote or other executions.
+2. `mount_proc` (PID 1 of the new PID namespace): a /proc that lists only
+   this execution's processes.
+3. `enter` (the execution process, once its job arrived): join the
+   execution's cgroup through the `cgroup.procs` descriptors the daemon
+   opened, mount a fresh size-capped tmpfs on /tmp (the working directory)
+   and /dev/shm, then drop every capability for good.
+
+Everything here runs before user code; errors propagate, and the caller
+turns them into a boot failure, never a silently weaker execution.
 """
 
+import ctypes
+import os
 
-def enter(job: dict) -> None:
-    """Move this process into the execution's own isolation (nothing yet)."""
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
+PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
+INIT_NAME = b"wfd-init"
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+WORKDIR = "/tmp"
+SCRATCH = ("/tmp", "/dev/shm")
+# Exit code of an execution that could not join its cgroup (the daemon's
+# JOIN_FAILED_EXIT): reported as a boot failure, never as the workflow's.
+JOIN_FAILED_EXIT = 125
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None
+           ) -> None:
+    _check(_libc.mount(source.encode(), target.encode(), fstype and fstype.encode(),
+                       ctypes.c_ulong(flags), data and data.encode()), f"mount {target}")
+
+
+def unshare_namespaces() -> None:
+    """New user, mount, PID (for the next child) and IPC namespaces for this process.
+
+    The user namespace maps only our own uid and gid to themselves, so the
+    capabilities it grants reach nothing outside it, and no uid 0 exists in it.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
+    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as mapping:
+            mapping.write(text)
+    _mount("none", "/", None, MS_REC | MS_PRIVATE)
+
+
+def mount_proc() -> None:
+    """Mount the /proc of the PID namespace this process is init of; hide this process.
+
+    Non-dumpable: the execution, same uid but without capabilities, cannot
+    read or trace its init through /proc/1. Named `wfd-init` there.
+    """
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "PR_SET_DUMPABLE")
+    _check(_libc.prctl(PR_SET_NAME, INIT_NAME, 0, 0, 0), "PR_SET_NAME")
+
+
+def join_cgroup(procs_fds: list[int]) -> None:
+    """Write "0" (this process) into each `cgroup.procs` the daemon opened, then close them.
+
+    The kernel checks the credentials the file was opened with, so the
+    daemon's descriptor works from inside our user namespace.
+    """
+    for fd in procs_fds:
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+def enter(tmp_bytes: int) -> None:
+    """Fresh scratch tmpfs mounts, the working directory, then no capabilities at all."""
+    for target in SCRATCH:
+        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV,
+               f"size={tmp_bytes},mode=1777")
+    os.chdir(WORKDIR)
+    drop_capabilities()
+
+
+def drop_capabilities() -> None:
+    """Empty the bounding, ambient, effective, permitted and inheritable sets."""
+    cap = 0
+    while _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+        cap += 1
+    if cap == 0:
+        _check(-1, "PR_CAPBSET_DROP")
+    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "ambient caps")
+    empty = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(_CapHeader(LINUX_CAPABILITY_VERSION_3, 0)), empty),
+           "capset")

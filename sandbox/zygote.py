@@ -1,10 +1,12 @@
 """The zygote: preloads modules once, then forks one child per execution.
 
-Started by the daemon as `python -I -m sandbox.zygote CHANNEL_FD WORKDIRS
-SPARES_MIN SPARES_MAX [MODULE...]`. PROTOCOL.md ("The zygote") is the
-contract; in short, one select loop does, in order: read the daemon's
-messages (run, kill, ping, retire), reap exited children and report their
-exit, then fork spares until the pool is back at its target.
+Started by the daemon as `python -I -m sandbox.zygote MODE CHANNEL_FD WORKDIRS
+SPARES_MIN SPARES_MAX [MODULE...]`, MODE being `sandbox` (under bubblewrap:
+each execution in namespaces of its own, see isolate.py) or `plain`.
+PROTOCOL.md ("The zygote") is the contract; in short, one select loop
+does, in order: read the daemon's messages (run, kill, ping, retire), reap
+exited children and report their exit, then fork spares until the pool is
+back at its target.
 """
 
 import array
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from sandbox import limits, spare
+from sandbox import isolate, limits, spare
 
 EXIT_BOOT_FAILED = 71  # a preload failed: restarting at once would fail the same way
 # With no miss for this long, the pool target shrinks by one spare.
@@ -37,7 +39,7 @@ class Child:
     """A forked child that took a job: the daemon knows it by execution id."""
 
     execution_id: str
-    workdir: str
+    workdir: str | None  # None in sandbox mode: /tmp is a tmpfs that ends with it
 
 
 class Pool:
@@ -73,9 +75,11 @@ class Pool:
 class Zygote:
     """The zygote's runtime state. Built after preloading, in the zygote only."""
 
-    def __init__(self, channel: socket.socket, workdirs: str, pool: Pool) -> None:
+    def __init__(self, channel: socket.socket, workdirs: str, pool: Pool,
+                 sandboxed: bool) -> None:
         self.channel = channel
         self.workdirs = workdirs
+        self.sandboxed = sandboxed
         self.pool = pool
         self.children: dict[int, Child] = {}
         self.pids: dict[str, int] = {}
@@ -135,7 +139,7 @@ class Zygote:
     def start(self, execution_id: str, fds: list[int]) -> None:
         """Hand the job's pipes to a spare (forking one if none is warm)."""
         self._count += 1
-        workdir = os.path.join(self.workdirs, f"x{self._count}")
+        workdir = None if self.sandboxed else os.path.join(self.workdirs, f"x{self._count}")
         try:
             pid = self._hand_over(workdir, fds)
         except OSError as exc:
@@ -148,7 +152,7 @@ class Zygote:
         self.children[pid] = Child(execution_id, workdir)
         self.pids[execution_id] = pid
 
-    def _hand_over(self, workdir: str, fds: list[int]) -> int:
+    def _hand_over(self, workdir: str | None, fds: list[int]) -> int:
         ticket = orjson.dumps({"workdir": workdir})
         for _ in range(HAND_OVER_TRIES):
             pid, work = self.pool.take() or self.fork_spare()
@@ -162,7 +166,11 @@ class Zygote:
         raise OSError(f"{HAND_OVER_TRIES} children in a row died before taking the job")
 
     def kill(self, execution_id: str) -> None:
-        """The daemon's timeout: kill the execution's whole process group."""
+        """The daemon's timeout: kill the execution's whole process group.
+
+        In sandbox mode the group holds the namespace's init: its death empties
+        the execution's PID namespace, whatever left the group.
+        """
         pid = self.pids.get(execution_id)
         if pid is not None:
             kill_group(pid)
@@ -184,7 +192,7 @@ class Zygote:
                 continue
             del self.pids[child.execution_id]
             kill_group(pid)  # nothing the execution started outlives it
-            shutil.rmtree(child.workdir, ignore_errors=True)
+            remove(child.workdir)
             self.send({"ev": "exited", "id": child.execution_id, "pid": pid,
                        "returncode": os.waitstatus_to_exitcode(status)})
 
@@ -206,7 +214,7 @@ class Zygote:
             theirs.close()
             raise
         if pid == 0:
-            spare.serve(theirs, zygote, self.env)  # never returns
+            spare.serve(theirs, zygote, self.env, self.sandboxed)  # never returns
         theirs.close()
         return pid, ours
 
@@ -219,7 +227,12 @@ class Zygote:
         self.pool.trim()
         for pid, child in self.children.items():
             kill_group(pid)
-            shutil.rmtree(child.workdir, ignore_errors=True)
+            remove(child.workdir)
+
+
+def remove(workdir: str | None) -> None:
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def receive(channel: socket.socket) -> tuple[bytes, list[int]]:
@@ -228,7 +241,7 @@ def receive(channel: socket.socket) -> tuple[bytes, list[int]]:
     socket.recv_fds would do, but before Python 3.12 it ignores its flags.
     """
     data, ancillary, _, _ = channel.recvmsg(
-        MESSAGE_BYTES, socket.CMSG_SPACE(spare.PIPES * 4),
+        MESSAGE_BYTES, socket.CMSG_SPACE((spare.PIPES + spare.MAX_CGROUP_FDS) * 4),
         socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
     fds = array.array("i")
     for level, kind, payload in ancillary:
@@ -259,20 +272,51 @@ def preload(modules: list[str]) -> None:
     gc.freeze()
 
 
+def probe_isolation() -> None:
+    """Build one execution's namespaces in a throwaway child; raise if that fails.
+
+    Checked at boot so that a host where it cannot work gets one clear
+    `boot_failed` (and the daemon's cold-spawn fallback), not a zygote that
+    forks spares dying one after the other.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            isolate.unshare_namespaces()
+            init = os.fork()
+            if init == 0:
+                isolate.mount_proc()
+                os._exit(0)
+            code = os.waitstatus_to_exitcode(os.waitpid(init, 0)[1])
+        finally:
+            os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0:
+        raise OSError(f"per-execution namespaces cannot be made here (exit {code}): "
+                      "unprivileged user namespaces must be allowed")
+
+
+def boot(modules: list[str], sandboxed: bool) -> None:
+    preload(modules)
+    if sandboxed:
+        probe_isolation()
+
+
 def main(argv: list[str]) -> int:
     """Boot (preload, or report why not), then serve until the daemon lets go."""
     daemon = os.getppid()
-    channel_fd, workdirs, low, high, *modules = argv
+    mode, channel_fd, workdirs, low, high, *modules = argv
     channel = socket.socket(fileno=int(channel_fd))
     if not limits.die_with_parent(daemon):
         return 0  # the daemon died already; later, the channel's EOF tells us
     try:
-        preload(modules)
+        boot(modules, mode == "sandbox")
     except BaseException as exc:
         error = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
-        channel.send(orjson.dumps({"ev": "boot_failed", "error": f"preload failed: {error}"}))
+        channel.send(orjson.dumps({"ev": "boot_failed", "error": f"boot failed: {error}"}))
         return EXIT_BOOT_FAILED
-    Zygote(channel, workdirs, Pool(int(low), int(high))).serve()
+    Zygote(channel, workdirs, Pool(int(low), int(high)), mode == "sandbox").serve()
     return 0
 
 

@@ -171,11 +171,8 @@ def daemon(request: pytest.FixtureRequest,
     Each such test runs against both ways an execution starts (forked from
     the zygote, or a fresh interpreter): they must behave exactly alike.
     """
-    # The zygote's children are not sandboxed yet: that daemon runs unisolated.
-    isolation = 'isolation = "none"\n' if request.param == "zygote" else ""
     shared = Daemon(tmp_path_factory.mktemp(f"shared-{request.param}") / "data",
-                    f'executor = "{request.param}"\n{isolation}[limits]\ntimeout_s = 5\n'
-                    ).start()
+                    f'executor = "{request.param}"\n[limits]\ntimeout_s = 5\n').start()
     yield shared
     shared.kill()
 

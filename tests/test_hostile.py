@@ -34,8 +34,11 @@ memory_mb = 512
 file_size_mb = 16
 tmp_mb = 32
 """
-# The executors the suite runs against; the zygote fork server joins this list.
-EXECUTORS = ["spawn"]
+# The executors the suite runs against: every attack, both ways an execution starts.
+EXECUTORS = ["spawn", "zygote"]
+# PID 1 of an execution's own PID namespace: bwrap for a cold spawn, the
+# zygote child's init for a forked one (sandbox/spare.py).
+INIT = {"spawn": "bwrap", "zygote": "wfd-init"}
 SET_COMM = """
 import ctypes
 def set_comm(name):
@@ -304,7 +307,8 @@ def test_proc_lists_only_the_executions_own_processes(hostile, canary, name):
     response, record = call(hostile, name, code)
     seen = response.json()
     assert sorted(map(int, seen)) == [1, 2, 3], seen
-    assert seen["1"] == "bwrap" and seen["3"] == "sleep", seen
+    executor = hostile.ctl_json("status")["executor"]
+    assert seen["1"] == INIT[executor] and seen["3"] == "sleep", seen
     assert_contained(response, record, "success", 200, canary)
 
 
@@ -420,8 +424,9 @@ def test_a_tmp_file_is_not_seen_by_the_next_execution(hostile, canary, name):
 
 # ------------------------------------------------------------------ the daemon dies
 
-def test_sigkill_of_the_daemon_leaves_nothing_running(make_daemon, name):
-    daemon = make_daemon(CONFIG)
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_sigkill_of_the_daemon_leaves_nothing_running(make_daemon, name, executor):
+    daemon = make_daemon(f'executor = "{executor}"\n{CONFIG}')
     comm = comm_token()
     code = workflow(f"""
         set_comm({comm!r})
@@ -443,7 +448,7 @@ def test_sigkill_of_the_daemon_leaves_nothing_running(make_daemon, name):
     wait_for(lambda: host_pids(comm) == [], timeout=10, what="every execution gone")
     for caller in callers:
         caller.join(30)
-    restarted = make_daemon(CONFIG, data_dir=daemon.data_dir)
+    restarted = make_daemon(f'executor = "{executor}"\n{CONFIG}', data_dir=daemon.data_dir)
     canary = restarted.deploy(f"{name}-canary", CANARY)
     assert requests.post(canary, json={}, timeout=30).text == "alive"
 
@@ -454,8 +459,9 @@ def _post_ignoring_errors(url: str) -> None:
         requests.post(url, json={}, timeout=60)
 
 
-def test_a_flood_beyond_the_queue_gets_503_with_retry_after(make_daemon, name):
-    daemon = make_daemon("global_concurrency = 1\nqueue_max = 2\n")
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_flood_beyond_the_queue_gets_503_with_retry_after(make_daemon, name, executor):
+    daemon = make_daemon(f'executor = "{executor}"\nglobal_concurrency = 1\nqueue_max = 2\n')
     url = daemon.deploy(name, """
         import time
         def workflow(_request, settings):

@@ -172,6 +172,53 @@ def command(
     ]  # fmt: skip
 
 
+# As root, bwrap's own /proc covers /proc/sys and others with read-only binds
+# that become locked in a less privileged user namespace, where the kernel then
+# refuses any new /proc mount (an execution needs one for its PID namespace).
+# So the zygote's /proc is mounted plain, by root, just before setpriv.
+_MOUNT_PROC_SH = 'mount -t proc -o nosuid,nodev,noexec proc /proc && exec "$@"'
+ZYGOTE_SCRATCH_BYTES = 1 << 20
+
+
+def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
+                   uid: int = SANDBOX_UID, privileged: bool | None = None) -> list[str]:
+    """Argv prefix for the zygote: the same view as an execution's, but shared, so read-only.
+
+    The zygote and every execution forked from it see this one bwrap's
+    filesystem: its root and /dev are remounted read-only (unprivileged, bwrap
+    creates them owned by the sandbox uid), and each execution mounts its
+    own /tmp, /dev/shm and /proc over the zygote's (sandbox/isolate.py). The
+    zygote runs as uid 65534 without capabilities, exactly like an execution
+    of the spawn path; it builds each execution's namespaces through an
+    unprivileged user namespace of the execution's own.
+    """
+    if privileged is None:
+        privileged = os.geteuid() == 0
+    roots = runtime_roots(python, extra_ro or [])
+    size = str(ZYGOTE_SCRATCH_BYTES)
+    if privileged:
+        proc = ["--dir", "/proc"]
+        launch = ["--", "/bin/sh", "-c", _MOUNT_PROC_SH, "wfd-zygote-proc",
+                  *_identity(uid, privileged)[1:]]
+    else:
+        proc = ["--proc", "/proc"]
+        launch = _identity(uid, privileged)
+    return [
+        shutil.which("bwrap") or "bwrap",
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--new-session", "--die-with-parent",
+        *_environment(roots),
+        *_system_view(),
+        *_bind_runtime(roots),
+        *proc, "--dev", "/dev",
+        "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm",
+        "--perms", "1777", "--size", size, "--tmpfs", WORKDIR,
+        "--chdir", WORKDIR,
+        "--remount-ro", "/dev", "--remount-ro", "/",
+        *launch,
+    ]  # fmt: skip
+
+
 def probe(python: str = sys.executable) -> BwrapSupport:
     """Run `python -I -c pass` in the real sandbox once: PATH, namespaces and file access."""
     mode = "setpriv" if os.geteuid() == 0 else "userns"

@@ -108,6 +108,23 @@ class ExecutionCgroup(ABC):
         procs = [str(d / "cgroup.procs") for d in self.dirs]
         return ["/bin/sh", "-c", _JOIN_SH, "wfd-cgroup-join", *procs, "--", *argv]
 
+    def open_procs(self) -> list[int]:
+        """One `cgroup.procs` descriptor per hierarchy, for a process to join by itself.
+
+        A zygote's child writes "0" into each (sandbox/isolate.py). The kernel
+        checks the opener's credentials (ours), not those of the writer, which
+        runs in a user namespace of its own.
+        """
+        fds: list[int] = []
+        try:
+            for d in self.dirs:
+                fds.append(os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
     def add(self, pid: int) -> None:
         """Move an already running process in (used for the daemon itself, and tests)."""
         for d in self.dirs:

@@ -126,6 +126,17 @@ class Isolation:
             command = [*bwrap.command(self.python, limits.tmp_mb * MIB), *command]
         return cgroup.join_argv(command) if cgroup else command
 
+    def zygote_argv(self) -> list[str]:
+        """The zygote's command line up to its arguments: bwrap when sandboxed, and its mode.
+
+        Its children join their cgroup and build their namespaces themselves
+        (sandbox/isolate.py), so nothing per execution appears here.
+        """
+        command = [self.python, "-I", "-m", "sandbox.zygote"]
+        if self.sandboxed:
+            return [*bwrap.zygote_command(self.python), *command, "sandbox"]
+        return [*command, "plain"]
+
     def close(self) -> None:
         """Remove the daemon's own cgroup parents (at shutdown)."""
         if self.backend is not None:

@@ -47,17 +47,14 @@ RESPONSE_FLUSH_S = 5.0
 def make_executor(config: Config, isolation: Isolation) -> Executor:
     """The executor the config names; constructing it starts nothing.
 
-    The zygote's children do not have the sandbox's layers (bwrap, a cgroup)
-    yet, so where any is on, executions cold-spawn inside them rather than
-    run with less isolation than the operator asked for.
+    Both give an execution the same layers: the zygote runs under the same
+    bwrap view, and each child builds its own namespaces and joins its own
+    cgroup (docs/isolation.md, "The zygote"). A zygote that cannot boot so
+    leaves its executions to cold spawn, still isolated.
     """
-    if config.executor == "spawn" or isolation.sandboxed or isolation.backend is not None:
-        if config.executor == "zygote":
-            logs.event("zygote-not-isolated", level=30, isolation=isolation.mode,
-                       executor="spawn")
+    if config.executor == "spawn":
         return SpawnExecutor(isolation)
-    return ZygoteExecutor(config.preload, config.spares_min, config.spares_max,
-                          isolation=isolation)
+    return ZygoteExecutor(config.preload, config.spares_min, config.spares_max, isolation)
 
 
 class Daemon:

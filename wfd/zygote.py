@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import sysconfig
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import orjson
 
 from wfd import logs
+from wfd.cgroups import ExecutionCgroup
 from wfd.executor import CHILD_PATH, ChildLost, Job, Outcome, Pipes, SpawnExecutor, supervise
 from wfd.isolation import Isolation
 
@@ -196,12 +196,11 @@ class ZygoteExecutor:
     """
 
     def __init__(self, preload: Sequence[str], spares_min: int, spares_max: int,
-                 prefix: Sequence[str] = (), python: str = sys.executable,
-                 isolation: Isolation | None = None) -> None:
+                 isolation: Isolation) -> None:
         self.preload = list(preload)
         self.spares = (spares_min, spares_max)
-        # The hardening work puts bubblewrap's argv here.
-        self.command = [*prefix, python, "-I", "-m", "sandbox.zygote"]
+        self.isolation = isolation
+        self.command = isolation.zygote_argv()
         self.fallback = SpawnExecutor(isolation)
         self.state = "stopped"
         self.current: ZygoteProcess | None = None
@@ -232,14 +231,30 @@ class ZygoteExecutor:
         zygote = await self._ready_zygote()
         if zygote is None:
             return await self.fallback.run(job)
+        cgroup = await asyncio.to_thread(self.isolation.cgroup_for, job.limits,
+                                         job.execution_id)
+        try:
+            return await self._run_in(zygote, job, cgroup)
+        finally:
+            if cgroup is not None:
+                await asyncio.to_thread(cgroup.close)
+
+    async def _run_in(self, zygote: ZygoteProcess, job: Job,
+                      cgroup: ExecutionCgroup | None) -> Outcome:
+        """Hand the job's pipes (and its cgroup's procs files) to the zygote; supervise."""
+        joins = cgroup.open_procs() if cgroup is not None else []
         pipes = Pipes()
         started = time.perf_counter()
         try:
-            ended = zygote.run(job.execution_id, pipes.theirs())
+            ended = zygote.run(job.execution_id, [*pipes.theirs(), *joins])
         finally:
             pipes.close_theirs()
-        return await supervise(job, job.payload(RESULT_FD), pipes, started, ended,
-                               lambda: zygote.kill(job.execution_id))
+            for fd in joins:
+                os.close(fd)
+        payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None)
+        return await supervise(job, payload, pipes, started, ended,
+                               lambda: zygote.kill(job.execution_id), cgroup=cgroup,
+                               signal_exits=self.isolation.sandboxed)
 
     async def _ready_zygote(self) -> ZygoteProcess | None:
         """The zygote to use, waiting out a boot in progress; None means cold spawn."""
