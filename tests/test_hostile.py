@@ -51,7 +51,7 @@ def hostile(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One strict daemon per executor, with small limits so each attack ends fast."""
     daemon = Daemon(tmp_path_factory.mktemp(f"hostile-{request.param}") / "data",
-                    CONFIG).start()
+                    f'executor = "{request.param}"\n{CONFIG}').start()
     assert daemon.ctl_json("status")["isolation"]["executor"] == request.param
     yield daemon
     daemon.kill()

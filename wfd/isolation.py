@@ -78,23 +78,32 @@ class Isolation:
         """Executions run under bwrap: namespaces, unprivileged uid, read-only view."""
         return self.support is not None and self.support.available
 
-    def layers(self) -> dict[str, dict[str, object]]:
-        """Each layer, active or not, with a line saying what it is or why it is off."""
+    def layers(self, executor: str = "spawn") -> dict[str, dict[str, object]]:
+        """Each layer, active or not, with a line saying what it is or why it is off.
+
+        The zygote's children have the same layers as a cold spawn, built
+        differently (docs/isolation.md, "The zygote"); the details say how.
+        """
         missing = self.support.reason if self.support else 'isolation = "none"'
         sandbox = self.sandboxed
+        forked = executor == "zygote"
         version = self.support.version if self.support else None
         survivors = [name for name, on in (("pid namespace", sandbox),
                                            ("cgroup kill", self.backend is not None)) if on]
+        namespaces = (f"{version}: pid, ipc, uts, mount; network shared"
+                      + ("; per execution its own user, mount, pid and ipc namespaces "
+                         "inside the zygote's" if forked else ""))
+        filesystem = ("read-only /usr and Python runtime, private /tmp tmpfs; data dir, "
+                      "config and socket absent"
+                      + ("; per execution its own /tmp, /dev/shm and /proc" if forked else ""))
         layers = {
             "rlimits": Layer(True, "memory, CPU, file size, open files, processes, no core; "
                                    "PR_SET_PDEATHSIG, no_new_privs"),
-            "namespaces": Layer(sandbox, f"{version}: pid, ipc, uts, mount; network shared"
-                                if sandbox else missing),
+            "namespaces": Layer(sandbox, namespaces if sandbox else missing),
             "identity": Layer(sandbox, f"uid {bwrap.SANDBOX_UID} via {self.support.mode}"
+                              + (", zygote included; no capabilities" if forked else "")
                               if sandbox else missing),
-            "filesystem": Layer(sandbox, "read-only /usr and Python runtime, private /tmp "
-                                "tmpfs; data dir, config and socket absent"
-                                if sandbox else missing),
+            "filesystem": Layer(sandbox, filesystem if sandbox else missing),
             "cgroup": Layer(self.backend is not None, self._cgroup_detail()),
             "no_survivors": Layer(bool(survivors), " + ".join(survivors)
                                   or "process group kill only: setsid escapes it"),

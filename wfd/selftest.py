@@ -2,9 +2,11 @@
 
 Detection says what the host offers; this proves it, through the same executor
 every workflow uses. The probe workflow tries to read the data directory, to
-see the daemon's process, to write into the Python runtime, and leaves a
-double-forked `setsid` grandchild behind; once the execution is over the
-daemon looks for that grandchild in the host's /proc. A layer that detection
+see the daemon's process or any process not its own, to write into the
+Python runtime, leaves a file in its scratch directory for the next run to
+find (it runs twice) and a double-forked `setsid` grandchild behind; once
+the executions are over the daemon looks for that grandchild in the host's
+/proc. A layer that detection
 called active but the probe got past is a failure: strict refuses to start.
 """
 
@@ -21,18 +23,25 @@ import orjson
 
 from wfd import ids
 from wfd.config import Config
-from wfd.executor import Executor, Job
+from wfd.executor import Executor, Job, Outcome
 from wfd.isolation import Isolation
 
 SURVIVOR_WAIT_S = 3.0
+MARKER = "wfd-probe-left-behind"
 PROBE = '''
-import json, os, sys, time
+import json, os, sys, tempfile, time
 
 def workflow(_request, settings):
+    scratch = tempfile.gettempdir()
+    left = sorted(os.listdir(scratch))
+    open(os.path.join(scratch, "wfd-probe-left-behind"), "w").close()
+    processes = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     seen = {
+        "scratch_before": left,
+        "foreign_processes": [p for p in processes if p not in (1, os.getpid())],
         "data_dir_readable": readable(_request["data_dir"], _request["db_path"]),
         "daemon_visible": same_process(_request["daemon_pid"], _request["daemon_start"]),
-        "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+        "processes": processes,
         "euid": os.geteuid(),
         "capabilities": capabilities(),
         "runtime_writable": writable(sys.prefix),
@@ -142,33 +151,50 @@ def _survivors(token: str, wait_s: float) -> list[int]:
 
 
 async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[str, Check]:
-    """Run the probe once and check each layer against what detection promised."""
+    """Run the probe twice and check each layer against what detection promised.
+
+    The second run looks for what the first left in its scratch directory:
+    with a zygote, both are children of one long-lived process.
+    """
     token = "wfd-probe-" + secrets.token_hex(8)
     request = {"data_dir": str(config.data_dir.resolve()),
                "db_path": str(config.db_path.resolve()),
                "daemon_pid": os.getpid(), "daemon_start": _start_time(os.getpid()),
                "token": token}
-    job = Job(execution_id=ids.execution_id(), name="wfd-self-test", kind="catch", version=0,
-              code=PROBE, limits=config.limits, request=request)
-    outcome = await executor.run(job)
+    first, second = [await executor.run(_job(config, request)) for _ in range(2)]
     sandboxed = isolation.sandboxed
     kills = sandboxed or isolation.backend is not None
     # Give a kill in flight time to land only where one is promised.
     survivors = await asyncio.to_thread(_survivors, token, SURVIVOR_WAIT_S if kills else 0)
-    ran = outcome.status == "success" and outcome.response is not None
-    seen = orjson.loads(outcome.response["body"]) if ran else {}
+    ran, seen = _seen(first)
+    ran_again, seen_again = _seen(second)
     return {
-        "probe_ran": Check(ran, True, outcome.error or outcome.status),
+        "probe_ran": Check(ran and ran_again, True, first.error or second.error or "success"),
         "data_dir_hidden": Check(ran and not seen["data_dir_readable"], sandboxed,
                                  seen.get("data_dir_readable")),
         "host_processes_hidden": Check(ran and not seen["daemon_visible"], sandboxed,
                                        seen.get("processes")),
+        "other_executions_hidden": Check(ran and not seen["foreign_processes"], sandboxed,
+                                         seen.get("foreign_processes")),
         "unprivileged": Check(ran and seen["euid"] != 0 and int(seen["capabilities"], 16) == 0,
                               sandboxed, {k: seen.get(k) for k in ("euid", "capabilities")}),
         "runtime_read_only": Check(ran and not seen["runtime_writable"], sandboxed,
                                    seen.get("runtime_writable")),
-        "no_survivors": Check(ran and not survivors, kills, survivors),
+        "scratch_not_shared": Check(ran_again and MARKER not in seen_again["scratch_before"],
+                                    True, seen_again.get("scratch_before")),
+        "no_survivors": Check(ran and ran_again and not survivors, kills, survivors),
     }
+
+
+def _job(config: Config, request: dict[str, Any]) -> Job:
+    return Job(execution_id=ids.execution_id(), name="wfd-self-test", kind="catch", version=0,
+               code=PROBE, limits=config.limits, request=request)
+
+
+def _seen(outcome: Outcome) -> tuple[bool, dict[str, Any]]:
+    """Whether the probe ran, and what it saw."""
+    ran = outcome.status == "success" and outcome.response is not None
+    return ran, orjson.loads(outcome.response["body"]) if ran else {}
 
 
 def failures(checks: dict[str, Check]) -> list[str]:

@@ -92,7 +92,8 @@ class Daemon:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 200 while serving, 503 while starting or draining; active layers."""
-        active = [name for name, layer in self.isolation.layers().items() if layer["active"]]
+        layers = self.isolation.layers(self.executor.status()["executor"])
+        active = [name for name, layer in layers.items() if layer["active"]]
         return (200 if self.state == "serving" else 503), {
             "status": self.state,
             "isolation": {"mode": self.isolation.mode, "active": active,
@@ -103,6 +104,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """The daemon's own part of `wfd ctl status`."""
         config = self.config
+        executor = self.executor.status()
         return {
             "state": self.state,
             "pid": os.getpid(),
@@ -115,10 +117,10 @@ class Daemon:
             "running": self.admission.running,
             "waiting": self.admission.waiting,
             "concurrency": self.admission.concurrency,
-            **self.executor.status(),
+            **executor,
             "isolation": {"mode": self.isolation.mode,
-                          "executor": self.executor.status()["executor"],
-                          "layers": self.isolation.layers(),
+                          "executor": executor["executor"],
+                          "layers": self.isolation.layers(executor["executor"]),
                           "self_test": selftest.report(self.self_test)},
         }
 
