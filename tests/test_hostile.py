@@ -52,7 +52,10 @@ def hostile(request: pytest.FixtureRequest,
     """One strict daemon per executor, with small limits so each attack ends fast."""
     daemon = Daemon(tmp_path_factory.mktemp(f"hostile-{request.param}") / "data",
                     f'executor = "{request.param}"\n{CONFIG}').start()
-    assert daemon.ctl_json("status")["isolation"]["executor"] == request.param
+    status = daemon.ctl_json("status")
+    assert status["isolation"]["executor"] == request.param
+    # Forked from the zygote, not its cold-spawn fallback, or the zygote is untested.
+    assert status.get("zygote_state", "ready") == "ready", status
     yield daemon
     daemon.kill()
 
