@@ -14,7 +14,7 @@ VENV := $(PREFIX)/venv
 # systemd is the running init system: the same test as sd_booted(3).
 SYSTEMD := $(wildcard /run/systemd/system)
 
-.PHONY: install uninstall verify-unit run stop test lint bench
+.PHONY: install uninstall verify-unit system-deps run stop test lint bench
 
 # -- development ---------------------------------------------------------------
 # `make run` sets up .venv and starts a local daemon with an example workflow;
@@ -28,13 +28,25 @@ $(DEV_VENV)/.installed: pyproject.toml
 	$(DEV_VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-run: $(DEV_VENV)/.installed
+# Executions run under bubblewrap (isolation = "strict"); setpriv is util-linux.
+system-deps:
+	@command -v bwrap >/dev/null && command -v setpriv >/dev/null && command -v curl >/dev/null \
+	|| if [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux curl \
+			>/dev/null; \
+	else \
+		echo "wfd needs bubblewrap, util-linux and curl:" \
+			"sudo apt-get install bubblewrap util-linux curl" >&2; exit 1; \
+	fi
+
+run: system-deps $(DEV_VENV)/.installed
 	examples/demo.sh
 
 stop:
 	-test -f wfd-data/wfd.pid && kill $$(cat wfd-data/wfd.pid) && rm -f wfd-data/wfd.pid
 
-test: $(DEV_VENV)/.installed
+test: system-deps $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python -m pytest -q
 
 lint: $(DEV_VENV)/.installed

@@ -1,19 +1,6 @@
-"""Shared helpers: wait for a condition with a deadline instead of sleeping."""
+"""Shared helpers for tests that watch processes on the host (conftest has wait_for)."""
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Poll cond until true; fail with `what` when the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def pid_gone(pid: int) -> bool:

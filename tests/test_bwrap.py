@@ -8,13 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import uuid
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from conftest import wait_for
 
 from wfd import bwrap
 
@@ -236,3 +237,21 @@ def test_unprivileged_daemon_path_uses_a_user_namespace() -> None:
 def test_python_outside_every_bind_is_refused() -> None:
     with pytest.raises(ValueError):
         bwrap.command("/opt/elsewhere/bin/python", CAP)
+
+
+def test_a_runtime_under_tmp_is_bound_over_the_private_tmp() -> None:
+    """A checkout or venv under /tmp (CI clones there) must stay visible inside."""
+    runtime = Path(tempfile.mkdtemp(prefix="wfd-runtime-", dir="/tmp"))
+    try:
+        (runtime / "marker.txt").write_text("runtime file")
+        runtime.chmod(0o755)
+        code = (f"import os\nprint(open({str(runtime / 'marker.txt')!r}).read())\n"
+                "print(oct(os.stat('/tmp').st_mode & 0o7777))\n"
+                "open('/tmp/scratch', 'w').write('x')\n")
+        out = subprocess.run(
+            [*bwrap.command(sys.executable, CAP, [runtime]), sys.executable, "-I", "-c", code],
+            capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["runtime", "file", "0o1777"]
+    finally:
+        shutil.rmtree(runtime)

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import pid_alive, pid_gone, wait_for
+from conftest import wait_for
+from helpers import pid_alive, pid_gone
 
 from wfd import cgroups
 

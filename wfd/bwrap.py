@@ -166,8 +166,10 @@ def command(
         "--new-session", "--die-with-parent",
         *_environment(roots),
         *_system_view(),
-        *_bind_runtime(roots),
+        # The private dirs first: a runtime under /tmp (a checkout or venv
+        # there) must be bound over the sandbox's /tmp, not hidden under it.
         *_private_dirs(workdir_size_bytes),
+        *_bind_runtime(roots),
         *_identity(uid, privileged),
     ]  # fmt: skip
 
