@@ -28,6 +28,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_RDONLY, MS_REMOUNT, MS_BIND = 0x1, 0x20, 0x1000
 MS_REC, MS_PRIVATE = 0x4000, 0x40000
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
@@ -106,12 +107,34 @@ def join_cgroup(procs_fds: list[int]) -> None:
 
 
 def enter(tmp_bytes: int) -> None:
-    """Fresh scratch tmpfs mounts, the working directory, then no capabilities at all."""
-    for target in SCRATCH:
-        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV,
-               f"size={tmp_bytes},mode=1777")
+    """Fresh scratch tmpfs mounts, the working directory, then no capabilities at all.
+
+    A runtime bound under /tmp (a checkout or venv there) would vanish under
+    the new tmpfs, so those binds are carried over onto it, read-only.
+    """
+    keep = _runtime_under(WORKDIR)
+    try:
+        for target in SCRATCH:
+            _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV,
+                   f"size={tmp_bytes},mode=1777")
+        for path, fd in keep.items():
+            os.makedirs(path, 0o755, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+            _mount("none", path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    finally:
+        for fd in keep.values():
+            os.close(fd)
     os.chdir(WORKDIR)
     drop_capabilities()
+
+
+def _runtime_under(directory: str) -> dict[str, int]:
+    """The mounts below `directory` (outermost first), each held by an O_PATH descriptor."""
+    with open("/proc/self/mountinfo") as mountinfo:
+        points = [line.split()[4] for line in mountinfo]
+    below = sorted({p for p in points if p.startswith(directory + "/")}, key=len)
+    outermost = [p for p in below if not any(p.startswith(q + "/") for q in below)]
+    return {path: os.open(path, os.O_PATH | os.O_CLOEXEC) for path in outermost}
 
 
 def drop_capabilities() -> None:
