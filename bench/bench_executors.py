@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/bench_executors.py      (or: make bench)
 
-Starts, on loopback, two real daemons (`wfd serve`, executor "zygote" and
-"spawn") and a plain aiohttp server that calls the same function in-process
+Starts, on loopback, real daemons (`wfd serve`: executor "zygote" and
+"spawn" under the default strict isolation, and the zygote with isolation
+"none") and a plain aiohttp server that calls the same function in-process
 with no isolation, then drives each with an aiohttp client:
   - p50 and p99 latency of a catch request at concurrency 1;
   - executions per second at concurrency 16, checking that every execution
-    ran in a process of its own (distinct pids);
+    started from fresh state (a module-level counter the workflow bumps is
+    1 in every one: pids repeat, each execution being PID 2 of its own PID
+    namespace under isolation);
   - the memory the zygote and its spares add (PSS and USS, smaps_rollup).
 """
 
@@ -26,15 +29,21 @@ from pathlib import Path
 import aiohttp
 
 WORKFLOW = '''
-import os
 import requests
 from hrflow import Hrflow
 
+calls = 0
+
 def workflow(_request, settings):
-    return {"status_code": 200, "body": str(os.getpid())}
+    global calls
+    calls += 1
+    return {"status_code": 200, "body": str(calls)}
 '''
 # Cold spawn is two orders of magnitude slower: fewer requests keep the run short.
-REQUESTS = {"zygote": (1000, 3000), "spawn": (60, 300), "plain": (1000, 3000)}
+REQUESTS = {"zygote": (1000, 3000), "spawn": (60, 300), "zygote-none": (1000, 3000),
+            "plain": (1000, 3000)}
+CONFIG = {"zygote": 'executor = "zygote"\n', "spawn": 'executor = "spawn"\n',
+          "zygote-none": 'executor = "zygote"\nisolation = "none"\n'}
 WARMUP = 20
 CONCURRENCY = 16
 
@@ -76,7 +85,7 @@ class Target:
             self.url = f"http://127.0.0.1:{self.port}/"
         else:
             config = self.root / f"{self.kind}.toml"
-            config.write_text(f'executor = "{self.kind}"\nlog_level = "warning"\n'
+            config.write_text(f'{CONFIG[self.kind]}log_level = "warning"\n'
                               "global_concurrency = 32\nqueue_max = 1000\n"
                               "[limits]\nconcurrency = 32\n")
             argv = [sys.executable, "-m", "wfd", "serve", "--config", str(config),
@@ -125,7 +134,7 @@ async def measure(url: str, sequential: int, parallel: int) -> dict:
         elapsed = time.perf_counter() - started
     cuts = statistics.quantiles(latencies, n=100)
     return {"p50": cuts[49], "p99": cuts[98], "rate": parallel / elapsed,
-            "pids": len(set(bodies)), "runs": parallel}
+            "fresh": bodies.count("1"), "runs": parallel}
 
 
 def rollup(pid: int) -> tuple[int, int]:
@@ -137,22 +146,37 @@ def rollup(pid: int) -> tuple[int, int]:
     return fields["Pss"], fields["Private_Clean"] + fields["Private_Dirty"]
 
 
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def descendants(pid: int) -> list[int]:
+    return [d for child in children(pid) for d in (child, *descendants(child))]
+
+
 def zygote_memory(target: Target) -> str:
+    """The zygote's python process (under bwrap: bwrap's descendant) and all below it.
+
+    Under isolation each spare is three processes (spare, PID 1, execution).
+    """
     status = json.loads(target.ctl("status", "--json"))
     zygote = status["zygote_pid"]
-    spares = Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split()
+    if Path(f"/proc/{zygote}/comm").read_text().strip() == "bwrap":
+        zygote = children(zygote)[0]  # sh and setpriv exec'd into it
+    below = descendants(zygote)
     pss, uss = rollup(zygote)
     spare_pss = spare_uss = 0
-    for pid in spares:
-        one_pss, one_uss = rollup(int(pid))
+    for pid in below:
+        one_pss, one_uss = rollup(pid)
         spare_pss, spare_uss = spare_pss + one_pss, spare_uss + one_uss
-    return (f"zygote PSS {pss / 1024:.1f} MiB, USS {uss / 1024:.1f} MiB; "
-            f"{len(spares)} spares PSS {spare_pss / 1024:.1f} MiB, USS {spare_uss / 1024:.1f} MiB;"
+    return (f"{target.kind}: zygote PSS {pss / 1024:.1f} MiB, USS {uss / 1024:.1f} MiB; "
+            f"{len(children(zygote))} spares ({len(below)} processes) PSS "
+            f"{spare_pss / 1024:.1f} MiB, USS {spare_uss / 1024:.1f} MiB;"
             f" total PSS {(pss + spare_pss) / 1024:.1f} MiB")
 
 
 def main() -> int:
-    results = {}
+    results, memory = {}, []
     with tempfile.TemporaryDirectory(prefix="wfd-bench-") as tmp:
         root = Path(tmp)
         (root / "workflow.py").write_text(WORKFLOW)
@@ -160,22 +184,22 @@ def main() -> int:
             target = Target(kind, root).start()
             try:
                 results[kind] = asyncio.run(measure(target.url, sequential, parallel))
-                if kind == "zygote":
+                if kind.startswith("zygote"):
                     time.sleep(1.5)  # one ping interval: spares refilled, status fresh
-                    memory = zygote_memory(target)
+                    memory.append(zygote_memory(target))
             finally:
                 target.stop()
-    print(f"{'':8} {'p50 ms':>8} {'p99 ms':>8} {'exec/s @16':>11} {'distinct pids':>14}")
+    print(f"{'':12} {'p50 ms':>8} {'p99 ms':>8} {'exec/s @16':>11} {'fresh state':>12}")
     for kind, r in results.items():
-        pids = f"{r['pids']}/{r['runs']}" if kind != "plain" else "(in-process)"
-        print(f"{kind:8} {r['p50']:8.2f} {r['p99']:8.2f} {r['rate']:11.0f} {pids:>14}")
+        fresh = f"{r['fresh']}/{r['runs']}" if kind != "plain" else "(in-process)"
+        print(f"{kind:12} {r['p50']:8.2f} {r['p99']:8.2f} {r['rate']:11.0f} {fresh:>12}")
     zygote, spawn, plain = results["zygote"], results["spawn"], results["plain"]
     print(f"spawn/zygote: p50 x{spawn['p50'] / zygote['p50']:.0f}, "
           f"throughput x{zygote['rate'] / spawn['rate']:.0f}")
     print(f"zygote/plain: p50 x{zygote['p50'] / plain['p50']:.1f}, "
           f"throughput x{plain['rate'] / zygote['rate']:.1f} (the price of isolation)")
-    print(memory)
-    print(f"cpus: {os.cpu_count()}")
+    print("\n".join(memory))
+    print(f"cpus: {os.cpu_count()}, load average {os.getloadavg()}")
     return 0
 
 

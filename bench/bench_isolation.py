@@ -2,8 +2,9 @@
 
 Run as root from the repo root: `.venv/bin/python bench/bench_isolation.py [runs]`.
 Each row runs a trivial catch workflow through the daemon's real executor
-(spawn, job on stdin, result pipe, kill and cleanup) with one combination of
-layers, and prints the median and 90th percentile in milliseconds;
+(cold spawn or zygote: job, result pipe, kill and cleanup) with one
+combination of layers, and prints the median and 90th percentile in
+milliseconds;
 docs/isolation.md quotes them. Runs are sequential, so the numbers are
 latency, not throughput.
 """
@@ -18,13 +19,14 @@ import uvloop
 
 from wfd import bwrap, cgroups, ids
 from wfd.config import Limits
-from wfd.executor import Job, SpawnExecutor
+from wfd.executor import Executor, Job, SpawnExecutor
 from wfd.isolation import Isolation
+from wfd.zygote import ZygoteExecutor
 
 CODE = 'def workflow(_request, settings):\n    return {"status_code": 200, "body": "ok"}\n'
 
 
-async def once(executor: SpawnExecutor) -> float:
+async def once(executor: Executor) -> float:
     job = Job(execution_id=ids.execution_id(), name="bench", kind="catch", version=1,
               code=CODE, limits=Limits(), request={})
     started = time.perf_counter()
@@ -33,13 +35,25 @@ async def once(executor: SpawnExecutor) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def executor_for(label: str, isolation: Isolation) -> Executor:
+    if label.startswith("zygote"):
+        return ZygoteExecutor(["json"], 2, 8, isolation)
+    return SpawnExecutor(isolation)
+
+
 async def measure(rows: dict[str, Isolation], runs: int) -> dict[str, list[float]]:
     """Interleaved (one of each per round), so load drifting on the host hits every row alike."""
-    executors = {label: SpawnExecutor(isolation) for label, isolation in rows.items()}
+    executors = {label: executor_for(label, isolation) for label, isolation in rows.items()}
+    for executor in executors.values():
+        await executor.start()
     samples: dict[str, list[float]] = {label: [] for label in rows}
-    for _ in range(runs):
-        for label, executor in executors.items():
-            samples[label].append(await once(executor))
+    try:
+        for _ in range(runs):
+            for label, executor in executors.items():
+                samples[label].append(await once(executor))
+    finally:
+        for executor in executors.values():
+            await executor.close()
     return samples
 
 
@@ -56,6 +70,12 @@ def main(runs: int) -> None:
                                                                   backend),
         "+ bwrap (namespaces, uid, fs view, tmpfs)": Isolation("strict", python, support, None),
         "+ bwrap + cgroup (strict default)": Isolation("strict", python, support, backend),
+        "zygote: rlimits only": Isolation("none", python, None, None),
+        "zygote: + cgroup (fd join, limits, kill, rmdir)": Isolation("best-effort", python,
+                                                                     None, backend),
+        "zygote: + bwrap, per-execution namespaces": Isolation("strict", python, support, None),
+        "zygote: + bwrap + cgroup (strict default)": Isolation("strict", python, support,
+                                                               backend),
     }
     print(f"{runs} executions each, {support.version}, cgroup {backend.name}, "
           f"daemon {'root (setpriv)' if support.mode == 'setpriv' else 'unprivileged (userns)'}")
@@ -64,7 +84,7 @@ def main(runs: int) -> None:
     for label, samples in results.items():
         samples.sort()
         median, p90 = statistics.median(samples), samples[int(len(samples) * 0.9)]
-        print(f"{label:<46} median {median:6.1f} ms  p90 {p90:6.1f} ms  (+{median - base:.1f})")
+        print(f"{label:<48} median {median:6.1f} ms  p90 {p90:6.1f} ms  (+{median - base:.1f})")
     backend.close()
 
 
