@@ -429,6 +429,42 @@ def test_a_tmp_file_is_not_seen_by_the_next_execution(hostile, canary, name):
     assert_contained(bodies[1], record, "success", 200, canary)
 
 
+def test_no_writable_place_is_shared_with_the_next_execution(hostile, canary, name):
+    """Wherever one execution can write, the next one must not find it (forked: one view)."""
+    code = workflow("""
+        places = ["/", "/dev", "/dev/shm", "/dev/mqueue", "/tmp", "/var/tmp", "/run"]
+        found = [p for p in places if os.path.exists(os.path.join(p, "wfd-left-behind"))]
+        for place in places:
+            try:
+                open(os.path.join(place, "wfd-left-behind"), "w").close()
+            except OSError:
+                pass
+        return {"status_code": 200, "body": json.dumps(found)}
+        """, prelude="import json, os")
+    url = hostile.deploy(name, code)
+    bodies = [requests.post(url, json={}, timeout=30) for _ in range(2)]
+    assert [b.json() for b in bodies] == [[], []]
+    record = hostile.logs(bodies[1].headers["X-Wfd-Execution-Id"])
+    assert_contained(bodies[1], record, "success", 200, canary)
+
+
+def test_a_sysv_shared_memory_segment_is_not_seen_by_the_next_execution(hostile, canary,
+                                                                         name):
+    """SysV IPC outlives its processes: each execution needs an IPC namespace of its own."""
+    code = workflow("""
+        libc = ctypes.CDLL(None, use_errno=True)
+        found = libc.shmget(0x57464421, 0, 0) != -1
+        if libc.shmget(0x57464421, 4096, 0o1600) == -1:  # IPC_CREAT | 0600
+            raise OSError(ctypes.get_errno(), "shmget")
+        return {"status_code": 200, "body": json.dumps(found)}
+        """, prelude="import ctypes, json")
+    url = hostile.deploy(name, code)
+    bodies = [requests.post(url, json={}, timeout=30) for _ in range(2)]
+    assert [b.json() for b in bodies] == [False, False]
+    record = hostile.logs(bodies[1].headers["X-Wfd-Execution-Id"])
+    assert_contained(bodies[1], record, "success", 200, canary)
+
+
 # ------------------------------------------------------------------ the daemon dies
 
 @pytest.mark.parametrize("executor", EXECUTORS)

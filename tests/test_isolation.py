@@ -47,6 +47,13 @@ def test_ctl_status_text_lists_each_layer(daemon):
         assert any(line.split()[:2] == [name, "on"] for line in text.splitlines()), text
 
 
+def test_status_says_how_each_executor_gets_its_namespaces(daemon):
+    status = daemon.ctl_json("status")
+    detail = status["isolation"]["layers"]["namespaces"]["detail"]
+    forked = "per execution its own user, mount, pid and ipc namespaces" in detail
+    assert forked == (status["executor"] == "zygote"), detail
+
+
 def test_strict_without_bwrap_refuses_to_start_and_says_what_to_do(make_daemon):
     daemon = make_daemon(start=False, env=NO_BWRAP)
     assert daemon.spawn().wait(30) == 1
