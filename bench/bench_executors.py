@@ -161,8 +161,8 @@ def zygote_memory(target: Target) -> str:
     """
     status = json.loads(target.ctl("status", "--json"))
     zygote = status["zygote_pid"]
-    if Path(f"/proc/{zygote}/comm").read_text().strip() == "bwrap":
-        zygote = children(zygote)[0]  # sh and setpriv exec'd into it
+    while Path(f"/proc/{zygote}/comm").read_text().strip() == "bwrap":
+        zygote = children(zygote)[0]  # bwrap, its PID 1, then the zygote (sh, setpriv exec'd)
     below = descendants(zygote)
     pss, uss = rollup(zygote)
     spare_pss = spare_uss = 0
