@@ -152,7 +152,8 @@ def test_wrong_key_unknown_and_disabled_are_the_same_404(daemon, echo, name):
     good = requests.post(echo, json={})
     assert good.status_code == 200
     base, key = echo.rsplit("/", 1)
-    wrong_key = requests.post(f"{base}/{key[:-1]}x", json={})
+    wrong = key[:-1] + ("y" if key.endswith("x") else "x")  # always a different key
+    wrong_key = requests.post(f"{base}/{wrong}", json={})
     unknown = requests.post(echo.replace(f"/{name}/", "/no-such-workflow/"), json={})
     wrong_team = requests.post(echo.replace("/teams/default/", "/teams/other/"), json={})
     daemon.ctl("disable", name)
