@@ -89,7 +89,10 @@ def leave_survivor(token):
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.closerange(3, 4096)
-            os.execv("/bin/sh", ["sh", "-c", f"sleep 300; : {token}"])
+            # One process that carries the token itself: killing what bears
+            # the token then leaves nothing behind (a shell's `sleep` child would).
+            os.execv(sys.executable, [sys.executable, "-I", "-c",
+                                      "import time; time.sleep(300)", token])
         os._exit(0)
     os.wait()
     # Return only once the grandchild runs, or the daemon's look for it proves nothing.
