@@ -55,12 +55,17 @@ def serve(work: socket.socket, zygote: int, env: dict[str, str], sandboxed: bool
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
     if not sandboxed:
         os._exit(_take_job(work, env, sandboxed))
+    _boot_step(isolate.unshare_namespaces)
+    os._exit(_wait_for(_fork(lambda: _init(work, env)), work))
+
+
+def _boot_step(step: Callable[[], None]) -> None:
+    """Run one isolation step; if it fails, this process ends as a boot failure."""
     try:
-        isolate.unshare_namespaces()
+        step()
     except OSError:
         traceback.print_exc()
         os._exit(runner.EXIT_BOOT_FAILED)
-    os._exit(_wait_for(_fork(lambda: _init(work, env)), work))
 
 
 def _fork(child: Callable[[], None]) -> int:
@@ -95,11 +100,7 @@ def _init(work: socket.socket, env: dict[str, str]) -> None:
     """
     limits.die_with_parent(0)  # the spare, outside this PID namespace
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    try:
-        isolate.mount_proc()
-    except OSError:
-        traceback.print_exc()
-        os._exit(runner.EXIT_BOOT_FAILED)
+    _boot_step(isolate.mount_proc)
     os._exit(_wait_for(_fork(lambda: _execution(work, env)), work))
 
 
