@@ -187,11 +187,9 @@ class Commands:
         return (await self._workflow(name)).settings
 
     async def settings_set(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
-        await self._workflow(name)
         return await self._change_settings(name, {"set": values, "unset": []})
 
     async def settings_unset(self, name: str, keys: list[str]) -> dict[str, Any]:
-        await self._workflow(name)
         return await self._change_settings(name, {"set": {}, "unset": keys})
 
     async def _change_settings(self, name: str, change: dict[str, Any]) -> dict[str, Any]:

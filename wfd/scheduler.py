@@ -84,9 +84,6 @@ class Scheduler:
         if self._batch is not None:
             await asyncio.gather(self._batch, return_exceptions=True)
 
-    def is_running(self, name: str) -> bool:
-        return name in self._running
-
     async def refresh(self, name: str, reset: bool = True) -> None:
         """Re-arm `name` after an operator changed it (deploy, enable, disable, delete).
 
