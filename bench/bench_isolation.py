@@ -17,11 +17,12 @@ import time
 
 import uvloop
 
-from wfd import bwrap, cgroups, ids
+from wfd import ids
 from wfd.config import Limits
-from wfd.executor import Executor, Job, SpawnExecutor
-from wfd.isolation import Isolation
-from wfd.zygote import ZygoteExecutor
+from wfd.executor.base import Executor, Job, SpawnExecutor
+from wfd.executor.zygote import ZygoteExecutor
+from wfd.isolation import bwrap, cgroups
+from wfd.isolation.layers import Isolation
 
 CODE = 'def workflow(_request, settings):\n    return {"status_code": 200, "body": "ok"}\n'
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from wfd import bwrap
+from wfd.isolation import bwrap
 
 CAP = 8 << 20
 

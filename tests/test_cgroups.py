@@ -13,7 +13,7 @@ import pytest
 from conftest import wait_for
 from helpers import pid_alive, pid_gone
 
-from wfd import cgroups
+from wfd.isolation import cgroups
 
 # ---------------------------------------------------------------- v2, fake cgroupfs
 

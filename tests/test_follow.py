@@ -9,7 +9,7 @@ import sys
 import pytest
 import requests
 
-from wfd.control import FOLLOW_BUFFER_BYTES, CommandError, Follower
+from wfd.control.handlers import FOLLOW_BUFFER_BYTES, CommandError, Follower
 from wfd.store import ExecutionRecord
 
 PRINTS = "def workflow(_request, settings):\n    print('seen', _request.get('n'))\n"

@@ -10,7 +10,7 @@ import pytest
 import requests
 from conftest import Daemon, wait_for
 
-from wfd import selftest
+from wfd.isolation import selftest
 
 # A PATH without bwrap or setpriv: how a host without bubblewrap looks to the daemon.
 NO_BWRAP = {"PATH": "/nonexistent"}

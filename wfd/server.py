@@ -22,18 +22,19 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from wfd import http, logs, sdnotify, selftest
+from wfd import http, logs, sdnotify
 from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
-from wfd.control import Commands, ControlServer
+from wfd.control.handlers import Commands, ControlServer
 from wfd.dispatch import Dispatcher
-from wfd.executor import Executor, SpawnExecutor
-from wfd.isolation import Isolation, IsolationError
+from wfd.executor.base import Executor, SpawnExecutor
+from wfd.executor.zygote import ZygoteExecutor
+from wfd.isolation import selftest
+from wfd.isolation.layers import Isolation, IsolationError
 from wfd.metrics import Metrics
 from wfd.retention import Pruner
 from wfd.scheduler import Scheduler
 from wfd.store import ExecutionRecord, Store
-from wfd.zygote import ZygoteExecutor
 
 # Keys a SIGHUP cannot apply: they are bound to open sockets, files,
 # semaphores or the kind of executor. A changed value is logged as needing a

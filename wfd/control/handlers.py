@@ -1,6 +1,6 @@
 """The control socket: `wfd ctl` commands, served over a unix socket.
 
-The protocol is one JSON object per line each way (see wfd/ctl.py for the
+The protocol is one JSON object per line each way (see wfd/control/client.py for the
 client): `{"id", "command", "args"}` in, `{"id", "ok", "result" | "error"}`
 out. A streaming command (`follow`) first sends any number of
 `{"id", "ok": true, "item"}` lines, then that same final line. Handlers

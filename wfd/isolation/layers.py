@@ -14,8 +14,9 @@ import contextlib
 import sys
 from dataclasses import asdict, dataclass
 
-from wfd import bwrap, cgroups, logs
+from wfd import logs
 from wfd.config import MIB, Limits
+from wfd.isolation import bwrap, cgroups
 
 # One CPU per execution: a workflow spinning threads on every core would
 # otherwise delay every other workflow (SPEC 5), which RLIMIT_CPU cannot stop.

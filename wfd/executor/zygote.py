@@ -23,9 +23,9 @@ from typing import Any
 import orjson
 
 from wfd import logs
-from wfd.cgroups import ExecutionCgroup
-from wfd.executor import CHILD_PATH, ChildLost, Job, Outcome, Pipes, SpawnExecutor, supervise
-from wfd.isolation import Isolation
+from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome, Pipes, SpawnExecutor, supervise
+from wfd.isolation.cgroups import ExecutionCgroup
+from wfd.isolation.layers import Isolation
 
 # A forked child finds its result pipe on fd 3 (sandbox/spare.py).
 RESULT_FD = 3

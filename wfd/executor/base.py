@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from wfd.cgroups import JOIN_FAILED_EXIT, ExecutionCgroup
 from wfd.config import MIB, Limits
-from wfd.isolation import Isolation
+from wfd.isolation.cgroups import JOIN_FAILED_EXIT, ExecutionCgroup
+from wfd.isolation.layers import Isolation
 
 # How long to keep reading a child's pipes after it exited: a process that
 # escaped its group (and so the kill) may still hold them open.
