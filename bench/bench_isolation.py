@@ -19,8 +19,7 @@ import uvloop
 
 from wfd import ids
 from wfd.config import Limits
-from wfd.executor.base import Executor, Job, SpawnExecutor
-from wfd.executor.zygote import ZygoteExecutor
+from wfd.executor import Executor, Job, SpawnExecutor, ZygoteExecutor
 from wfd.isolation import bwrap, cgroups
 from wfd.isolation.layers import Isolation
 

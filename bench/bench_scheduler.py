@@ -26,7 +26,7 @@ import uvloop
 from wfd import config as config_module
 from wfd.admission import Admission
 from wfd.dispatch import Dispatcher
-from wfd.executor.base import Job, Outcome
+from wfd.executor import Job, Outcome
 from wfd.scheduler import Scheduler
 from wfd.store import Store, utc_iso
 

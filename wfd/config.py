@@ -172,8 +172,11 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
 
 
 def _check_executor(config: Config) -> None:
-    if config.executor not in ("zygote", "spawn"):
-        raise ConfigError(f"executor must be 'zygote' or 'spawn', got {config.executor!r}")
+    from wfd.executor import EXECUTORS  # the one name map; imported late, it imports us
+
+    if config.executor not in EXECUTORS:
+        names = " or ".join(repr(name) for name in EXECUTORS)
+        raise ConfigError(f"executor must be {names}, got {config.executor!r}")
     if not (isinstance(config.preload, tuple)
             and all(isinstance(name, str) and MODULE_PATTERN.fullmatch(name)
                     for name in config.preload)):

@@ -16,7 +16,7 @@ from typing import Any
 from wfd import ids, logs
 from wfd.admission import Admission, Overloaded, Reservation
 from wfd.config import Config, Limits
-from wfd.executor.base import Executor, Job, Outcome
+from wfd.executor import Executor, Job, Outcome
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
 
 # The HTTP status a caller gets when the function did not decide it.

@@ -27,8 +27,7 @@ from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
 from wfd.control.handlers import Commands, ControlServer
 from wfd.dispatch import Dispatcher
-from wfd.executor.base import Executor, SpawnExecutor
-from wfd.executor.zygote import ZygoteExecutor
+from wfd.executor import ZygoteExecutor, make_executor
 from wfd.isolation import selftest
 from wfd.isolation.layers import Isolation, IsolationError
 from wfd.metrics import Metrics
@@ -43,19 +42,6 @@ RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
                 "max_body_mb", "global_concurrency", "executor")
 # After the drain, how long the listeners give handlers to send their responses.
 RESPONSE_FLUSH_S = 5.0
-
-
-def make_executor(config: Config, isolation: Isolation) -> Executor:
-    """The executor the config names; constructing it starts nothing.
-
-    Both give an execution the same layers: the zygote runs under the same
-    bwrap view, and each child builds its own namespaces and joins its own
-    cgroup (docs/isolation.md, "The zygote"). A zygote that cannot boot so
-    leaves its executions to cold spawn, still isolated.
-    """
-    if config.executor == "spawn":
-        return SpawnExecutor(isolation)
-    return ZygoteExecutor(config.preload, config.spares_min, config.spares_max, isolation)
 
 
 class Daemon:

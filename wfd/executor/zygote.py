@@ -23,7 +23,10 @@ from typing import Any
 import orjson
 
 from wfd import logs
-from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome, Pipes, SpawnExecutor, supervise
+from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
+from wfd.executor.pipes import Pipes
+from wfd.executor.spawn import SpawnExecutor
+from wfd.executor.supervise import supervise
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
 

@@ -23,7 +23,7 @@ import orjson
 
 from wfd import ids
 from wfd.config import Config
-from wfd.executor.base import Executor, Job, Outcome
+from wfd.executor import Executor, Job, Outcome
 from wfd.isolation.layers import Isolation
 
 SURVIVOR_WAIT_S = 3.0

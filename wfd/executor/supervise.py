@@ -1,0 +1,204 @@
+"""Supervising one execution and judging how it ended.
+
+`supervise` feeds the job, drains the pipes, enforces the timeout and kills
+what is left; `_judge` turns the child's exit and result into an Outcome.
+Both executors end every execution here.
+"""
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from wfd.config import MIB
+from wfd.executor.base import ChildLost, Job, Outcome
+from wfd.executor.pipes import Captured, Pipes, drain, feed
+from wfd.isolation.cgroups import JOIN_FAILED_EXIT, ExecutionCgroup
+
+# How long to keep reading a child's pipes after it exited: a process that
+# escaped its group (and so the kill) may still hold them open.
+DRAIN_AFTER_EXIT_S = 1.0
+
+
+# Beyond the response and the settings, a result carries little; this bounds
+# what a hostile child can make the daemon buffer.
+RESULT_OVERHEAD_BYTES = 1 * MIB
+
+
+async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
+                    ended: "asyncio.Future[int]", kill: Callable[[], None], *,
+                    cgroup: ExecutionCgroup | None = None,
+                    signal_exits: bool = False) -> Outcome:
+    """Feed the job, drain output and result, enforce the timeout, judge.
+
+    `ended` gives the child's return code (negative for a signal) or raises
+    ChildLost; `kill` ends the child's whole process group, and `cgroup`, when
+    there is one, everything else it started. `signal_exits`: the child is
+    bwrap, which reports a signal death as exit 128 + N. The child's ends of
+    `pipes` must be closed already; this closes ours.
+    """
+    output = Captured(job.limits.output_kb * 1024)
+    result = Captured(job.response_bytes + job.limits.settings_kb * 1024
+                       + RESULT_OVERHEAD_BYTES)
+    readers = [asyncio.create_task(drain(pipes.output_r, output)),
+               asyncio.create_task(drain(pipes.result_r, result))]
+    feeder = asyncio.create_task(feed(pipes.job_w, payload))
+    timed_out, lost, returncode = False, None, None
+    try:
+        timed_out = not await _reported_or_ended(ended, readers[1], result,
+                                                 job.limits.timeout_s)
+        if ended.done():
+            returncode = ended.result()
+    except ChildLost as exc:
+        lost = str(exc)
+    finally:
+        # Whatever happened, nothing the execution started outlives it.
+        kill()
+        if not (result.data and not timed_out):
+            with contextlib.suppress(ChildLost):
+                returncode = await ended
+        ended.add_done_callback(_consume)
+        if cgroup is not None:
+            await asyncio.to_thread(cgroup.kill)
+        await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT_S)
+        for task in [*readers, feeder]:
+            task.cancel()
+        await asyncio.gather(*readers, feeder, return_exceptions=True)
+    duration_ms = (time.perf_counter() - started) * 1000
+    if lost is not None:
+        outcome = Outcome("error", duration_ms, error=lost)
+    else:
+        how = _Ended(_signal_of(returncode, signal_exits), returncode, timed_out,
+                     cgroup is not None and cgroup.memory_oom(),
+                     cgroup is not None and returncode == JOIN_FAILED_EXIT)
+        outcome = _judge(job, how, result, duration_ms)
+    outcome.output = output.data.decode("utf-8", "replace")
+    outcome.output_truncated = output.truncated
+    if output.truncated:
+        outcome.output += f"\n[wfd: output cut here, over the {job.limits.output_kb} KiB limit]"
+    return outcome
+
+
+async def _reported_or_ended(ended: "asyncio.Future[int]", result_reader: asyncio.Task,
+                             result: "Captured", timeout_s: float) -> bool:
+    """Wait until the child ends or its result is complete; False at the timeout.
+
+    A complete result ends the execution: the child writes it last, after
+    flushing its output, so there is nothing left to wait for but the exit
+    (and, for a forked child, its reaping), which would only add latency.
+    What it left running is killed by the caller either way.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    waiting: set[asyncio.Future] = {ended, result_reader}
+    while True:
+        done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - loop.time()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            return False
+        if ended in done or result.data:
+            return True
+        waiting.discard(result_reader)  # closed without a result: wait for the exit
+
+
+def _consume(future: "asyncio.Future[int]") -> None:
+    """Retrieve an exit nobody waited for, so asyncio does not warn about it."""
+    if not future.cancelled():
+        future.exception()
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """How the child ended, as far as the daemon can tell without its result."""
+
+    signal: int | None
+    returncode: int | None
+    timed_out: bool
+    oom_killed: bool
+    join_failed: bool
+
+
+def _signal_of(returncode: int | None, signal_exits: bool) -> int | None:
+    """The signal that killed the workflow's process, if one did.
+
+    Under bwrap the daemon's child is bwrap, which exits 128 + N when the
+    sandboxed process dies of signal N (a workflow calling os._exit(137)
+    therefore looks like SIGKILL: it can only mislabel its own execution).
+    """
+    if returncode is None:
+        return None
+    if returncode < 0:
+        return -returncode
+    if signal_exits and 128 < returncode < 128 + signal.NSIG:
+        return returncode - 128
+    return None
+
+
+def _judge(job: Job, ended: _Ended, result: Captured, duration_ms: float) -> Outcome:
+    """Turn a child's exit and its result (if any) into an Outcome.
+
+    A kernel OOM kill in the execution's cgroup decides `memory` over
+    anything but a success: a workflow that failed because one of its
+    processes was OOM-killed ran out of memory, whatever it said about it.
+    """
+    limits = job.limits
+    if ended.timed_out:
+        return Outcome("timeout", duration_ms, error=f"timed out after {limits.timeout_s:g} s")
+    if result.truncated:
+        return Outcome("error", duration_ms, error="the result was too large")
+    oom = (f"the memory limit of {limits.memory_mb} MiB was reached: the kernel killed "
+           "a process of the execution")
+    if result.data:
+        outcome = _parse_result(result.data, duration_ms)
+        if ended.oom_killed and outcome.status != "success":
+            outcome.status, outcome.error = "memory", f"{oom}; then: {outcome.error}"
+        return outcome
+    if ended.oom_killed:
+        return Outcome("memory", duration_ms, error=oom)
+    if ended.signal in (signal.SIGXCPU, signal.SIGKILL):
+        return Outcome("cpu", duration_ms, error=f"CPU time limit of {limits.cpu_s} s exceeded")
+    if ended.signal is not None:
+        name = signal.Signals(ended.signal).name
+        return Outcome("error", duration_ms, error=f"the process was killed by {name}")
+    if ended.join_failed:
+        return Outcome("error", duration_ms, error="boot failed: the process could not "
+                       f"join its cgroup (exit {JOIN_FAILED_EXIT})")
+    return Outcome("error", duration_ms, error=f"the process exited with code "
+                   f"{ended.returncode} without reporting a result")
+
+
+def _parse_result(data: bytes, duration_ms: float) -> Outcome:
+    """Read the child's result, trusting nothing about its shape."""
+    try:
+        result = orjson.loads(data)
+        outcome = result["outcome"]
+        if outcome == "success":
+            response = result.get("response")
+            change = result.get("settings") or {"set": {}, "unset": []}
+            if not (_valid_response(response) and isinstance(change.get("set"), dict)
+                    and isinstance(change.get("unset"), list)):
+                raise ValueError
+            return Outcome("success", duration_ms, response=response, settings_change=change)
+        if outcome in ("error", "memory"):
+            return Outcome(outcome, duration_ms, error=str(result.get("error")),
+                           traceback=str(result.get("traceback") or ""))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return Outcome("error", duration_ms, error="the process reported a malformed result")
+
+
+def _valid_response(response: Any) -> bool:
+    if response is None:
+        return True
+    return (isinstance(response, dict)
+            and type(response.get("status_code")) is int
+            and 100 <= response["status_code"] <= 599
+            and isinstance(response.get("body"), str)
+            and isinstance(response.get("headers"), dict)
+            and all(isinstance(k, str) and isinstance(v, str)
+                    for k, v in response["headers"].items()))
