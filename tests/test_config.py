@@ -70,7 +70,7 @@ def test_json_log_format(make_daemon, name):
 
 
 def test_wfd_ctl_imports_nothing_heavy():
-    probe = ("import sys, wfd.cli, wfd.control.client; "
+    probe = ("import sys, wfd.cli, wfd.control.cli; "
              "print(sorted(m for m in ('aiohttp', 'hrflow', 'requests', 'aiosqlite', 'uvloop',"
              " 'orjson', 'asyncio') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

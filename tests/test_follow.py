@@ -9,7 +9,8 @@ import sys
 import pytest
 import requests
 
-from wfd.control.handlers import FOLLOW_BUFFER_BYTES, CommandError, Follower
+from wfd.control.follow import FOLLOW_BUFFER_BYTES, Follower
+from wfd.control.protocol import CommandError
 from wfd.store import ExecutionRecord
 
 PRINTS = "def workflow(_request, settings):\n    print('seen', _request.get('n'))\n"

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `wfd` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "ctl":
-        from wfd.control.client import main as ctl_main
+        from wfd.control.cli import main as ctl_main
 
         return ctl_main(argv[1:])
     if argv and argv[0] == "serve":

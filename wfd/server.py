@@ -25,7 +25,8 @@ from aiohttp import web
 from wfd import http, logs, sdnotify
 from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
-from wfd.control.handlers import Commands, ControlServer
+from wfd.control.handlers import Commands
+from wfd.control.server import ControlServer
 from wfd.dispatch import Dispatcher
 from wfd.executor import ZygoteExecutor, make_executor
 from wfd.isolation import selftest
@@ -69,7 +70,8 @@ class Daemon:
         self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,
                                  self.status)
         self.dispatcher.listeners += [self._count, self.pruner.note, self.commands.publish]
-        self.control = ControlServer(config.socket_path, self.commands, config.socket_group)
+        self.control = ControlServer(config.socket_path, self.commands.table(),
+                                     config.socket_group)
         self.state = "starting"
         self.started = time.monotonic()
         self._runners: list[web.AppRunner] = []

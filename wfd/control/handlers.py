@@ -1,26 +1,8 @@
-"""The control socket: `wfd ctl` commands, served over a unix socket.
+"""The handlers behind each `wfd ctl` command: plain data in, plain data out."""
 
-The protocol is one JSON object per line each way (see wfd/control/client.py for the
-client): `{"id", "command", "args"}` in, `{"id", "ok", "result" | "error"}`
-out. A streaming command (`follow`) first sends any number of
-`{"id", "ok": true, "item"}` lines, then that same final line. Handlers
-return plain data; formatting is the client's job. Anyone who can connect
-is an administrator, so the socket is created mode 0600 (0660 with
-`socket_group`) before it accepts anything.
-"""
-
-import asyncio
-import contextlib
-import grp
-import os
-import re
-import socket
 import sys
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,29 +10,14 @@ import orjson
 from wfd import catch, ids, logs
 from wfd.admission import Overloaded
 from wfd.config import Config, ConfigError
+from wfd.control.follow import Follower
+from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.dispatch import Dispatcher
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
-from wfd.store import ExecutionRecord, Store, StoreError, Workflow, merge_settings
+from wfd.store import ExecutionRecord, Store, Workflow, merge_settings
 
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
-MAX_REQUEST_BYTES = 64 * 1024 * 1024
-EXPORT_FORMAT = "wfd-export/1"
-# Output a `logs --follow` client may lag behind by before it is cut off:
-# a record carries up to output_kb (1 MiB) of output.
-FOLLOW_BUFFER_BYTES = 32 * 1024 * 1024
-
-
-class CommandError(Exception):
-    """A command that cannot be carried out; the message is shown to the operator."""
-
-
-def check_name(name: Any) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise CommandError(f"invalid workflow name {name!r}: use 1 to 63 of a-z, 0-9, _ and -, "
-                           "starting with a letter or digit")
-    return name
 
 
 class Commands:
@@ -330,148 +297,3 @@ def _full(record: ExecutionRecord) -> dict[str, Any]:
             "output_truncated": record.output_truncated}
 
 
-class Follower:
-    """One `--follow` stream's buffer of records not yet sent.
-
-    Bounded: a client that reads slower than executions end is cut off
-    with an error rather than growing the daemon's memory without limit.
-    """
-
-    def __init__(self) -> None:
-        self._records: deque[ExecutionRecord] = deque()
-        self._bytes = 0
-        self._wake = asyncio.Event()
-        self._ended: str | None = None
-
-    def push(self, record: ExecutionRecord) -> None:
-        size = len(record.output) + len(record.traceback or "")
-        if self._bytes + size > FOLLOW_BUFFER_BYTES:
-            self.end("fell behind: too many executions' output waiting to be sent; "
-                     "follow again")
-        elif self._ended is None:
-            self._records.append(record)
-            self._bytes += size
-            self._wake.set()
-
-    def end(self, reason: str) -> None:
-        self._ended = self._ended or reason
-        self._wake.set()
-
-    async def next_batch(self) -> list[ExecutionRecord]:
-        """The records buffered so far, waiting for one; raises CommandError once ended."""
-        await self._wake.wait()
-        self._wake.clear()
-        if self._ended is not None:
-            raise CommandError(self._ended)
-        batch = list(self._records)
-        self._records.clear()
-        self._bytes = 0
-        return batch
-
-
-class ControlServer:
-    """Serves Commands on a unix socket, one JSON line per request."""
-
-    def __init__(self, path: Path, commands: Commands, group: str = "") -> None:
-        self.path = path
-        self.commands = commands.table()
-        self.group = group
-        self._server: asyncio.base_events.Server | None = None
-
-    async def start(self) -> None:
-        self._clear_stale()
-        old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
-        try:
-            self._server = await asyncio.start_unix_server(self._serve, self.path,
-                                                           limit=MAX_REQUEST_BYTES)
-        finally:
-            os.umask(old_umask)
-        if self.group:
-            os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
-            os.chmod(self.path, 0o660)
-
-    def _clear_stale(self) -> None:
-        """Remove a socket left by a dead daemon; refuse to steal a live one's."""
-        if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            return
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(str(self.path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            self.path.unlink(missing_ok=True)
-            return
-        finally:
-            probe.close()
-        raise ConfigError(f"another wfd daemon is serving {self.path}")
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self.path.unlink(missing_ok=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                answer = await self._answer(line)
-                if isinstance(answer.get("result"), AsyncIterator):
-                    answer = await self._stream(answer["id"], answer["result"], reader, writer)
-                writer.write(orjson.dumps(answer) + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass  # a client that hung up or sent a line over the limit
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def _stream(self, request_id: Any, items: AsyncIterator[dict[str, Any]],
-                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                      ) -> dict[str, Any]:
-        """Send each item as `{"id", "ok", "item"}`; return the final reply line.
-
-        The connection is the stream's alone: anything the client sends, or
-        its hanging up, ends the stream at once (even while nothing happens).
-        """
-        hangup = asyncio.ensure_future(reader.read(1))
-        try:
-            while True:
-                item = asyncio.ensure_future(anext(items))
-                await asyncio.wait({item, hangup}, return_when=asyncio.FIRST_COMPLETED)
-                if not item.done():
-                    item.cancel()
-                    await asyncio.wait({item})  # the generator must stop before aclose
-                    raise ConnectionResetError("the client hung up")
-                writer.write(orjson.dumps({"id": request_id, "ok": True,
-                                           "item": item.result()}) + b"\n")
-                await writer.drain()
-        except StopAsyncIteration:
-            return {"id": request_id, "ok": True, "result": None}
-        except CommandError as exc:
-            return {"id": request_id, "ok": False, "error": str(exc)}
-        finally:
-            hangup.cancel()
-            await items.aclose()
-
-    async def _answer(self, line: bytes) -> dict[str, Any]:
-        request_id = None
-        try:
-            request = orjson.loads(line)
-            request_id = request.get("id")
-            handler = self.commands.get(request.get("command"))
-            if handler is None:
-                raise CommandError(f"unknown command {request.get('command')!r}")
-            args = request.get("args") or {}
-            started = time.perf_counter()
-            result = await handler(**args)
-            logs.event("ctl", command=request["command"],
-                       ms=round((time.perf_counter() - started) * 1000, 1), level=10)
-            return {"id": request_id, "ok": True, "result": result}
-        except (CommandError, StoreError, ConfigError) as exc:
-            return {"id": request_id, "ok": False, "error": str(exc)}
-        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
-            return {"id": request_id, "ok": False, "error": f"malformed request: {exc}"}
-        except Exception as exc:
-            logs.logger.exception("control command failed")
-            return {"id": request_id, "ok": False, "error": f"internal error: {exc}"}

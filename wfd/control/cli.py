@@ -1,0 +1,207 @@
+"""`wfd ctl`: the operator's command line, parsed into one control request.
+
+It imports only the standard library, so a round trip costs a Python
+start-up and one socket exchange. It sends one JSON request and prints the
+result as text (or as JSON with `--json`).
+
+Exit codes: 0 success; 1 the daemon refused the command (the error is one
+line on stderr); 2 bad usage; 3 the daemon is not running (no socket, or
+nobody listening); 4 `run` executed the workflow but the execution failed.
+`logs NAME --follow` runs until Ctrl-C (exit 0) or until the daemon ends the
+stream (it stops, or the client fell behind: exit 1 with the reason).
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from wfd.control.client import (
+    DEFAULT_SOCKET,
+    EXIT_EXECUTION_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    CtlError,
+    call,
+    final,
+    replies,
+)
+from wfd.control.render import render
+
+LIMIT_OPTIONS = (("--timeout", "timeout_s", float), ("--memory", "memory_mb", int),
+                 ("--cpu", "cpu_s", int), ("--processes", "processes", int),
+                 ("--open-files", "open_files", int), ("--concurrency", "concurrency", int))
+
+
+class UsageError(CtlError):
+    """Arguments that parse but make no sense together."""
+
+    exit_code = EXIT_USAGE
+
+
+def parse_value(text: str) -> Any:
+    """A settings value from the command line: JSON if it parses, else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="control socket (default $WFD_SOCKET or ./wfd-data/wfd.sock)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print machine-readable JSON")
+    parser = argparse.ArgumentParser(prog="wfd ctl", parents=[common],
+                                     description="Administer a running wfd daemon.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, *names: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, parents=[common], help=help_text)
+        for item in names:
+            command.add_argument(item)
+        return command
+
+    add("status", "daemon status")
+    add("list", "list workflows")
+    deploy = add("deploy", "deploy a new version of a workflow", "name", "file")
+    kind = deploy.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--catch", dest="kind", action="store_const", const="catch")
+    kind.add_argument("--pull", dest="kind", action="store_const", const="pull")
+    deploy.add_argument("--every", help="pull interval: 30s, 5m, 1h, 1d")
+    deploy.add_argument("--cron", help="pull schedule: a 5-field cron expression")
+    deploy.add_argument("--tz", help="IANA time zone of --cron (default UTC)")
+    for flag, dest, kind_of in LIMIT_OPTIONS:
+        deploy.add_argument(flag, dest=dest, type=kind_of)
+    for name in ("show", "url", "enable", "disable", "delete", "versions", "rotate-key"):
+        add(name, f"{name} a workflow", "name")
+    settings = add("settings", "print or change a workflow's settings", "name")
+    settings.add_argument("action", nargs="?", choices=("set", "unset"))
+    settings.add_argument("items", nargs="*", metavar="KEY[=VALUE]")
+    run = add("run", "execute a workflow now", "name")
+    run.add_argument("--data", help="JSON body for a catch workflow")
+    executions = add("executions", "recent executions of a workflow", "name")
+    executions.add_argument("--limit", type=int, default=20)
+    logs = add("logs", "record, output and traceback of an execution; with --follow, "
+               "a workflow's executions as they end")
+    logs.add_argument("target", metavar="EXECUTION_ID|NAME")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="stream NAME's executions as they end, until Ctrl-C")
+    rollback = add("rollback", "make an earlier version current", "name")
+    rollback.add_argument("version", type=int)
+    export = add("export", "every workflow, version and setting as JSON")
+    export.add_argument("file", nargs="?")
+    add("import", "import an export into this daemon", "file")
+    return parser
+
+
+def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Translate parsed arguments into a control command and its arguments."""
+    command = args.command
+    if command == "deploy":
+        code = _read(args.file)
+        schedule = None
+        if args.kind == "pull" or args.every or args.cron:
+            schedule = {"every": args.every, "cron": args.cron, "tz": args.tz}
+        limits = {dest: getattr(args, dest) for _, dest, _ in LIMIT_OPTIONS}
+        return "deploy", {"name": args.name, "kind": args.kind, "code": code,
+                          "limits": limits, "schedule": schedule}
+    if command == "settings":
+        if args.action is None:
+            return "settings", {"name": args.name}
+        if not args.items:
+            raise UsageError(f"settings {args.action} needs at least one key")
+        if args.action == "unset":
+            return "settings-unset", {"name": args.name, "keys": args.items}
+        values = {}
+        for item in args.items:
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"expected KEY=VALUE, got {item!r}")
+            values[key] = parse_value(text)
+        return "settings-set", {"name": args.name, "values": values}
+    if command == "run":
+        data = None
+        if args.data is not None:
+            try:
+                data = json.loads(args.data)
+            except ValueError as exc:
+                raise UsageError(f"--data is not valid JSON: {exc}") from None
+        return "run", {"name": args.name, "data": data}
+    if command == "executions":
+        return "executions", {"name": args.name, "limit": args.limit}
+    if command == "logs":
+        if args.follow:
+            return "follow", {"name": args.target}
+        return "logs", {"execution_id": args.target}
+    if command == "rollback":
+        return "rollback", {"name": args.name, "version": args.version}
+    if command == "import":
+        try:
+            return "import", {"data": json.loads(_read(args.file))}
+        except ValueError as exc:
+            raise UsageError(f"{args.file} is not JSON: {exc}") from None
+    if command in ("status", "list", "export"):
+        return command, {}
+    return command, {"name": args.name}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CtlError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def follow(socket_path: str, name: str, as_json: bool) -> None:
+    """Print each execution of `name` as it ends, until the daemon ends the stream."""
+    for reply in replies(socket_path, "follow", name=name):
+        if "item" not in reply:
+            final(reply)
+            return
+        item = reply["item"]
+        if "following" in item:
+            print(f"following {item['following']}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        elif as_json:
+            print(json.dumps(item), flush=True)
+        else:
+            print(render("logs", item) + "\n", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `wfd ctl` command; returns the process exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else EXIT_OK
+    socket_path = getattr(args, "socket", None) or os.environ.get("WFD_SOCKET") or DEFAULT_SOCKET
+    as_json = getattr(args, "json", False)
+    try:
+        command, request = request_for(args)
+        if command == "follow":
+            follow(socket_path, request["name"], as_json)
+            return EXIT_OK
+        result = call(socket_path, command, **request)
+    except CtlError as exc:
+        print(f"wfd ctl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # e.g. no permission on the socket
+        print(f"wfd ctl: {socket_path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return EXIT_OK  # how `logs --follow` is meant to end
+    if command == "export" and args.file:
+        Path(args.file).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"exported {len(result['workflows'])} workflow(s) to {args.file}")
+    elif as_json or command == "export":
+        print(json.dumps(result, indent=2))
+    else:
+        print(render(command, result))
+    if command == "run" and result["status"] != "success":
+        return EXIT_EXECUTION_FAILED
+    return EXIT_OK

@@ -1,0 +1,132 @@
+"""The control socket's server: one connection, one JSON line per request.
+
+Handlers return plain data; formatting is the client's job. Anyone who can
+connect is an administrator, so the socket is created mode 0600 (0660 with
+`socket_group`) before it accepts anything.
+"""
+
+import asyncio
+import contextlib
+import grp
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from wfd import logs
+from wfd.config import ConfigError
+from wfd.control.protocol import MAX_REQUEST_BYTES, CommandError
+from wfd.store import StoreError
+
+
+class ControlServer:
+    """Serves a table of command handlers on a unix socket, one JSON line per request."""
+
+    def __init__(self, path: Path, commands: Mapping[str, Callable[..., Awaitable[Any]]],
+                 group: str = "") -> None:
+        self.path = path
+        self.commands = commands
+        self.group = group
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._clear_stale()
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path,
+                                                           limit=MAX_REQUEST_BYTES)
+        finally:
+            os.umask(old_umask)
+        if self.group:
+            os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
+            os.chmod(self.path, 0o660)
+
+    def _clear_stale(self) -> None:
+        """Remove a socket left by a dead daemon; refuse to steal a live one's."""
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(self.path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            self.path.unlink(missing_ok=True)
+            return
+        finally:
+            probe.close()
+        raise ConfigError(f"another wfd daemon is serving {self.path}")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                answer = await self._answer(line)
+                if isinstance(answer.get("result"), AsyncIterator):
+                    answer = await self._stream(answer["id"], answer["result"], reader, writer)
+                writer.write(orjson.dumps(answer) + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass  # a client that hung up or sent a line over the limit
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _stream(self, request_id: Any, items: AsyncIterator[dict[str, Any]],
+                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> dict[str, Any]:
+        """Send each item as `{"id", "ok", "item"}`; return the final reply line.
+
+        The connection is the stream's alone: anything the client sends, or
+        its hanging up, ends the stream at once (even while nothing happens).
+        """
+        hangup = asyncio.ensure_future(reader.read(1))
+        try:
+            while True:
+                item = asyncio.ensure_future(anext(items))
+                await asyncio.wait({item, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    await asyncio.wait({item})  # the generator must stop before aclose
+                    raise ConnectionResetError("the client hung up")
+                writer.write(orjson.dumps({"id": request_id, "ok": True,
+                                           "item": item.result()}) + b"\n")
+                await writer.drain()
+        except StopAsyncIteration:
+            return {"id": request_id, "ok": True, "result": None}
+        except CommandError as exc:
+            return {"id": request_id, "ok": False, "error": str(exc)}
+        finally:
+            hangup.cancel()
+            await items.aclose()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        request_id = None
+        try:
+            request = orjson.loads(line)
+            request_id = request.get("id")
+            handler = self.commands.get(request.get("command"))
+            if handler is None:
+                raise CommandError(f"unknown command {request.get('command')!r}")
+            args = request.get("args") or {}
+            started = time.perf_counter()
+            result = await handler(**args)
+            logs.event("ctl", command=request["command"],
+                       ms=round((time.perf_counter() - started) * 1000, 1), level=10)
+            return {"id": request_id, "ok": True, "result": result}
+        except (CommandError, StoreError, ConfigError) as exc:
+            return {"id": request_id, "ok": False, "error": str(exc)}
+        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            return {"id": request_id, "ok": False, "error": f"malformed request: {exc}"}
+        except Exception as exc:
+            logs.logger.exception("control command failed")
+            return {"id": request_id, "ok": False, "error": f"internal error: {exc}"}
