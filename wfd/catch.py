@@ -1,16 +1,31 @@
-"""The catch contract (SPEC 2): an HTTP request in, `_request` for the workflow, a response out."""
+"""The catch contract (SPEC 2): an HTTP request in, `_request` for the workflow, a response out.
+
+Everything a catch request goes through between the listener and the
+dispatcher lives here: the route, the key check, the refusals, turning
+headers, query and body into fields, and the reply.
+"""
 
 import base64
+import hmac
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
 
+from wfd import ids, logs
+from wfd.admission import Overloaded
+from wfd.config import Config
+from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher
+from wfd.store import Store
+
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
 # Framing is the server's business, not the workflow's: these would corrupt the response.
 DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 EXECUTION_HEADER = "X-Wfd-Execution-Id"
+CATCH_ROUTE = r"/teams/{team}/{name}/{runtime:python3\.\d+}/{key}"
+# Compared against when a workflow is unknown, so both paths do the same work.
+_NO_KEY = ids.catch_key()
 
 
 class BadRequest(Exception):
@@ -110,3 +125,75 @@ def workflow_reply(response: dict[str, Any], execution_id: str) -> web.Response:
     headers[EXECUTION_HEADER] = execution_id
     return web.Response(status=response["status_code"], body=response["body"].encode(),
                         headers=headers)
+
+
+class CatchHandler:
+    """Answers `POST /teams/{team}/{name}/python3.{minor}/{key}`."""
+
+    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+
+    @property
+    def config(self) -> Config:
+        """The dispatcher's, so that a SIGHUP reload reaches the catch routes too."""
+        return self.dispatcher.config
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        execution_id = ids.execution_id()
+        if request.method != "POST":
+            return json_reply(405, "method_not_allowed", execution_id, {"Allow": "POST"})
+        info = request.match_info
+        workflow = await self.store.workflow(info["name"])
+        key_ok = hmac.compare_digest(info["key"].encode(),
+                                     (workflow.catch_key if workflow else _NO_KEY).encode())
+        if not (key_ok and workflow and workflow.enabled and workflow.kind == "catch"
+                and info["team"] == self.config.team):
+            return json_reply(404, "not_found", execution_id)
+        content_type = self._content_type(request)
+        if content_type not in ACCEPTED_TYPES:
+            return json_reply(415, "unsupported_media_type", execution_id)
+        if (request.content_length or 0) > self.config.max_body_bytes:
+            return json_reply(413, "payload_too_large", execution_id)
+        try:
+            reservation = self.dispatcher.reserve(workflow)
+        except Overloaded:
+            logs.event("overloaded", workflow=workflow.name, id=execution_id)
+            return json_reply(503, "overloaded", execution_id, {"Retry-After": "1"})
+        try:
+            fields = header_fields(request.raw_headers)
+            fields.update(self._query(request))
+            fields.update(await body_fields(request, content_type))
+        except web.HTTPRequestEntityTooLarge:
+            reservation.cancel()
+            return json_reply(413, "payload_too_large", execution_id)
+        except BadRequest:
+            reservation.cancel()
+            return json_reply(400, "bad_request", execution_id)
+        except BaseException:
+            reservation.cancel()
+            raise
+        executed = await self.dispatcher.execute(workflow, "catch", fields, reservation,
+                                                 execution_id)
+        return reply(executed.record.status, executed.record.http_status, executed.response,
+                     execution_id)
+
+    @staticmethod
+    def _content_type(request: web.Request) -> str:
+        declared = request.headers.get("Content-Type", "")
+        return declared.split(";", 1)[0].strip().lower()
+
+    @staticmethod
+    def _query(request: web.Request) -> dict[str, Any]:
+        query = request.query
+        return {name: values[0] if len(values) == 1 else values
+                for name in query for values in [query.getall(name)]}
+
+
+def reply(status: str, http_status: int | None, response: dict[str, Any] | None,
+          execution_id: str) -> web.Response:
+    """The caller's response for a finished catch execution."""
+    if response is not None:
+        return workflow_reply(response, execution_id)
+    code = http_status or FAILURE_HTTP_STATUS.get(status, 500)
+    return json_reply(code, status, execution_id)
