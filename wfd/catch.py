@@ -5,19 +5,22 @@ dispatcher lives here: the route, the key check, the refusals, turning
 headers, query and body into fields, and the reply.
 """
 
+import asyncio
 import base64
 import hmac
+import time
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from aiohttp import web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 
-from wfd import ids, logs
+from wfd import ids, logs, signatures
 from wfd.admission import Overloaded
 from wfd.config import Config
 from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher
-from wfd.store import Store
+from wfd.metrics import Metrics
+from wfd.store import Store, Workflow
 
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
 # Framing is the server's business, not the workflow's: these would corrupt the response.
@@ -70,12 +73,19 @@ def json_fields(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"body": value}
 
 
-async def body_fields(request: web.Request, content_type: str) -> dict[str, Any]:
+async def body_fields(request: web.Request, content_type: str,
+                      raw: bytes | None = None) -> dict[str, Any]:
     """The body's fields, read within the app's size limit.
 
     aiohttp stops reading with HTTPRequestEntityTooLarge as soon as the body
     passes `client_max_size`, so an oversized body is never held whole.
+    `raw` is the body already read whole (for a signature over it).
     """
+    if content_type == "multipart/form-data" and raw is not None:
+        try:
+            return await _multipart_from_bytes(request, raw)
+        except Exception as exc:
+            raise BadRequest(f"malformed multipart body: {exc}") from None
     if content_type == "multipart/form-data":
         try:
             form = await request.post()
@@ -96,6 +106,26 @@ async def body_fields(request: web.Request, content_type: str) -> dict[str, Any]
         return _grouped(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text)))
     except (UnicodeDecodeError, LookupError, ValueError) as exc:
         raise BadRequest(f"malformed form body: {exc}") from None
+
+
+async def _multipart_from_bytes(request: web.Request, raw: bytes) -> dict[str, Any]:
+    """The fields of a multipart body read earlier, as `request.post()` would give them."""
+    stream = StreamReader(request.protocol, limit=len(raw) + 1, loop=asyncio.get_running_loop())
+    stream.feed_data(raw)
+    stream.feed_eof()
+    pairs: list[tuple[str, Any]] = []
+    async for part in MultipartReader(request.headers, stream):
+        if not isinstance(part, BodyPartReader) or part.name is None:
+            raise ValueError("nested or unnamed multipart part")
+        content = bytes(await part.read(decode=True))
+        if part.filename:
+            pairs.append((part.name, {
+                "filename": part.filename,
+                "content_type": part.headers.get("Content-Type", "application/octet-stream"),
+                "size": len(content), "content": base64.b64encode(content).decode()}))
+        else:
+            pairs.append((part.name, content.decode(part.get_charset(default="utf-8"))))
+    return _grouped(pairs)
 
 
 def _file_field(field: web.FileField) -> dict[str, Any]:
@@ -130,9 +160,10 @@ def workflow_reply(response: dict[str, Any], execution_id: str) -> web.Response:
 class CatchHandler:
     """Answers `POST /teams/{team}/{name}/python3.{minor}/{key}`."""
 
-    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, metrics: Metrics) -> None:
         self.store = store
         self.dispatcher = dispatcher
+        self.metrics = metrics
 
     @property
     def config(self) -> Config:
@@ -155,15 +186,21 @@ class CatchHandler:
             return json_reply(415, "unsupported_media_type", execution_id)
         if (request.content_length or 0) > self.config.max_body_bytes:
             return json_reply(413, "payload_too_large", execution_id)
+        policy = await self.store.delivery_policy(workflow.name)
         try:
             reservation = self.dispatcher.reserve(workflow)
         except Overloaded:
             logs.event("overloaded", workflow=workflow.name, id=execution_id)
             return json_reply(503, "overloaded", execution_id, {"Retry-After": "1"})
         try:
+            raw = await request.read() if policy.scheme in signatures.SIGNS_BODY else None
+            if policy.scheme and not self._signed(workflow, policy.scheme, policy.secret,
+                                                  request, raw, execution_id):
+                reservation.cancel()
+                return json_reply(401, "invalid_signature", execution_id)
             fields = header_fields(request.raw_headers)
             fields.update(self._query(request))
-            fields.update(await body_fields(request, content_type))
+            fields.update(await body_fields(request, content_type, raw))
         except web.HTTPRequestEntityTooLarge:
             reservation.cancel()
             return json_reply(413, "payload_too_large", execution_id)
@@ -177,6 +214,24 @@ class CatchHandler:
                                                  execution_id)
         return reply(executed.record.status, executed.record.http_status, executed.response,
                      execution_id)
+
+    def _signed(self, workflow: Workflow, scheme: str, secret: str | None,
+                request: web.Request, raw: bytes | None, execution_id: str) -> bool:
+        """Whether the request passes the workflow's signature check; counts and logs if not.
+
+        A scheme without a secret (imported without `--with-secrets`) refuses
+        everything until `wfd ctl verify` gives it one.
+        """
+        try:
+            if not secret:
+                raise signatures.InvalidSignature("no secret is set: run wfd ctl verify")
+            signatures.verify(scheme, secret, request.headers, raw or b"", time.time())
+        except signatures.InvalidSignature as exc:
+            self.metrics.signature_rejected(workflow.name, scheme)
+            logs.event("invalid-signature", workflow=workflow.name, scheme=scheme,
+                       id=execution_id, reason=str(exc))
+            return False
+        return True
 
     @staticmethod
     def _content_type(request: web.Request) -> str:

@@ -49,7 +49,8 @@ def catch_app(config: Config, store: Store, dispatcher: Dispatcher,
     """The public listener: catch routes, plus /healthz and /metrics unless on admin_listen."""
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[counted(metrics)])
-    app.router.add_route("*", CATCH_ROUTE, CatchHandler(store, dispatcher), name="catch")
+    app.router.add_route("*", CATCH_ROUTE, CatchHandler(store, dispatcher, metrics),
+                         name="catch")
     if not config.admin_listen:
         add_admin_routes(app, health, metrics)
     return app

@@ -50,6 +50,9 @@ class Metrics:
         self.skipped_ticks = Counter(
             "wfd_skipped_ticks", "Pull ticks skipped because the previous run was still going.",
             ["workflow"], registry=registry)
+        self.invalid_signatures = Counter(
+            "wfd_invalid_signatures", "Catch requests refused (401) for a missing or bad "
+            "signature, by workflow and scheme.", ["workflow", "scheme"], registry=registry)
         self.http_requests = Counter(
             "wfd_http_requests", "HTTP responses sent, by route and status code.",
             ["route", "code"], registry=registry)
@@ -70,6 +73,9 @@ class Metrics:
     def tick_skipped(self, workflow: str) -> None:
         """Called by the scheduler for a tick skipped because a run was still going."""
         self.skipped_ticks.labels(workflow).inc()
+
+    def signature_rejected(self, workflow: str, scheme: str) -> None:
+        self.invalid_signatures.labels(workflow, scheme).inc()
 
     def http_response(self, route: str, code: int) -> None:
         self.http_requests.labels(route, str(code)).inc()

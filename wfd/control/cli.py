@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("version", type=int)
     export = add("export", "every workflow, version and setting as JSON")
     export.add_argument("file", nargs="?")
+    export.add_argument("--with-secrets", action="store_true",
+                        help="include signing secrets (keep the file private)")
+    verify = add("verify", "check the signature of a catch workflow's requests", "name")
+    verify.add_argument("scheme", choices=("hrflow", "standard", "github", "off"))
+    secret = verify.add_mutually_exclusive_group()
+    secret.add_argument("--secret-file", metavar="FILE", help="read the secret from FILE")
+    secret.add_argument("--secret-env", metavar="VAR",
+                        help="read the secret from this command's environment variable VAR")
     add("import", "import an export into this daemon", "file")
     return parser
 
@@ -145,9 +153,32 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return "import", {"data": json.loads(_read(args.file))}
         except ValueError as exc:
             raise UsageError(f"{args.file} is not JSON: {exc}") from None
-    if command in ("status", "list", "export"):
+    if command == "verify":
+        return "verify", {"name": args.name, "scheme": args.scheme, "secret": _secret(args)}
+    if command == "export":
+        return "export", {"with_secrets": args.with_secrets}
+    if command in ("status", "list"):
         return command, {}
     return command, {"name": args.name}
+
+
+def _secret(args: argparse.Namespace) -> str | None:
+    """The signing secret from a file or an environment variable, never from argv."""
+    if args.scheme == "off":
+        if args.secret_file or args.secret_env:
+            raise UsageError("verify off takes no secret")
+        return None
+    if args.secret_file:
+        secret = _read(args.secret_file).strip()
+    elif args.secret_env:
+        secret = os.environ.get(args.secret_env, "").strip()
+        if not secret:
+            raise UsageError(f"the environment variable {args.secret_env} is empty or unset")
+    else:
+        raise UsageError(f"verify {args.scheme} needs --secret-file FILE or --secret-env VAR")
+    if not secret:
+        raise UsageError(f"{args.secret_file} is empty")
+    return secret
 
 
 def _read(path: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from wfd import catch, ids, logs
+from wfd import catch, ids, logs, signatures
 from wfd.admission import Overloaded
 from wfd.config import Config, ConfigError
 from wfd.control.follow import Follower
@@ -42,6 +42,7 @@ class Commands:
             "follow": self.follow,
             "versions": self.versions, "rollback": self.rollback,
             "rotate-key": self.rotate_key, "export": self.export, "import": self.import_,
+            "verify": self.verify,
         }
 
     async def _workflow(self, name: Any) -> Workflow:
@@ -119,8 +120,10 @@ class Commands:
         workflow = await self._workflow(name)
         limits = self.dispatcher.limits(workflow)
         recent = await self.store.executions(workflow.name, 1)
+        delivery = await self.store.delivery_policy(workflow.name)
         return {**self._listing(workflow),
                 "effective_limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
+                **({"delivery": delivery.public()} if workflow.kind == "catch" else {}),
                 "settings_keys": sorted(workflow.settings),
                 "last_execution": recent[0].summary() if recent else None}
 
@@ -253,8 +256,30 @@ class Commands:
         logs.event("key-rotated", workflow=name)
         return {"name": name, "url": self._url(workflow)}
 
-    async def export(self) -> dict[str, Any]:
-        return {"format": EXPORT_FORMAT, "workflows": await self.store.export()}
+    async def verify(self, name: str, scheme: str, secret: str | None = None) -> dict[str, Any]:
+        """Check the signature of every catch request under `scheme`, or with `off` stop.
+
+        The secret is stored, never returned, listed or logged.
+        """
+        workflow = await self._workflow(name)
+        if workflow.kind != "catch":
+            raise CommandError(f"{name} is a pull workflow; only catch requests are signed")
+        if scheme == "off":
+            if secret:
+                raise CommandError("verify off takes no secret")
+            await self.store.set_verification(name, None, None)
+        else:
+            try:
+                signatures.check_secret(scheme, secret or "")
+            except ValueError as exc:
+                raise CommandError(f"verify {scheme}: {exc}") from None
+            await self.store.set_verification(name, scheme, secret)
+        logs.event("verification", workflow=name, scheme=scheme)
+        return {"name": name, "verify": scheme}
+
+    async def export(self, with_secrets: bool = False) -> dict[str, Any]:
+        return {"format": EXPORT_FORMAT,
+                "workflows": await self.store.export(with_secrets=bool(with_secrets))}
 
     async def import_(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
@@ -289,6 +314,11 @@ def _check_exported(item: dict[str, Any]) -> None:
     if item.get("version") not in {v.get("version") for v in versions}:
         raise CommandError(f"{name}: current version {item.get('version')} is not among "
                            "its versions")
+    delivery = item.get("delivery") or {}
+    if not isinstance(delivery, dict) or delivery.get("verify", "off") not in (
+            "off", *signatures.SCHEMES):
+        raise CommandError(f"{name}: delivery.verify must be off or one of "
+                           f"{', '.join(signatures.SCHEMES)}")
 
 
 def _full(record: ExecutionRecord) -> dict[str, Any]:

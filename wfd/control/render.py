@@ -49,6 +49,10 @@ def render(command: str, result: Any) -> str:
         return json.dumps(result, indent=2, sort_keys=True)
     if command in ("enable", "disable"):
         return f"{result['name']} {command}d"
+    if command == "verify":
+        if result["verify"] == "off":
+            return f"{result['name']}: signatures are no longer checked"
+        return f"{result['name']}: every request must be signed ({result['verify']})"
     if command == "delete":
         return f"deleted {result['deleted']}"
     if command == "rollback":
