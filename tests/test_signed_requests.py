@@ -101,16 +101,19 @@ def test_bad_signatures_answer_401_and_run_nothing(shared, name, scheme, case):
 def test_standard_rotation_two_signatures_either_secret_passes(shared, name):
     """The sender signs with its old and new secret while receivers switch over."""
     url = shared.deploy(name, ECHO)
-    now = int(time.time())
-    both = " ".join(standard_signature(s, BODY, "msg_rot", now)
-                    for s in (SECRETS["standard"], ROTATED["standard"]))
-    headers = {"webhook-id": "msg_rot", "webhook-timestamp": str(now), "webhook-signature": both}
+
+    def rotating(msg_id: str, secrets: tuple[str, ...]) -> dict[str, str]:
+        now = int(time.time())
+        return {"webhook-id": msg_id, "webhook-timestamp": str(now), "webhook-signature":
+                " ".join(standard_signature(s, BODY, msg_id, now) for s in secrets)}
+
+    both = (SECRETS["standard"], ROTATED["standard"])
     set_secret(shared, name, "standard", SECRETS["standard"])
-    assert post(url, headers).status_code == 200
+    assert post(url, rotating("msg_1", both)).status_code == 200
     set_secret(shared, name, "standard", ROTATED["standard"])
-    assert post(url, headers).status_code == 200
-    only_old = {**headers, "webhook-signature": both.split(" ")[0]}
-    assert post(url, only_old).status_code == 401
+    assert post(url, rotating("msg_2", both)).status_code == 200
+    assert post(url, rotating("msg_3", both[:1])).status_code == 401
+    assert [e["status"] for e in shared.executions(name)] == ["success", "success"]
 
 
 def test_github_signature_over_a_form_body_and_a_multipart_body(shared, name):

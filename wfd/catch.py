@@ -14,13 +14,16 @@ from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from multidict import CIMultiDictProxy
 
-from wfd import ids, logs, signatures
-from wfd.admission import Overloaded
+from wfd import idempotency, ids, logs, signatures
+from wfd.admission import Overloaded, Reservation
 from wfd.config import Config
+from wfd.delivery import Deliveries
 from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher
+from wfd.idempotency import Idempotency
 from wfd.metrics import Metrics
-from wfd.store import Store, Workflow
+from wfd.store import DeliveryPolicy, Store, Workflow
 
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
 # Framing is the server's business, not the workflow's: these would corrupt the response.
@@ -160,10 +163,13 @@ def workflow_reply(response: dict[str, Any], execution_id: str) -> web.Response:
 class CatchHandler:
     """Answers `POST /teams/{team}/{name}/python3.{minor}/{key}`."""
 
-    def __init__(self, store: Store, dispatcher: Dispatcher, metrics: Metrics) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, metrics: Metrics,
+                 deliveries: Deliveries) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self.deliveries = deliveries
+        self.idempotency = Idempotency(store)
 
     @property
     def config(self) -> Config:
@@ -198,22 +204,53 @@ class CatchHandler:
                                                   request, raw, execution_id):
                 reservation.cancel()
                 return json_reply(401, "invalid_signature", execution_id)
+            key = idempotency.request_key(request.headers, policy.scheme)
             fields = header_fields(request.raw_headers)
             fields.update(self._query(request))
             fields.update(await body_fields(request, content_type, raw))
         except web.HTTPRequestEntityTooLarge:
             reservation.cancel()
             return json_reply(413, "payload_too_large", execution_id)
-        except BadRequest:
+        except (BadRequest, idempotency.BadKey):
             reservation.cancel()
             return json_reply(400, "bad_request", execution_id)
         except BaseException:
             reservation.cancel()
             raise
-        executed = await self.dispatcher.execute(workflow, "catch", fields, reservation,
-                                                 execution_id)
-        return reply(executed.record.status, executed.record.http_status, executed.response,
-                     execution_id)
+        run_async = policy.async_ or prefers_async(request.headers)
+        if key is None:
+            return (await self._deliver(workflow, policy, fields, reservation, execution_id,
+                                        run_async))[0]
+        async with self.idempotency.hold(workflow.name, key, execution_id) as slot:
+            if slot.first is not None:
+                reservation.cancel()
+                return idempotency.replayed(slot.first)
+            response, status = await self._deliver(workflow, policy, fields, reservation,
+                                                   execution_id, run_async, key)
+            if status not in ("accepted", "interrupted"):
+                slot.answer = idempotency.stored(response)
+            return response
+
+    async def _deliver(self, workflow: Workflow, policy: DeliveryPolicy, fields: dict[str, Any],
+                       reservation: Reservation, execution_id: str, run_async: bool,
+                       key: str | None = None) -> tuple[web.Response, str]:
+        """Run the request now, or queue it durably and answer 202; the reply and a status.
+
+        The 202 of an async request with an idempotency key is stored with
+        the delivery, in the commit that makes the delivery durable.
+        """
+        if run_async:
+            reservation.cancel()
+            response = json_reply(202, "accepted", execution_id,
+                                  {"Preference-Applied": "respond-async"})
+            await self.deliveries.accept(workflow, fields, execution_id, key,
+                                         idempotency.stored(response) if key else None)
+            return response, "accepted"
+        executed = await self.deliveries.run(workflow, policy, "catch", fields, reservation,
+                                             execution_id)
+        record = executed.record
+        return reply(record.status, record.http_status, executed.response, execution_id), \
+            record.status
 
     def _signed(self, workflow: Workflow, scheme: str, secret: str | None,
                 request: web.Request, raw: bytes | None, execution_id: str) -> bool:
@@ -243,6 +280,12 @@ class CatchHandler:
         query = request.query
         return {name: values[0] if len(values) == 1 else values
                 for name in query for values in [query.getall(name)]}
+
+
+def prefers_async(headers: CIMultiDictProxy[str]) -> bool:
+    """`Prefer: respond-async` (RFC 7240), among other preferences or not."""
+    return any(token.split(";", 1)[0].strip().lower() == "respond-async"
+               for value in headers.getall("Prefer", []) for token in value.split(","))
 
 
 def reply(status: str, http_status: int | None, response: dict[str, Any] | None,

@@ -9,7 +9,7 @@ that transaction commits, so an acknowledged change survives a crash.
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -67,8 +67,13 @@ class Dispatcher:
     async def execute(self, workflow: Workflow, trigger: str,
                       request: dict[str, Any] | None = None,
                       reservation: Reservation | None = None,
-                      execution_id: str | None = None) -> Executed:
-        """Run `workflow` once and store what happened."""
+                      execution_id: str | None = None,
+                      lineage: dict[str, Any] | None = None) -> Executed:
+        """Run `workflow` once and store what happened.
+
+        `lineage` is copied into the record: an async delivery's `attempt` and
+        `first_attempt_id`, a replay's `replay_of`, the stored `request_id`.
+        """
         reservation = reservation or self.reserve(workflow)
         limits = self.limits(workflow)
         job = Job(execution_id=execution_id or ids.execution_id(), name=workflow.name,
@@ -76,14 +81,15 @@ class Dispatcher:
                   limits=limits, settings=workflow.settings,
                   request=request if workflow.kind == "catch" else None,
                   response_bytes=self.config.max_body_bytes)
-        task = asyncio.create_task(self._execute(job, trigger, reservation))
+        task = asyncio.create_task(self._execute(job, trigger, reservation, lineage or {}))
         self._inflight.add(task)
         self._interruptible.add(task)
         task.add_done_callback(self._inflight.discard)
         task.add_done_callback(self._interruptible.discard)
         return await task
 
-    async def _execute(self, job: Job, trigger: str, reservation: Reservation) -> Executed:
+    async def _execute(self, job: Job, trigger: str, reservation: Reservation,
+                       lineage: dict[str, Any]) -> Executed:
         started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
         try:
             async with reservation:
@@ -97,7 +103,7 @@ class Dispatcher:
                               error=f"the daemon stopped and the {self.config.grace_s:g} s "
                                     "grace period ran out; nothing it changed was kept")
         self._interruptible.discard(asyncio.current_task())
-        record = _record(job, trigger, started_at, outcome)
+        record = replace(_record(job, trigger, started_at, outcome), **lineage)
         record = await self.store.finish(record, outcome.settings_change,
                                          job.limits.settings_kb * 1024)
         logs.event("execution", id=record.id, workflow=record.workflow,

@@ -7,6 +7,7 @@ from aiohttp import web
 from wfd import metrics as metrics_module
 from wfd.catch import CATCH_ROUTE, CatchHandler
 from wfd.config import Config
+from wfd.delivery import Deliveries
 from wfd.dispatch import Dispatcher
 from wfd.metrics import Metrics
 from wfd.store import Store
@@ -45,11 +46,12 @@ def counted(metrics: Metrics) -> Callable:
 
 
 def catch_app(config: Config, store: Store, dispatcher: Dispatcher,
-              health: Callable[[], tuple[int, dict]], metrics: Metrics) -> web.Application:
+              health: Callable[[], tuple[int, dict]], metrics: Metrics,
+              deliveries: Deliveries) -> web.Application:
     """The public listener: catch routes, plus /healthz and /metrics unless on admin_listen."""
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[counted(metrics)])
-    app.router.add_route("*", CATCH_ROUTE, CatchHandler(store, dispatcher, metrics),
+    app.router.add_route("*", CATCH_ROUTE, CatchHandler(store, dispatcher, metrics, deliveries),
                          name="catch")
     if not config.admin_listen:
         add_admin_routes(app, health, metrics)

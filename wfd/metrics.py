@@ -53,6 +53,16 @@ class Metrics:
         self.invalid_signatures = Counter(
             "wfd_invalid_signatures", "Catch requests refused (401) for a missing or bad "
             "signature, by workflow and scheme.", ["workflow", "scheme"], registry=registry)
+        self.deliveries = Counter(
+            "wfd_deliveries", "Async deliveries by what happened to them: accepted, retried "
+            "(an attempt failed, another is queued), done, dead (no attempt left).",
+            ["workflow", "state"], registry=registry)
+        self.delivery_queue = Gauge(
+            "wfd_delivery_queue_depth", "Async deliveries due and waiting to run.",
+            registry=registry)
+        self.delivery_oldest = Gauge(
+            "wfd_delivery_oldest_age_seconds", "How long the async delivery that has waited "
+            "longest since it fell due has waited (0 when none waits).", registry=registry)
         self.http_requests = Counter(
             "wfd_http_requests", "HTTP responses sent, by route and status code.",
             ["route", "code"], registry=registry)
@@ -61,6 +71,14 @@ class Metrics:
         """Read queue depth and running children at scrape time, never stale."""
         self.queue_depth.set_function(waiting)
         self.running.set_function(running)
+
+    def watch_deliveries(self, depth: Callable[[], tuple[int, float]]) -> None:
+        """Read the delivery queue's depth and oldest age at scrape time."""
+        self.delivery_queue.set_function(lambda: depth()[0])
+        self.delivery_oldest.set_function(lambda: depth()[1])
+
+    def delivery(self, workflow: str, state: str) -> None:
+        self.deliveries.labels(workflow, state).inc()
 
     def execution_finished(self, workflow: str, status: str, duration_s: float) -> None:
         self.executions.labels(workflow, status).inc()

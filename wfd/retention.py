@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from wfd import logs
+from wfd import idempotency, logs
 from wfd.config import Retention
 from wfd.store import ExecutionRecord, Store, utc_iso
 
@@ -29,6 +29,9 @@ RECLAIM_STEP_BYTES = 4 * 1024 * 1024
 # Share of the file left free for new records to reuse.
 FREE_SLACK = 0.25
 INTERVAL_S = 60.0
+# A request is stored just before its execution runs; one no record refers to
+# after a day was left by a crash (or its record was pruned).
+ORPHAN_REQUEST_AGE = timedelta(days=1)
 
 
 class Pruner:
@@ -74,9 +77,14 @@ class Pruner:
                                                          self.batch):
             deleted += batch
             await asyncio.sleep(0)
-        if deleted:
+        # Stored requests and finished deliveries go with the last record that needs them.
+        moment = now or datetime.now(UTC)
+        delivery = await self.store.prune_delivery(utc_iso(moment - idempotency.WINDOW),
+                                                   utc_iso(moment - ORPHAN_REQUEST_AGE))
+        if deleted or delivery:
             reclaimed = await self._reclaim()
-            logs.event("pruned", executions=deleted, bytes_reclaimed=reclaimed)
+            logs.event("pruned", executions=deleted, delivery_rows=delivery,
+                       bytes_reclaimed=reclaimed)
         return deleted
 
     async def _reclaim(self) -> int:

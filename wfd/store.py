@@ -247,8 +247,7 @@ class Delivery:
     id: str
     workflow: str
     attempt: int
-    attempt_id: str
-    request: dict[str, Any] | None
+    request: dict[str, Any]
 
 
 _WORKFLOW_COLUMNS = (
@@ -609,10 +608,15 @@ class Store:
                 await _put_idempotency(db, workflow, idempotency_key, delivery_id, now, response)
         return now
 
-    async def queued_deliveries(self) -> list[tuple[str, str, str]]:
-        """(id, workflow, due_at) of every delivery waiting to run, for the worker's start."""
-        return [tuple(row) for row in await self._fetchall(
-            "SELECT id, workflow, due_at FROM deliveries WHERE state = 'queued'")]
+    async def queued_deliveries(self, name: str | None = None) -> list[tuple[str, str, str]]:
+        """(id, workflow, due_at) of every delivery waiting to run (of `name`, if given)."""
+        if name is None:
+            rows = await self._fetchall(
+                "SELECT id, workflow, due_at FROM deliveries WHERE state = 'queued'")
+        else:
+            rows = await self._fetchall("SELECT id, workflow, due_at FROM deliveries"
+                                        " WHERE state = 'queued' AND workflow = ?", name)
+        return [tuple(row) for row in rows]
 
     async def running_deliveries(self) -> list[tuple[str, str, int, str, str | None]]:
         """(id, workflow, attempt, attempt_id, that attempt's recorded status) of each
@@ -621,23 +625,26 @@ class Store:
             "SELECT d.id, d.workflow, d.attempt, d.attempt_id, e.status FROM deliveries d"
             " LEFT JOIN executions e ON e.id = d.attempt_id WHERE d.state = 'running'")]
 
-    async def claim_delivery(self, delivery_id: str) -> Delivery | None:
-        """Mark a queued delivery running and return it with its request (None: gone)."""
+    async def queued_delivery(self, delivery_id: str) -> Delivery | None:
+        """A queued delivery with its request (None: not queued any more, or deleted)."""
+        row = await self._fetchone(
+            "SELECT d.workflow, d.attempt, r.body FROM deliveries d"
+            " JOIN requests r ON r.id = d.id WHERE d.id = ? AND d.state = 'queued'",
+            delivery_id)
+        return Delivery(delivery_id, row[0], row[1], orjson.loads(row[2])) if row else None
+
+    async def start_delivery(self, delivery_id: str, attempt_id: str) -> None:
+        """Mark a delivery running as `attempt_id`, once that attempt has its slot.
+
+        A delivery found running at start-up was cut off by a crash: its
+        attempt is recorded `interrupted` and it is retried (`running_deliveries`).
+        """
         async with self._transaction() as db:
-            async with db.execute(
-                    "SELECT d.workflow, d.attempt, d.attempt_id, r.body FROM deliveries d"
-                    " LEFT JOIN requests r ON r.id = d.id"
-                    " WHERE d.id = ? AND d.state = 'queued'", (delivery_id,)) as cursor:
-                row = await cursor.fetchone()
-            if row is None:
-                return None
-            await db.execute("UPDATE deliveries SET state = 'running' WHERE id = ?",
-                             (delivery_id,))
-        return Delivery(delivery_id, row[0], row[1], row[2],
-                        orjson.loads(row[3]) if row[3] is not None else None)
+            await db.execute("UPDATE deliveries SET state = 'running', attempt_id = ?"
+                             " WHERE id = ? AND state = 'queued'", (attempt_id, delivery_id))
 
     async def settle_delivery(self, delivery_id: str, status: str, retry_at: str | None,
-                              next_attempt_id: str | None, keep_request: bool) -> str | None:
+                              keep_request: bool) -> str | None:
         """After an attempt: `done` on success, queued again at `retry_at`, or `dead`.
 
         Without `keep_request` (`--no-store-requests`) the request goes as
@@ -654,8 +661,7 @@ class Store:
             if state == "queued":
                 cursor = await db.execute(
                     "UPDATE deliveries SET state = 'queued', attempt = attempt + 1,"
-                    " attempt_id = ?, due_at = ?, last_status = ? WHERE id = ?",
-                    (next_attempt_id, retry_at, status, delivery_id))
+                    " due_at = ?, last_status = ? WHERE id = ?", (retry_at, status, delivery_id))
             else:
                 cursor = await db.execute(
                     "UPDATE deliveries SET state = ?, last_status = ? WHERE id = ?",
@@ -678,32 +684,18 @@ class Store:
                              (delivery_id,))
 
     async def idempotent(self, workflow: str, key: str, since: str
-                         ) -> tuple[str, tuple[int, dict[str, str], bytes] | None] | None:
-        """The execution id and response (None while it runs) of `key`'s first request."""
+                         ) -> tuple[int, dict[str, str], bytes] | None:
+        """The response kept for `key`'s first request, if it came after `since`."""
         row = await self._fetchone(
-            "SELECT execution_id, status, headers, body FROM idempotency"
+            "SELECT status, headers, body FROM idempotency"
             " WHERE workflow = ? AND key = ? AND created_at >= ?", workflow, key, since)
-        if row is None:
-            return None
-        response = None if row[1] is None else (row[1], orjson.loads(row[2]), bytes(row[3]))
-        return row[0], response
-
-    async def claim_idempotency(self, workflow: str, key: str, execution_id: str) -> None:
-        """Note that `key`'s first request is running (replacing one seen >24 h ago)."""
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT OR REPLACE INTO idempotency (workflow, key, execution_id, created_at)"
-                " VALUES (?, ?, ?, ?)", (workflow, key, execution_id, utc_iso()))
+        return (row[0], orjson.loads(row[1]), bytes(row[2])) if row else None
 
     async def answer_idempotency(self, workflow: str, key: str, execution_id: str,
-                                 response: tuple[int, dict[str, str], bytes] | None) -> None:
-        """Keep the first response for `key`'s repeats, or with None release the key."""
+                                 response: tuple[int, dict[str, str], bytes]) -> None:
+        """Keep the first response to `key` for its repeats."""
         async with self._transaction() as db:
-            if response is None:
-                await db.execute("DELETE FROM idempotency WHERE workflow = ? AND key = ?"
-                                 " AND execution_id = ?", (workflow, key, execution_id))
-            else:
-                await _put_idempotency(db, workflow, key, execution_id, utc_iso(), response)
+            await _put_idempotency(db, workflow, key, execution_id, utc_iso(), response)
 
     async def prune_delivery(self, idempotent_before: str, orphans_before: str) -> int:
         """Forget what no kept record needs any more; how many rows went.
@@ -875,10 +867,8 @@ async def _put_idempotency(db: aiosqlite.Connection, workflow: str, key: str,
     status, headers, body = response
     await db.execute(
         "INSERT OR REPLACE INTO idempotency (workflow, key, execution_id, created_at, status,"
-        " headers, body) VALUES (?, ?, ?, coalesce((SELECT created_at FROM idempotency"
-        " WHERE workflow = ? AND key = ? AND execution_id = ?), ?), ?, ?, ?)",
-        (workflow, key, execution_id, workflow, key, execution_id, created_at, status,
-         orjson.dumps(headers).decode(), body))
+        " headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (workflow, key, execution_id, created_at, status, orjson.dumps(headers).decode(), body))
 
 
 def _json_or_null(value: Any) -> str | None:

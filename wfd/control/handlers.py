@@ -1,5 +1,6 @@
 """The handlers behind each `wfd ctl` command: plain data in, plain data out."""
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -12,10 +13,11 @@ from wfd.admission import Overloaded
 from wfd.config import Config, ConfigError
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
-from wfd.dispatch import Dispatcher
+from wfd.delivery import MAX_BACKOFF_S, Deliveries
+from wfd.dispatch import Dispatcher, Executed
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
-from wfd.store import ExecutionRecord, Store, Workflow, merge_settings
+from wfd.store import POLICY_KEYS, ExecutionRecord, Store, Workflow, merge_settings
 
 LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
 
@@ -24,11 +26,13 @@ class Commands:
     """The handlers behind each `wfd ctl` command."""
 
     def __init__(self, config: Config, store: Store, dispatcher: Dispatcher,
-                 scheduler: Scheduler, status: Callable[[], dict[str, Any]]) -> None:
+                 scheduler: Scheduler, status: Callable[[], dict[str, Any]],
+                 deliveries: Deliveries) -> None:
         self.config = config
         self.store = store
         self.dispatcher = dispatcher
         self.scheduler = scheduler
+        self.deliveries = deliveries
         self._status = status
         self._followers: dict[str, set[Follower]] = {}
 
@@ -42,7 +46,8 @@ class Commands:
             "follow": self.follow,
             "versions": self.versions, "rollback": self.rollback,
             "rotate-key": self.rotate_key, "export": self.export, "import": self.import_,
-            "verify": self.verify,
+            "verify": self.verify, "replay": self.replay, "replay-dead": self.replay_dead,
+            "dead": self.dead,
         }
 
     async def _workflow(self, name: Any) -> Workflow:
@@ -71,11 +76,13 @@ class Commands:
         return [self._listing(w) for w in await self.store.workflows()]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any] | None = None,
-                     schedule: dict[str, Any] | None = None) -> dict[str, Any]:
+                     schedule: dict[str, Any] | None = None,
+                     delivery: dict[str, Any] | None = None) -> dict[str, Any]:
         """Check the code in a child, then store it as the workflow's next version."""
         check_name(name)
         if kind not in ("catch", "pull"):
             raise CommandError(f"kind must be catch or pull, got {kind!r}")
+        delivery = _delivery_changes(kind, delivery or {})
         overrides = {k: v for k, v in (limits or {}).items() if v is not None}
         unknown = sorted(set(overrides) - set(LIMIT_FLAGS))
         if unknown:
@@ -94,6 +101,8 @@ class Commands:
             raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
                                f" stays in place: {problem}")
         workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key())
+        if delivery:
+            await self.store.set_delivery_policy(name, delivery)
         await self.scheduler.refresh(name)
         logs.event("deployed", workflow=name, version=workflow.version, kind=kind)
         result = {"name": name, "kind": kind, "version": workflow.version}
@@ -142,6 +151,8 @@ class Commands:
     async def _set_enabled(self, name: str, enabled: bool) -> dict[str, Any]:
         await self.store.set_enabled(check_name(name), enabled)
         await self.scheduler.refresh(name)
+        if enabled:
+            await self.deliveries.resume(name)
         logs.event("enabled" if enabled else "disabled", workflow=name)
         return self._listing(await self._workflow(name))
 
@@ -180,11 +191,17 @@ class Commands:
             if workflow.kind == "pull":
                 executed = await self.scheduler.run_now(workflow)
             else:
-                executed = await self.dispatcher.execute(workflow, "manual", request)
+                executed = await self.deliveries.run(
+                    workflow, await self.store.delivery_policy(name), "manual", request)
         except Overloaded as exc:
             raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
         except Busy as exc:
             raise CommandError(str(exc)) from None
+        return self._ran(workflow, executed)
+
+    @staticmethod
+    def _ran(workflow: Workflow, executed: Executed) -> dict[str, Any]:
+        """How `run` and `replay` report an execution: its record, and for catch the response."""
         out: dict[str, Any] = executed.record.summary()
         if workflow.kind == "catch":
             response = executed.response
@@ -194,6 +211,49 @@ class Commands:
                             "headers": {"Content-Type": "application/json"}}
             out["response"] = response
         return out
+
+    async def replay(self, execution_id: str) -> dict[str, Any]:
+        """Run a past execution's request (pull: the run) again, as trigger `replay`."""
+        record = await self.store.execution(str(execution_id))
+        if record is None:
+            raise CommandError(f"no execution with id {execution_id}")
+        workflow = await self._workflow(record.workflow)
+        return self._ran(workflow, await self._replay(workflow, record.id, record.request_id))
+
+    async def _replay(self, workflow: Workflow, original: str, request_id: str | None
+                      ) -> Executed:
+        lineage = {"replay_of": original, "request_id": request_id}
+        try:
+            if workflow.kind == "pull":
+                return await self.scheduler.run_now(workflow, "replay", lineage)
+            request = await self.store.stored_request(request_id) if request_id else None
+            if request is None:
+                policy = await self.store.delivery_policy(workflow.name)
+                why = ("it is deployed with --no-store-requests, so its requests are not kept"
+                       if not policy.store_requests else
+                       "its request is no longer stored (retention removed it with its record"
+                       " or it ran before requests were kept)")
+                raise CommandError(f"cannot replay {original} of {workflow.name}: {why}")
+            return await self.dispatcher.execute(workflow, "replay", request, lineage=lineage)
+        except Overloaded as exc:
+            raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
+        except Busy as exc:
+            raise CommandError(str(exc)) from None
+
+    async def replay_dead(self, name: str) -> list[dict[str, Any]]:
+        """Replay every dead delivery of `name`; each one that succeeds is done."""
+        workflow = await self._workflow(name)
+        dead = await self.store.dead_deliveries(workflow.name)
+        replays = await asyncio.gather(*(self._replay(workflow, item["last_attempt_id"],
+                                                      item["id"]) for item in dead))
+        for item, executed in zip(dead, replays, strict=True):
+            if executed.record.status == "success":
+                await self.store.revive_delivery(item["id"])
+        logs.event("replayed-dead", workflow=name, deliveries=len(dead))
+        return [executed.record.summary() for executed in replays]
+
+    async def dead(self, name: str) -> list[dict[str, Any]]:
+        return await self.store.dead_deliveries((await self._workflow(name)).name)
 
     async def executions(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
         workflow = await self._workflow(name)
@@ -298,6 +358,30 @@ class Commands:
             await self.scheduler.refresh(imported)
         logs.event("imported", workflows=len(names))
         return {"imported": names}
+
+
+def _delivery_changes(kind: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The delivery flags of a deploy, checked; refused with a clear message."""
+    if not given:
+        return {}
+    if kind != "catch":
+        raise CommandError("--async, --retries, --retry-backoff-s and --store-requests are "
+                           "for catch workflows")
+    unknown = sorted(set(given) - set(POLICY_KEYS))
+    if unknown:
+        raise CommandError(f"unknown delivery option(s): {', '.join(unknown)}")
+    for flag in ("async", "store_requests"):
+        if flag in given and not isinstance(given[flag], bool):
+            raise CommandError(f"{flag} must be true or false")
+    retries = given.get("retries", 0)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
+        raise CommandError(f"--retries must be an integer from 0 to 100, got {retries!r}")
+    backoff = given.get("retry_backoff_s", 1)
+    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or not (
+            0 < backoff <= MAX_BACKOFF_S):
+        raise CommandError(f"--retry-backoff-s must be over 0 and at most {MAX_BACKOFF_S:g},"
+                           f" got {backoff!r}")
+    return given
 
 
 def _check_exported(item: dict[str, Any]) -> None:
