@@ -1,6 +1,8 @@
 """Replay of past requests and idempotency keys (SPEC 11), from outside."""
 
 import json
+import signal
+import sqlite3
 import threading
 import time
 
@@ -150,3 +152,21 @@ def test_a_refused_request_does_not_use_up_its_key(daemon, name):
     assert requests.post(url, json={}, headers=headers).status_code == 200
     assert requests.post(url, json={}, headers={"Idempotency-Key": "x" * 256}).status_code == 400
     assert daemon.ctl_json("settings", name) == {"calls": 1}
+
+
+def test_stored_requests_go_with_their_records(make_daemon, name):
+    daemon = make_daemon(config="[retention]\nmax_per_workflow = 10\n")
+    url = daemon.deploy(name, ECHO)
+    sent = [requests.post(url, json={"i": i}).headers["X-Wfd-Execution-Id"] for i in range(4)]
+    replay = daemon.ctl_json("replay", sent[-1])  # refers to the request of sent[-1]
+
+    def stored() -> set[str]:
+        with sqlite3.connect(daemon.data_dir / "wfd.db") as db:
+            return {row[0] for row in db.execute("SELECT id FROM requests")}
+
+    assert stored() == set(sent)
+    daemon.config_file.write_text("[retention]\nmax_per_workflow = 2\n")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(daemon.executions(name)) == 2, what="pruning to 2 records")
+    assert {r["id"] for r in daemon.executions(name)} == {sent[-1], replay["id"]}
+    wait_for(lambda: stored() == {sent[-1]}, what="the pruned records' requests to go")

@@ -117,17 +117,17 @@ class Deliveries:
                   execution_id: str | None = None) -> Executed:
         """Run a request now (sync catch, `wfd ctl run`); kept for replay unless told not to."""
         execution_id = execution_id or ids.execution_id()
-        lineage: dict[str, Any] = {}
+        lineage = {"request_id": execution_id} if policy.store_requests else {}
+        executed = await self.dispatcher.execute(workflow, trigger, request, reservation,
+                                                 execution_id, lineage)
+        # After the record: a request is never kept without a record that refers to it.
         if policy.store_requests:
             try:
                 await self.store.save_request(execution_id, workflow.name, request)
-            except BaseException:
-                if reservation is not None:
-                    reservation.cancel()
-                raise
-            lineage["request_id"] = execution_id
-        return await self.dispatcher.execute(workflow, trigger, request, reservation,
-                                             execution_id, lineage)
+            except Exception:  # the execution is done and recorded: still answer it
+                logs.logger.exception("could not keep the request of %s for replay",
+                                      execution_id)
+        return executed
 
     # -- the worker ------------------------------------------------------------
 

@@ -29,9 +29,6 @@ RECLAIM_STEP_BYTES = 4 * 1024 * 1024
 # Share of the file left free for new records to reuse.
 FREE_SLACK = 0.25
 INTERVAL_S = 60.0
-# A request is stored just before its execution runs; one no record refers to
-# after a day was left by a crash (or its record was pruned).
-ORPHAN_REQUEST_AGE = timedelta(days=1)
 
 
 class Pruner:
@@ -78,9 +75,8 @@ class Pruner:
             deleted += batch
             await asyncio.sleep(0)
         # Stored requests and finished deliveries go with the last record that needs them.
-        moment = now or datetime.now(UTC)
-        delivery = await self.store.prune_delivery(utc_iso(moment - idempotency.WINDOW),
-                                                   utc_iso(moment - ORPHAN_REQUEST_AGE))
+        delivery = await self.store.prune_delivery(
+            utc_iso((now or datetime.now(UTC)) - idempotency.WINDOW))
         if deleted or delivery:
             reclaimed = await self._reclaim()
             logs.event("pruned", executions=deleted, delivery_rows=delivery,

@@ -576,7 +576,8 @@ class Store:
 
     async def save_request(self, request_id: str, workflow: str,
                            request: dict[str, Any]) -> None:
-        """Keep a request for replay; pruned once no record refers to it (`prune_delivery`)."""
+        """Keep a request for replay, once its record is stored; pruned with the last
+        record that refers to it (`prune_delivery`)."""
         async with self._transaction() as db:
             await db.execute(
                 "INSERT OR IGNORE INTO requests (id, workflow, body, created_at)"
@@ -697,13 +698,12 @@ class Store:
         async with self._transaction() as db:
             await _put_idempotency(db, workflow, key, execution_id, utc_iso(), response)
 
-    async def prune_delivery(self, idempotent_before: str, orphans_before: str) -> int:
+    async def prune_delivery(self, idempotent_before: str) -> int:
         """Forget what no kept record needs any more; how many rows went.
 
         Idempotency keys older than their window; finished deliveries none of
-        whose attempts is still recorded; stored requests that no record and
-        no live delivery refers to, once older than `orphans_before` (a
-        request is stored just before its execution's record is written).
+        whose attempts is still recorded; stored requests that neither a
+        record nor a delivery refers to (a request is stored after its record).
         """
         async with self._transaction() as db:
             deleted = 0
@@ -712,10 +712,9 @@ class Store:
                     ("DELETE FROM deliveries WHERE state IN ('done', 'dead') AND id NOT IN"
                      " (SELECT first_attempt_id FROM executions"
                      "  WHERE first_attempt_id IS NOT NULL)", ()),
-                    ("DELETE FROM requests WHERE created_at < ?"
-                     " AND id NOT IN (SELECT id FROM deliveries)"
+                    ("DELETE FROM requests WHERE id NOT IN (SELECT id FROM deliveries)"
                      " AND id NOT IN (SELECT request_id FROM executions"
-                     "  WHERE request_id IS NOT NULL)", (orphans_before,))):
+                     "  WHERE request_id IS NOT NULL)", ())):
                 cursor = await db.execute(sql, args)
                 deleted += cursor.rowcount
         return deleted
