@@ -107,6 +107,26 @@ def test_kill_9_after_twenty_202s_each_runs_once_after_restart(make_daemon, name
     assert all(r["delivery"] == "done" for r in records)
 
 
+def test_a_clean_stop_keeps_queued_deliveries_for_the_restart(make_daemon, name):
+    daemon = make_daemon(config="global_concurrency = 1\n")
+    url = daemon.deploy(name, """
+        import time
+        def workflow(_request, settings):
+            settings[_request["n"]] = settings.get(_request["n"], 0) + 1
+            time.sleep(0.5)
+        """, "--async")
+    accepted = [requests.post(url, json={"n": f"n{i}"}).json()["execution_id"]
+                for i in range(5)]
+    wait_for(lambda: daemon.ctl_json("status")["running"] == 1, what="the first to run")
+    assert daemon.stop() == 0  # the running one finishes within grace_s; the rest wait
+    restarted = make_daemon(data_dir=daemon.data_dir)
+    wait_for(lambda: restarted.ctl_json("settings", name) == {f"n{i}": 1 for i in range(5)},
+             timeout=30, what="the queued deliveries after the restart")
+    records = restarted.executions(name)
+    assert sorted(r["id"] for r in records) == sorted(accepted)
+    assert {(r["status"], r["attempt"]) for r in records} == {("success", 1)}
+
+
 def test_fails_twice_then_succeeds_with_attempts_recorded(daemon, name, standin):
     url = daemon.deploy(name, FLAKY, "--async", "--retry-backoff-s", "0.05")
     response = requests.post(url, json={"counter": counter(standin), "succeed_at": 3})

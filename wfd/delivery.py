@@ -96,6 +96,7 @@ class Deliveries:
         self._ready: dict[str, deque[tuple[float, str]]] = {}  # workflow -> due ones
         self._known: set[str] = set()  # ids in _timers or _ready
         self._running: dict[str, int] = {}  # workflow -> attempts taken, not yet settled
+        self._unstarted: dict[str, float] = {}  # id -> due, of taken attempts not in a slot
         self._limits: dict[str, int] = {}  # workflow -> its concurrency, once seen
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -165,6 +166,7 @@ class Deliveries:
         now = time.time()
         dues = [due for queue in self._ready.values() for due, _ in queue]
         dues += [due for due, _, _ in self._timers if due <= now]
+        dues += self._unstarted.values()
         return len(dues), (now - min(dues)) if dues else 0.0
 
     def _queue(self, delivery_id: str, name: str, due: float) -> None:
@@ -189,7 +191,8 @@ class Deliveries:
 
         At most `global_concurrency` attempts are taken at once, and per
         workflow at most its `concurrency`: a backlog waits here, in the
-        store, not in admission's queue, where it would hold up other work.
+        store, not in admission's queue, where it would hold up other work
+        (and, for a workflow being disabled, would still run).
         """
         capacity = self.dispatcher.admission.concurrency
         started = True
@@ -202,10 +205,11 @@ class Deliveries:
                                                      capacity):
                     continue
                 queue = self._ready[name]
-                _, delivery_id = queue.popleft()
+                due, delivery_id = queue.popleft()
                 if not queue:
                     del self._ready[name]
                 self._known.discard(delivery_id)
+                self._unstarted[delivery_id] = due
                 self._running[name] = self._running.get(name, 0) + 1
                 task = asyncio.create_task(self._attempt(name, delivery_id))
                 self._tasks.add(task)
@@ -222,23 +226,27 @@ class Deliveries:
                                   delivery_id)
             self._queue(delivery_id, name, time.time() + 10)
         finally:
+            self._unstarted.pop(delivery_id, None)
             self._running[name] -= 1
             if not self._running[name]:
                 del self._running[name]
             self._wake.set()
 
     async def _run_attempt(self, name: str, delivery_id: str) -> None:
-        workflow = await self.store.workflow(name)
-        delivery = await self.store.queued_delivery(delivery_id)
-        if workflow is None or delivery is None:
+        found = await self.store.queued_delivery(delivery_id)
+        if found is None:
             return  # deleted with its workflow
+        workflow, policy, delivery = found
         if not workflow.enabled:
             return  # waits in the store until `enable` (resume)
         self._limits[name] = self.dispatcher.limits(workflow).concurrency
-        policy = await self.store.delivery_policy(name)
         attempt_id = delivery_id if delivery.attempt == 1 else ids.execution_id()
-        reservation = _StartOnEntry(self.dispatcher.reserve(workflow, bounded=False),
-                                    lambda: self.store.start_delivery(delivery_id, attempt_id))
+
+        async def start() -> None:
+            self._unstarted.pop(delivery_id, None)
+            await self.store.start_delivery(delivery_id, attempt_id)
+
+        reservation = _StartOnEntry(self.dispatcher.reserve(workflow, bounded=False), start)
         executed = await self.dispatcher.execute(
             workflow, "catch", delivery.request, reservation, attempt_id,
             {"attempt": delivery.attempt, "first_attempt_id": delivery_id,

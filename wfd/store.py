@@ -254,6 +254,7 @@ _WORKFLOW_COLUMNS = (
     "w.name, w.kind, w.enabled, w.version, w.catch_key, w.settings, w.limits, "
     "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped"
 )
+_WORKFLOW_WIDTH = _WORKFLOW_COLUMNS.count(",") + 1
 _WORKFLOW_SELECT = (
     f"SELECT {_WORKFLOW_COLUMNS} FROM workflows w "
     "JOIN versions v ON v.workflow = w.name AND v.version = w.version"
@@ -626,13 +627,24 @@ class Store:
             "SELECT d.id, d.workflow, d.attempt, d.attempt_id, e.status FROM deliveries d"
             " LEFT JOIN executions e ON e.id = d.attempt_id WHERE d.state = 'running'")]
 
-    async def queued_delivery(self, delivery_id: str) -> Delivery | None:
-        """A queued delivery with its request (None: not queued any more, or deleted)."""
+    async def queued_delivery(self, delivery_id: str
+                              ) -> tuple[Workflow, DeliveryPolicy, Delivery] | None:
+        """A queued delivery with its request, workflow and policy, in one query
+        (None: not queued any more, or deleted): the worker reads this per attempt."""
         row = await self._fetchone(
-            "SELECT d.workflow, d.attempt, r.body FROM deliveries d"
-            " JOIN requests r ON r.id = d.id WHERE d.id = ? AND d.state = 'queued'",
-            delivery_id)
-        return Delivery(delivery_id, row[0], row[1], orjson.loads(row[2])) if row else None
+            f"SELECT {_WORKFLOW_COLUMNS}, p.policy, p.scheme, p.secret, d.attempt, r.body"
+            " FROM deliveries d JOIN requests r ON r.id = d.id"
+            " JOIN workflows w ON w.name = d.workflow"
+            " JOIN versions v ON v.workflow = w.name AND v.version = w.version"
+            " LEFT JOIN delivery_policies p ON p.workflow = w.name"
+            " WHERE d.id = ? AND d.state = 'queued'", delivery_id)
+        if row is None:
+            return None
+        workflow = _workflow(row[:_WORKFLOW_WIDTH])
+        policy = _policy(row[_WORKFLOW_WIDTH:_WORKFLOW_WIDTH + 3]
+                         if row[_WORKFLOW_WIDTH] is not None else None)
+        return workflow, policy, Delivery(delivery_id, workflow.name, row[-2],
+                                          orjson.loads(row[-1]))
 
     async def start_delivery(self, delivery_id: str, attempt_id: str) -> None:
         """Mark a delivery running as `attempt_id`, once that attempt has its slot.
