@@ -10,13 +10,14 @@ Starts a real daemon on loopback (zygote executor, strict isolation) and:
   - queues QUEUED deliveries behind a slow execution, then deploys a fast
     version and measures how many per second the worker drains at
     concurrency 16 (from wfd_deliveries_total);
-  - in-process, stores 10,000 requests of 2 KiB through the store (as async
-    deliveries, and as the requests of sync executions) and prints the
-    growth of the database file per 10,000.
+  - in-process, stores 10,000 requests of 2 KiB of JSON (webhook-like: ids,
+    words, numbers) through the store, as async deliveries and as the
+    requests of sync executions, and prints the growth of the database file.
 """
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import statistics
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import orjson
 import requests
 
 # Run from a checkout without installing the package.
@@ -40,8 +42,23 @@ LATENCY_REQUESTS = 1000
 QUEUED = 2000
 CONCURRENCY = 16
 STORED = 10_000
-REQUEST = {"Content-Type": "application/json", "type": "profile.parse.success",
-           "profile": {"key": "k" * 40, "text": "x" * 1900}}
+WORDS = ["python", "engineer", "data", "paris", "senior", "lead", "team", "project",
+         "customer", "sales", "manager", "marketing", "java", "cloud", "remote", "contract",
+         "years", "experience", "university", "master", "skills", "french", "english",
+         "german", "recruiter", "talent", "pipeline", "onboarding", "hired"]
+
+
+def profile_request(rng: random.Random, size: int = 2048) -> dict:
+    """A webhook's `_request` of about `size` bytes of JSON: headers, ids, words, numbers."""
+    request = {"Content-Type": "application/json", "User-Agent": "HrFlow-Webhook/1.0",
+               "type": "profile.parse.success", "origin": "api",
+               "profile": {"key": f"{rng.getrandbits(160):040x}", "experiences": []}}
+    while len(orjson.dumps(request)) < size:
+        request["profile"]["experiences"].append({
+            "title": " ".join(rng.choices(WORDS, k=3)), "company": rng.choice(WORDS).title(),
+            "start": f"20{rng.randint(10, 24)}-{rng.randint(1, 12):02d}",
+            "description": " ".join(rng.choices(WORDS, k=12)), "id": rng.getrandbits(48)})
+    return request
 
 
 def free_port() -> int:
@@ -176,6 +193,8 @@ async def store_growth(root: Path) -> tuple[int, int]:
     Sizes are taken after closing the store, which checkpoints the WAL into the file.
     """
     sizes = []
+    rng = random.Random(14)
+    sample = [profile_request(rng) for _ in range(100)]
     for kind in ("async", "sync"):
         store = Store(root / f"{kind}.db")
         await store.open()
@@ -183,11 +202,11 @@ async def store_growth(root: Path) -> tuple[int, int]:
         await store.close()
         before = store.path.stat().st_size
         await store.open()
-        for _ in range(STORED):
+        for i in range(STORED):
             if kind == "async":
-                await store.accept_delivery(ids.execution_id(), "bench", REQUEST)
+                await store.accept_delivery(ids.execution_id(), "bench", sample[i % 100])
             else:
-                await store.save_request(ids.execution_id(), "bench", REQUEST)
+                await store.save_request(ids.execution_id(), "bench", sample[i % 100])
         await store.close()
         sizes.append(store.path.stat().st_size - before)
     return sizes[0], sizes[1]
@@ -222,8 +241,8 @@ def main() -> int:
     print(f"202 - 404: p50 {a50 - r50:+.2f} ms, p99 {a99 - r99:+.2f} ms")
     print(f"queue drained: {drained} deliveries at {rate:.0f}/s; the same workflow called "
           f"synchronously: {sync:.0f}/s (concurrency {CONCURRENCY})")
-    size = len(str(REQUEST))
-    print(f"store growth per {STORED:,} requests of ~{size / 1024:.1f} KiB: async "
+    size = len(orjson.dumps(profile_request(random.Random(14))))
+    print(f"store growth per {STORED:,} requests of {size / 1024:.1f} KiB: async "
           f"{async_bytes / 2**20:.1f} MiB, sync (request only) {sync_bytes / 2**20:.1f} MiB")
     print(f"cpus: {os.cpu_count()}, load average {os.getloadavg()}")
     return 0

@@ -11,6 +11,7 @@ power loss can take back the last few commits.
 """
 
 import asyncio
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -582,11 +583,11 @@ class Store:
         async with self._transaction() as db:
             await db.execute(
                 "INSERT OR IGNORE INTO requests (id, workflow, body, created_at)"
-                " VALUES (?, ?, ?, ?)", (request_id, workflow, orjson.dumps(request), utc_iso()))
+                " VALUES (?, ?, ?, ?)", (request_id, workflow, _pack(request), utc_iso()))
 
     async def stored_request(self, request_id: str) -> dict[str, Any] | None:
         row = await self._fetchone("SELECT body FROM requests WHERE id = ?", request_id)
-        return orjson.loads(row[0]) if row else None
+        return _unpack(row[0]) if row else None
 
     async def accept_delivery(self, delivery_id: str, workflow: str, request: dict[str, Any],
                               idempotency_key: str | None = None,
@@ -601,7 +602,7 @@ class Store:
         async with self._transaction() as db:
             await db.execute("INSERT INTO requests (id, workflow, body, created_at)"
                              " VALUES (?, ?, ?, ?)",
-                             (delivery_id, workflow, orjson.dumps(request), now))
+                             (delivery_id, workflow, _pack(request), now))
             await db.execute(
                 "INSERT INTO deliveries (id, workflow, state, attempt, attempt_id, due_at,"
                 " accepted_at) VALUES (?, ?, 'queued', 1, ?, ?, ?)",
@@ -644,7 +645,7 @@ class Store:
         policy = _policy(row[_WORKFLOW_WIDTH:_WORKFLOW_WIDTH + 3]
                          if row[_WORKFLOW_WIDTH] is not None else None)
         return workflow, policy, Delivery(delivery_id, workflow.name, row[-2],
-                                          orjson.loads(row[-1]))
+                                          _unpack(row[-1]))
 
     async def start_delivery(self, delivery_id: str, attempt_id: str) -> None:
         """Mark a delivery running as `attempt_id`, once that attempt has its slot.
@@ -859,6 +860,15 @@ async def _import_policy(db: aiosqlite.Connection, name: str, exported: dict[str
         "INSERT INTO delivery_policies (workflow, policy, scheme, secret) VALUES (?, ?, ?, ?)",
         (name, orjson.dumps(policy).decode(), None if scheme in (None, "off") else scheme,
          exported.get("secret")))
+
+
+def _pack(request: dict[str, Any]) -> bytes:
+    """A stored request: JSON, deflated (webhook JSON shrinks 3-5 times, for ~20 µs)."""
+    return zlib.compress(orjson.dumps(request), 1)
+
+
+def _unpack(blob: bytes) -> dict[str, Any]:
+    return orjson.loads(zlib.decompress(blob))
 
 
 async def _policy_row(db: aiosqlite.Connection, name: str) -> Any:
