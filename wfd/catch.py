@@ -218,9 +218,16 @@ class CatchHandler:
             reservation.cancel()
             raise
         run_async = policy.async_ or prefers_async(request.headers)
-        if key is None:
-            return (await self._deliver(workflow, policy, fields, reservation, execution_id,
-                                        run_async))[0]
+        if key is not None:
+            return await self._once(key, workflow, policy, fields, reservation, execution_id,
+                                    run_async)
+        return (await self._deliver(workflow, policy, fields, reservation, execution_id,
+                                    run_async))[0]
+
+    async def _once(self, key: str, workflow: Workflow, policy: DeliveryPolicy,
+                    fields: dict[str, Any], reservation: Reservation, execution_id: str,
+                    run_async: bool) -> web.Response:
+        """A request with an idempotency key: the first response again, or deliver it."""
         async with self.idempotency.hold(workflow.name, key, execution_id) as slot:
             if slot.first is not None:
                 reservation.cancel()

@@ -244,6 +244,9 @@ class Commands:
         """Replay every dead delivery of `name`; each one that succeeds is done."""
         workflow = await self._workflow(name)
         dead = await self.store.dead_deliveries(workflow.name)
+        if dead and not (await self.store.delivery_policy(name)).store_requests:
+            raise CommandError(f"cannot replay the dead deliveries of {name}: it is deployed "
+                               "with --no-store-requests, so their requests were not kept")
         replays = await asyncio.gather(*(self._replay(workflow, item["last_attempt_id"],
                                                       item["id"]) for item in dead))
         for item, executed in zip(dead, replays, strict=True):
