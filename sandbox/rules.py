@@ -51,11 +51,13 @@ def response(value: Any, max_body_bytes: int) -> dict | None:
     return {"status_code": status, "body": body, "headers": headers}
 
 
-def settings_change(given: dict, now: Any, max_bytes: int) -> dict:
+def settings_change(given: dict, now: Any) -> dict:
     """The keys a workflow added, changed or removed, checked for JSON.
 
     Only the difference is returned, so the daemon can merge it key by key:
-    two executions that touch different keys both keep their changes.
+    two executions that touch different keys both keep their changes. The
+    size limit is the daemon's to check, at the merge: only there is the
+    whole stored object known.
     """
     if not isinstance(now, dict):
         raise RuleError(f"settings must stay a dict, got {_describe(now)}")
@@ -70,8 +72,5 @@ def settings_change(given: dict, now: Any, max_bytes: int) -> dict:
         except (TypeError, ValueError) as exc:
             raise RuleError(f"settings[{key!r}] is not JSON-serializable: {exc}") from None
         changed[key] = value
-    size = len(json.dumps(now, ensure_ascii=False).encode())
-    if size > max_bytes:
-        raise RuleError(f"settings are {size} bytes, over the limit of {max_bytes}")
     removed = [key for key in given if key not in now]
     return {"set": changed, "unset": removed}
