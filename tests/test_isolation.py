@@ -6,6 +6,10 @@ bwrap, best-effort's degradation to the layers that remain, `none`, and
 what `wfd ctl status` and /healthz say in each case.
 """
 
+import os
+import shutil
+
+import pytest
 import requests
 from conftest import Daemon, wait_for
 
@@ -57,6 +61,33 @@ def test_strict_without_bwrap_refuses_to_start_and_says_what_to_do(make_daemon):
     log = daemon.log()
     assert "cannot start" in log and "bwrap not on PATH" in log
     assert "apt-get install bubblewrap" in log and 'isolation = "best-effort"' in log
+
+
+# A bubblewrap that quietly gives no PID namespace (a broken build, a wrapper
+# gone wrong): every other layer stays as detection expects.
+BWRAP_WITHOUT_PID_NAMESPACE = """#!/bin/sh
+for arg; do
+    shift
+    [ "$arg" = --unshare-pid ] || set -- "$@" "$arg"
+done
+exec {bwrap} "$@"
+"""
+
+
+def test_strict_refuses_to_start_when_one_layer_fails_its_self_test(make_daemon, tmp_path):
+    wrapper = tmp_path / "bin" / "bwrap"
+    wrapper.parent.mkdir()
+    wrapper.write_text(BWRAP_WITHOUT_PID_NAMESPACE.format(bwrap=shutil.which("bwrap")))
+    wrapper.chmod(0o755)
+    daemon = make_daemon('executor = "spawn"\n', start=False,
+                         env={"PATH": f"{wrapper.parent}:{os.environ['PATH']}"})
+    assert daemon.spawn().wait(30) == 1
+    log = daemon.log()
+    assert "cannot start: isolation self-test failed, refusing to serve: " in log
+    assert "host_processes_hidden: saw [" in log
+    assert "data_dir_hidden" not in log  # only the layer that failed is named
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{daemon.base}/healthz", timeout=5)
 
 
 def test_best_effort_without_bwrap_keeps_the_cgroup_and_says_what_is_off(make_daemon, name):
