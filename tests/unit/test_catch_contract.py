@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from wfd.catch import (
     EXECUTION_HEADER,
     BadRequest,
+    CatchHandler,
     body_fields,
     header_fields,
     json_fields,
@@ -108,6 +109,38 @@ def test_a_body_over_the_limit_stops_being_read() -> None:
         "body": "x" * 98}
     assert parsed("application/json", b'"' + b"x" * 99 + b'"', max_size=100) == (
         "HTTPRequestEntityTooLarge")
+
+
+def seen(path: str, headers: dict[str, str]) -> Any:
+    """The content type and query fields CatchHandler reads from a real request."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response([CatchHandler._content_type(request),
+                                  CatchHandler._query(request)])
+
+    async def main() -> Any:
+        app = web.Application()
+        app.router.add_post("/", handler)
+        async with TestClient(TestServer(app)) as client:
+            return await (await client.post(path, headers=headers)).json()
+
+    return run(main())
+
+
+@pytest.mark.parametrize(("declared", "content_type"), [
+    ("application/json", "application/json"),
+    ("Application/JSON; charset=utf-8", "application/json"),
+    (" multipart/form-data ; boundary=x", "multipart/form-data"),
+    ("", ""),
+])  # fmt: skip
+def test_the_content_type_is_compared_without_parameters_or_case(declared: str,
+                                                                content_type: str) -> None:
+    assert seen("/", {"Content-Type": declared})[0] == content_type
+
+
+def test_query_fields_repeat_as_lists() -> None:
+    assert seen("/?page=2&tag=a&tag=b&empty=&q=a%20b", {})[1] == {
+        "page": "2", "tag": ["a", "b"], "empty": "", "q": "a b"}
 
 
 def test_status_bodies_are_json_with_the_execution_id() -> None:
