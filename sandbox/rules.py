@@ -65,12 +65,13 @@ def settings_change(given: dict, now: Any) -> dict:
     for key, value in now.items():
         if not isinstance(key, str):
             raise RuleError(f"settings key {key!r} is not a string")
-        if key in given and given[key] == value and type(given[key]) is type(value):
-            continue
         try:
-            json.dumps(value, allow_nan=False)
+            text = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise RuleError(f"settings[{key!r}] is not JSON-serializable: {exc}") from None
+        # Compared as JSON, at every depth: 1, 1.0 and True are different values.
+        if key in given and text == json.dumps(given[key]):
+            continue
         changed[key] = value
     removed = [key for key in given if key not in now]
     return {"set": changed, "unset": removed}

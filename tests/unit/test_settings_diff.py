@@ -17,6 +17,8 @@ GIVEN = {"keep": 1, "edit": "old", "drop": [1], "nested": {"a": 1}}
     # Equal in Python, not the same JSON value: a change.
     ({**GIVEN, "keep": 1.0}, {"set": {"keep": 1.0}, "unset": []}),
     ({**GIVEN, "keep": True}, {"set": {"keep": True}, "unset": []}),
+    ({**GIVEN, "nested": {"a": 1.0}}, {"set": {"nested": {"a": 1.0}}, "unset": []}),
+    ({**GIVEN, "drop": [True]}, {"set": {"drop": [True]}, "unset": []}),
 ])  # fmt: skip
 def test_only_what_changed_is_reported(now: dict, change: dict) -> None:
     assert settings_change(GIVEN, now) == change
