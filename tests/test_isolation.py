@@ -2,8 +2,9 @@
 
 The hostile suite (test_hostile.py) attacks a strict daemon; this file checks
 the operator's side: the start-up error of strict mode on a host without
-bwrap, best-effort's degradation to the layers that remain, `none`, and
-what `wfd ctl status` and /healthz say in each case.
+bwrap or with a layer that fails its self-test, best-effort's degradation to
+the layers that remain, `none`, and what `wfd ctl status` and /healthz say in
+each case.
 """
 
 import os
