@@ -3,6 +3,8 @@
 import json
 from typing import Any
 
+import orjson
+
 
 class RuleError(Exception):
     """A returned value or a settings change breaks a rule; the message names it."""
@@ -65,13 +67,24 @@ def settings_change(given: dict, now: Any) -> dict:
     for key, value in now.items():
         if not isinstance(key, str):
             raise RuleError(f"settings key {key!r} is not a string")
+        if key in given and given[key] == value and _same_json(given[key], value):
+            continue
         try:
-            text = json.dumps(value, allow_nan=False)
+            json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise RuleError(f"settings[{key!r}] is not JSON-serializable: {exc}") from None
-        # Compared as JSON, at every depth: 1, 1.0 and True are different values.
-        if key in given and text == json.dumps(given[key]):
-            continue
         changed[key] = value
     removed = [key for key in given if key not in now]
     return {"set": changed, "unset": removed}
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Two values Python calls equal, compared as JSON at every depth.
+
+    1, 1.0 and True are equal in Python but three different JSON values;
+    a change between them, even nested, must reach the store.
+    """
+    try:
+        return orjson.dumps(a) == orjson.dumps(b)
+    except TypeError:  # integers past 64 bits, which orjson does not encode
+        return json.dumps(a) == json.dumps(b)
