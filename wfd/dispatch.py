@@ -98,7 +98,7 @@ class Dispatcher:
                                     "grace period ran out; nothing it changed was kept")
         self._interruptible.discard(asyncio.current_task())
         record = _record(job, trigger, started_at, outcome)
-        record = await self.store.finish(record, outcome.settings_change,
+        record = await self.store.finish(record, outcome.settings_change, job.settings,
                                          job.limits.settings_kb * 1024)
         logs.event("execution", id=record.id, workflow=record.workflow,
                    version=record.version, trigger=trigger, status=record.status,

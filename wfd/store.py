@@ -186,13 +186,54 @@ def _execution(row: Any) -> ExecutionRecord:
     return ExecutionRecord(*row[:11], output_truncated=bool(row[11]))
 
 
-def merge_settings(stored: dict, change: dict) -> dict:
-    """Apply a workflow's key-level change (`set`, `unset`) to stored settings."""
+class SettingsTooLarge(StoreError):
+    """A settings change would make the stored object larger than its limit."""
+
+
+def changed_since(given: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """The part of an execution's settings change that really changes what it was given.
+
+    A key sent with the value the execution was given, or removed although
+    it was never given, is no change of the execution's: applying it would
+    undo what another execution changed meanwhile. Only the rest is merged.
+    """
+    return {"set": {key: value for key, value in change.get("set", {}).items()
+                    if not (key in given and _same(given[key], value))},
+            "unset": [key for key in change.get("unset", []) if key in given]}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values: 1, 1.0 and True are three different values."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def merge_settings(stored: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """Apply a key-level change (`set`, `unset`) to stored settings."""
     merged = dict(stored)
     merged.update(change.get("set", {}))
     for key in change.get("unset", []):
         merged.pop(key, None)
     return merged
+
+
+def settings_json(settings: dict[str, Any], max_bytes: int) -> bytes:
+    """Settings as stored, or SettingsTooLarge: the one check of the settings size.
+
+    Measured here, on what would be written, for every writer (an execution's
+    merge, `wfd ctl settings set`): the size a child computes from its own
+    view cannot know what other executions stored meanwhile.
+    """
+    encoded = orjson.dumps(settings)
+    if len(encoded) > max_bytes:
+        raise SettingsTooLarge(f"settings would be {len(encoded)} bytes, over the limit of "
+                               f"{max_bytes} bytes (settings_kb = {max_bytes // 1024})")
+    return encoded
 
 
 class Store:
@@ -355,36 +396,41 @@ class Store:
 
     # -- settings and executions -----------------------------------------------
 
-    async def change_settings(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
-        """Apply an operator's `set`/`unset` change; returns the new settings."""
+    async def change_settings(self, name: str, change: dict[str, Any],
+                              max_bytes: int) -> dict[str, Any]:
+        """Apply an operator's `set`/`unset` change; returns the new settings.
+
+        Raises SettingsTooLarge, writing nothing, when the result would be
+        over `max_bytes`.
+        """
         async with self._transaction() as db:
-            stored = await _settings(db, name)
-            merged = merge_settings(stored, change)
+            merged = merge_settings(await _settings(db, name), change)
             await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
-                             (orjson.dumps(merged).decode(), name))
+                             (settings_json(merged, max_bytes).decode(), name))
         return merged
 
     async def finish(self, record: ExecutionRecord, change: dict[str, Any] | None,
-                     max_settings_bytes: int) -> ExecutionRecord:
+                     given: dict[str, Any], max_settings_bytes: int) -> ExecutionRecord:
         """Record an execution and merge its settings change, in one transaction.
 
-        The merge happens against the settings as stored now, not as the
-        execution saw them, so concurrent executions that touch different keys
-        both keep their changes. A merge that would exceed the size limit is
-        refused and the record says so.
+        Only what the execution changed relative to the settings it was
+        `given` is merged, against the settings as stored now, so concurrent
+        executions keep each other's changes. A merge that would exceed the
+        size limit is refused, whatever the child said, and the record says so.
         """
         async with self._transaction() as db:
             try:
                 stored = await _settings(db, record.workflow)
             except StoreError:
                 return record  # deleted while it ran: nothing to keep
-            if change and (change["set"] or change["unset"]):
-                merged = orjson.dumps(merge_settings(stored, change))
-                if len(merged) > max_settings_bytes:
+            change = changed_since(given, change or {})
+            if change["set"] or change["unset"]:
+                try:
+                    merged = settings_json(merge_settings(stored, change), max_settings_bytes)
+                except SettingsTooLarge as exc:
                     record.status, record.http_status = "error", (
                         500 if record.http_status else None)
-                    record.error = (f"settings would be {len(merged)} bytes, over the "
-                                    f"limit of {max_settings_bytes}; nothing was kept")
+                    record.error = f"{exc}; nothing was kept"
                 else:
                     await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
                                      (merged.decode(), record.workflow))

@@ -5,8 +5,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from wfd import catch, ids, logs
 from wfd.admission import Overloaded
 from wfd.config import Config, ConfigError
@@ -15,7 +13,7 @@ from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.dispatch import Dispatcher
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
-from wfd.store import ExecutionRecord, Store, Workflow, merge_settings
+from wfd.store import ExecutionRecord, Store, Workflow
 
 LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
 
@@ -162,9 +160,7 @@ class Commands:
     async def _change_settings(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
         workflow = await self._workflow(name)
         limit = self.dispatcher.limits(workflow).settings_kb * 1024
-        if len(orjson.dumps(merge_settings(workflow.settings, change))) > limit:
-            raise CommandError(f"settings would be over the limit of {limit} bytes")
-        return await self.store.change_settings(name, change)
+        return await self.store.change_settings(name, change, limit)
 
     async def run(self, name: str, data: Any = None) -> dict[str, Any]:
         """Execute now with the trigger `manual`, and say how it went."""

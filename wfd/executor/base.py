@@ -55,7 +55,6 @@ class Job:
                 "open_files": limits.open_files,
                 "file_size_bytes": limits.file_size_mb * MIB,
                 "tmp_bytes": limits.tmp_mb * MIB,
-                "settings_bytes": limits.settings_kb * 1024,
                 "response_bytes": self.response_bytes,
             },
         }
