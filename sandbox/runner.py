@@ -15,10 +15,9 @@ from typing import Any
 
 import orjson
 
-from sandbox import limits, rules
+from sandbox import limits, protocol, rules
 from sandbox.request import RequestDict
 
-EXIT_BOOT_FAILED = 70
 ARGUMENTS = {"catch": ("_request", "settings"), "pull": ("settings",)}
 
 
@@ -32,7 +31,7 @@ def main() -> int:
         job = read_job()
     except Exception:
         traceback.print_exc()
-        return EXIT_BOOT_FAILED
+        return protocol.EXIT_BOOT_FAILED
     return execute(job)
 
 
@@ -51,7 +50,7 @@ def execute(job: dict) -> int:
         limits.apply(job["limits"])
     except Exception:
         traceback.print_exc()
-        return EXIT_BOOT_FAILED
+        return protocol.EXIT_BOOT_FAILED
     # Line buffering keeps the output of a workflow killed at its timeout.
     sys.stdout.reconfigure(line_buffering=True)
     result = check(job) if job["mode"] == "check" else run(job)

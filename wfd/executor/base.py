@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from sandbox import protocol
 from wfd.config import MIB, Limits
 
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -40,7 +41,7 @@ class Job:
         """
         limits = self.limits
         job: dict[str, Any] = {
-            "protocol": 1,
+            "protocol": protocol.VERSION,
             "mode": self.mode,
             "kind": self.kind,
             "name": self.name,

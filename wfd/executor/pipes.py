@@ -47,6 +47,7 @@ class Pipes:
         self.result_r, self.result_w = os.pipe()
 
     def theirs(self) -> list[int]:
+        """The child's ends, in the order of `sandbox.protocol.PIPES`."""
         return [self.job_r, self.output_w, self.result_w]
 
     def close_theirs(self) -> None:

@@ -15,10 +15,11 @@ from typing import Any
 
 import orjson
 
+from sandbox.protocol import EXIT_JOIN_FAILED
 from wfd.config import MIB
 from wfd.executor.base import ChildLost, Job, Outcome
 from wfd.executor.pipes import Captured, Pipes, drain, feed
-from wfd.isolation.cgroups import JOIN_FAILED_EXIT, ExecutionCgroup
+from wfd.isolation.cgroups import ExecutionCgroup
 
 # How long to keep reading a child's pipes after it exited: a process that
 # escaped its group (and so the kill) may still hold them open.
@@ -75,7 +76,7 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
     else:
         how = _Ended(_signal_of(returncode, signal_exits), returncode, timed_out,
                      cgroup is not None and cgroup.memory_oom(),
-                     cgroup is not None and returncode == JOIN_FAILED_EXIT)
+                     cgroup is not None and returncode == EXIT_JOIN_FAILED)
         outcome = _judge(job, how, result, duration_ms)
     outcome.output = output.data.decode("utf-8", "replace")
     outcome.output_truncated = output.truncated
@@ -167,7 +168,7 @@ def _judge(job: Job, ended: _Ended, result: Captured, duration_ms: float) -> Out
         return Outcome("error", duration_ms, error=f"the process was killed by {name}")
     if ended.join_failed:
         return Outcome("error", duration_ms, error="boot failed: the process could not "
-                       f"join its cgroup (exit {JOIN_FAILED_EXIT})")
+                       f"join its cgroup (exit {EXIT_JOIN_FAILED})")
     return Outcome("error", duration_ms, error=f"the process exited with code "
                    f"{ended.returncode} without reporting a result")
 

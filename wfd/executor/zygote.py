@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from sandbox.protocol import MESSAGE_BYTES, RESULT_FD, ZygoteArgs
 from wfd import logs
 from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
 from wfd.executor.pipes import Pipes
@@ -30,8 +31,6 @@ from wfd.executor.supervise import supervise
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
 
-# A forked child finds its result pipe on fd 3 (sandbox/spare.py).
-RESULT_FD = 3
 BOOT_TIMEOUT_S = 30.0
 # How often the supervisor pings the zygote and checks for changed packages;
 # a zygote that has not answered for PING_TIMEOUT_S is killed as hung.
@@ -41,7 +40,6 @@ PING_TIMEOUT_S = 10.0
 STABLE_S = 10.0
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 60.0
-MESSAGE_BYTES = 65536
 
 
 class BootFailed(Exception):
@@ -51,9 +49,10 @@ class BootFailed(Exception):
 class ZygoteProcess:
     """One zygote process and the executions it holds. `start` does the work."""
 
-    def __init__(self, command: Sequence[str], preload: Sequence[str],
+    def __init__(self, command: Sequence[str], mode: str, preload: Sequence[str],
                  spares: tuple[int, int]) -> None:
         self.command = list(command)
+        self.mode = mode
         self.preload = list(preload)
         self.spares = spares
         self.process: asyncio.subprocess.Process | None = None
@@ -77,8 +76,8 @@ class ZygoteProcess:
                "TMPDIR": self.workdirs}
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *self.command, str(theirs.fileno()), self.workdirs,
-                *map(str, self.spares), *self.preload,
+                *self.command, *ZygoteArgs(self.mode, theirs.fileno(), self.workdirs,
+                                           *self.spares, tuple(self.preload)).argv(),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),), start_new_session=True, env=env)
         except BaseException:
@@ -203,7 +202,7 @@ class ZygoteExecutor:
         self.preload = list(preload)
         self.spares = (spares_min, spares_max)
         self.isolation = isolation
-        self.command = isolation.zygote_argv()
+        self.command = isolation.zygote_command()
         self.fallback = SpawnExecutor(isolation)
         self.state = "stopped"
         self.current: ZygoteProcess | None = None
@@ -317,7 +316,8 @@ class ZygoteExecutor:
         """Start a zygote and wait for its `ready`; None (and why, logged) if it failed."""
         if self.current is None:
             self._set_state("starting")
-        zygote = ZygoteProcess(self.command, self.preload, self.spares)
+        zygote = ZygoteProcess(self.command, self.isolation.zygote_mode, self.preload,
+                               self.spares)
         self._changed.clear()
         self._stamp = packages_stamp(self._dirs)
         try:

@@ -24,21 +24,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox.protocol import EXIT_JOIN_FAILED
+
 log = logging.getLogger("wfd.cgroups")
 
 PARENT_NAME = "wfd"
 DAEMON_LEAF = "daemon"
 EXEC_PREFIX = "exec-"
 CPU_PERIOD_US = 100_000
-# Exit status of the join prefix when the child could not enter its cgroup:
-# the executor reports it as "boot failed", never as a workflow error.
-JOIN_FAILED_EXIT = 125
 # The child joins its cgroup itself, before exec, so nothing it forks can start
 # outside the group (moving it from the parent after spawn races with its first fork).
 # Arguments: procs files, then "--", then the command.  `echo $$` is one write().
+# A failed join exits EXIT_JOIN_FAILED, reported as "boot failed", never as
+# a workflow error.
 _JOIN_SH = (
     'p=$$; while [ "$1" != -- ]; do echo "$p" > "$1" || exit '
-    f'{JOIN_FAILED_EXIT}; shift; done; shift; exec "$@"'
+    f'{EXIT_JOIN_FAILED}; shift; done; shift; exec "$@"'
 )
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Polls start fast and back off: a process that just wrote its result is

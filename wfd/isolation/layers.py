@@ -14,6 +14,7 @@ import contextlib
 import sys
 from dataclasses import asdict, dataclass
 
+from sandbox import protocol
 from wfd import logs
 from wfd.config import MIB, Limits
 from wfd.isolation import bwrap, cgroups
@@ -136,16 +137,19 @@ class Isolation:
             command = [*bwrap.command(self.python, limits.tmp_mb * MIB), *command]
         return cgroup.join_argv(command) if cgroup else command
 
-    def zygote_argv(self) -> list[str]:
-        """The zygote's command line up to its arguments: bwrap when sandboxed, and its mode.
+    def zygote_command(self) -> list[str]:
+        """The zygote's command line up to its arguments (`protocol.ZygoteArgs`).
 
         Its children join their cgroup and build their namespaces themselves
         (sandbox/isolate.py), so nothing per execution appears here.
         """
-        command = [self.python, "-I", "-m", "sandbox.zygote"]
-        if self.sandboxed:
-            return [*bwrap.zygote_command(self.python), *command, "sandbox"]
-        return [*command, "plain"]
+        command = [self.python, "-I", "-m", protocol.ZYGOTE_MODULE]
+        return [*bwrap.zygote_command(self.python), *command] if self.sandboxed else command
+
+    @property
+    def zygote_mode(self) -> str:
+        """Sandbox mode under bwrap: each execution builds namespaces of its own."""
+        return protocol.MODE_SANDBOX if self.sandboxed else protocol.MODE_PLAIN
 
     def close(self) -> None:
         """Remove the daemon's own cgroup parents (at shutdown)."""
