@@ -13,10 +13,10 @@ from urllib.parse import parse_qsl
 import orjson
 from aiohttp import web
 
-from wfd import ids, logs
+from wfd import domain, ids, logs
 from wfd.admission import Overloaded
 from wfd.config import Config
-from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher
+from wfd.dispatch import Dispatcher
 from wfd.store import Store
 
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
@@ -104,6 +104,17 @@ def _file_field(field: web.FileField) -> dict[str, Any]:
             "size": len(content), "content": base64.b64encode(content).decode()}
 
 
+def status_response(status: str, execution_id: str) -> dict[str, Any]:
+    """The response of a catch execution whose workflow did not write one itself.
+
+    What the caller gets (`reply`) and what `wfd ctl run` shows: the status
+    the execution ended with, as JSON, under its HTTP status.
+    """
+    return {"status_code": domain.http_status(status, None),
+            "body": status_body(status, execution_id).decode(),
+            "headers": {"Content-Type": "application/json"}}
+
+
 def status_body(status: str, execution_id: str) -> bytes:
     """The JSON body of every response the workflow did not write itself."""
     return orjson.dumps({"status": status, "execution_id": execution_id})
@@ -175,8 +186,7 @@ class CatchHandler:
             raise
         executed = await self.dispatcher.execute(workflow, "catch", fields, reservation,
                                                  execution_id)
-        return reply(executed.record.status, executed.record.http_status, executed.response,
-                     execution_id)
+        return reply(executed.record.status, executed.response, execution_id)
 
     @staticmethod
     def _content_type(request: web.Request) -> str:
@@ -190,10 +200,8 @@ class CatchHandler:
                 for name in query for values in [query.getall(name)]}
 
 
-def reply(status: str, http_status: int | None, response: dict[str, Any] | None,
-          execution_id: str) -> web.Response:
+def reply(status: str, response: dict[str, Any] | None, execution_id: str) -> web.Response:
     """The caller's response for a finished catch execution."""
-    if response is not None:
-        return workflow_reply(response, execution_id)
-    code = http_status or FAILURE_HTTP_STATUS.get(status, 500)
-    return json_reply(code, status, execution_id)
+    if response is None:
+        response = status_response(status, execution_id)
+    return workflow_reply(response, execution_id)

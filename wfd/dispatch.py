@@ -7,21 +7,18 @@ that transaction commits, so an acknowledged change survives a crash.
 """
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from wfd import ids, logs
+from wfd import domain, ids, logs
 from wfd.admission import Admission, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.executor import Executor, Job, Outcome
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
-
-# The HTTP status a caller gets when the function did not decide it.
-FAILURE_HTTP_STATUS = {"error": 500, "memory": 500, "cpu": 500, "timeout": 504,
-                       "interrupted": 503}
 
 
 @dataclass(frozen=True)
@@ -97,9 +94,10 @@ class Dispatcher:
                               error=f"the daemon stopped and the {self.config.grace_s:g} s "
                                     "grace period ran out; nothing it changed was kept")
         self._interruptible.discard(asyncio.current_task())
-        record = _record(job, trigger, started_at, outcome)
-        record = await self.store.finish(record, outcome.settings_change,
-                                         job.limits.settings_kb * 1024)
+        record = await self.store.finish(job.name, outcome.settings_change,
+                                         job.limits.settings_kb * 1024,
+                                         functools.partial(_record, job, trigger, started_at,
+                                                           outcome))
         logs.event("execution", id=record.id, workflow=record.workflow,
                    version=record.version, trigger=trigger, status=record.status,
                    duration_ms=round(record.duration_ms, 1), http=record.http_status)
@@ -146,13 +144,17 @@ class Dispatcher:
         return outcome.error or outcome.status
 
 
-def _record(job: Job, trigger: str, started_at: datetime, outcome: Outcome) -> ExecutionRecord:
-    http_status = None
-    if job.kind == "catch":
-        if outcome.status == "success":
-            http_status = outcome.response["status_code"] if outcome.response else 200
-        else:
-            http_status = FAILURE_HTTP_STATUS.get(outcome.status, 500)
+def _record(job: Job, trigger: str, started_at: datetime, outcome: Outcome,
+            refused: str | None = None) -> ExecutionRecord:
+    """The execution's record; `refused` says why the store refused its settings change.
+
+    A refused change fails the execution: nothing it changed was kept, and a
+    catch caller gets the failure's response, not the workflow's.
+    """
+    if refused is not None:
+        outcome = replace(outcome, status="error", error=refused, response=None)
+    http_status = domain.http_status(outcome.status, outcome.response) \
+        if job.kind == "catch" else None
     return ExecutionRecord(
         id=job.execution_id, workflow=job.name, version=job.version, trigger=trigger,
         status=outcome.status, started_at=utc_iso(started_at),

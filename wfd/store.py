@@ -11,7 +11,7 @@ power loss can take back the last few commits.
 """
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -364,30 +364,32 @@ class Store:
                              (orjson.dumps(merged).decode(), name))
         return merged
 
-    async def finish(self, record: ExecutionRecord, change: dict[str, Any] | None,
-                     max_settings_bytes: int) -> ExecutionRecord:
-        """Record an execution and merge its settings change, in one transaction.
+    async def finish(self, workflow: str, change: dict[str, Any] | None,
+                     max_settings_bytes: int,
+                     record_for: Callable[[str | None], ExecutionRecord]) -> ExecutionRecord:
+        """Merge an execution's settings change and store its record, in one transaction.
 
         The merge happens against the settings as stored now, not as the
         execution saw them, so concurrent executions that touch different keys
         both keep their changes. A merge that would exceed the size limit is
-        refused and the record says so.
+        refused: nothing of it is written, and `record_for` is given the reason
+        (None when nothing was refused). The record it returns is stored as is.
         """
         async with self._transaction() as db:
             try:
-                stored = await _settings(db, record.workflow)
+                stored = await _settings(db, workflow)
             except StoreError:
-                return record  # deleted while it ran: nothing to keep
+                return record_for(None)  # deleted while it ran: nothing to keep
+            refused = None
             if change and (change["set"] or change["unset"]):
                 merged = orjson.dumps(merge_settings(stored, change))
                 if len(merged) > max_settings_bytes:
-                    record.status, record.http_status = "error", (
-                        500 if record.http_status else None)
-                    record.error = (f"settings would be {len(merged)} bytes, over the "
-                                    f"limit of {max_settings_bytes}; nothing was kept")
+                    refused = (f"settings would be {len(merged)} bytes, over the "
+                               f"limit of {max_settings_bytes}; nothing was kept")
                 else:
                     await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
-                                     (merged.decode(), record.workflow))
+                                     (merged.decode(), workflow))
+            record = record_for(refused)
             await _insert_execution(db, record)
         return record
 

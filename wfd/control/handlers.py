@@ -186,9 +186,7 @@ class Commands:
         if workflow.kind == "catch":
             response = executed.response
             if response is None:
-                body = catch.status_body(executed.record.status, executed.record.id).decode()
-                response = {"status_code": executed.record.http_status, "body": body,
-                            "headers": {"Content-Type": "application/json"}}
+                response = catch.status_response(executed.record.status, executed.record.id)
             out["response"] = response
         return out
 
