@@ -276,12 +276,12 @@ class Store:
                      schedule: dict[str, Any] | None, catch_key: str) -> Workflow:
         """Store `code` as the next version of `name`, creating the workflow if new.
 
-        A new deploy replaces the limits and schedule given; limits not named
-        keep their previous overrides. `catch_key` is used for a new workflow only.
+        `limits` (the workflow's overrides) and `schedule` are stored as given.
+        `catch_key` is used for a new workflow only.
         """
         now = utc_iso()
         async with self._transaction() as db:
-            async with db.execute("SELECT kind, version, limits FROM workflows WHERE name = ?",
+            async with db.execute("SELECT kind FROM workflows WHERE name = ?",
                                   (name,)) as cursor:
                 row = await cursor.fetchone()
             if row is None:
@@ -297,11 +297,10 @@ class Store:
                 async with db.execute("SELECT max(version) FROM versions WHERE workflow = ?",
                                       (name,)) as cursor:
                     version = (await cursor.fetchone())[0] + 1
-                merged = {**orjson.loads(row[2]), **limits}
                 await db.execute(
                     "UPDATE workflows SET version = ?, limits = ?, schedule = ?, updated_at = ?"
                     " WHERE name = ?",
-                    (version, orjson.dumps(merged).decode(),
+                    (version, orjson.dumps(limits).decode(),
                      _json_or_null(schedule), now, name))
             await db.execute(
                 "INSERT INTO versions (workflow, version, code, created_at) VALUES (?, ?, ?, ?)",

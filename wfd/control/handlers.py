@@ -9,7 +9,7 @@ import orjson
 
 from wfd import catch, ids, logs
 from wfd.admission import Overloaded
-from wfd.config import Config, ConfigError
+from wfd.config import Config, ConfigError, redeployed_overrides
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.dispatch import Dispatcher
@@ -75,17 +75,17 @@ class Commands:
         check_name(name)
         if kind not in ("catch", "pull"):
             raise CommandError(f"kind must be catch or pull, got {kind!r}")
-        overrides = {k: v for k, v in (limits or {}).items() if v is not None}
-        unknown = sorted(set(overrides) - set(LIMIT_FLAGS))
+        unknown = sorted({k for k, v in (limits or {}).items() if v is not None}
+                         - set(LIMIT_FLAGS))
         if unknown:
             raise CommandError(f"unknown limit(s): {', '.join(unknown)}")
         existing = await self.store.workflow(name)
         if existing and existing.kind != kind:
             raise CommandError(f"{name} is a {existing.kind} workflow; its kind cannot change")
+        overrides = redeployed_overrides(existing.limits if existing else {}, limits or {})
         schedule = self.parse_schedule(kind, schedule)
         try:
-            effective = self.config.limits.merged({**(existing.limits if existing else {}),
-                                                   **overrides}).validate()
+            effective = self.config.limits.merged(overrides).validate()
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
         problem = await self.dispatcher.check(name, kind, code, effective)
