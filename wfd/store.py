@@ -186,6 +186,17 @@ def _execution(row: Any) -> ExecutionRecord:
     return ExecutionRecord(*row[:11], output_truncated=bool(row[11]))
 
 
+def check_kind(name: str, stored: str, kind: str) -> None:
+    """A workflow keeps the kind of its first deploy: raise StoreError for another.
+
+    The store checks it where it writes, in the deploy's transaction, so no
+    concurrent deploy can slip in between; the deploy handler asks first
+    too, to refuse before the code is checked in a child.
+    """
+    if kind != stored:
+        raise StoreError(f"{name} is a {stored} workflow; its kind cannot change")
+
+
 def merge_settings(stored: dict, change: dict) -> dict:
     """Apply a workflow's key-level change (`set`, `unset`) to stored settings."""
     merged = dict(stored)
@@ -292,8 +303,7 @@ class Store:
                     (name, kind, catch_key, orjson.dumps(limits).decode(),
                      _json_or_null(schedule), now, now))
             else:
-                if row[0] != kind:
-                    raise StoreError(f"{name} is a {row[0]} workflow; its kind cannot change")
+                check_kind(name, row[0], kind)
                 async with db.execute("SELECT max(version) FROM versions WHERE workflow = ?",
                                       (name,)) as cursor:
                     version = (await cursor.fetchone())[0] + 1

@@ -15,7 +15,7 @@ from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.dispatch import Dispatcher
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
-from wfd.store import ExecutionRecord, Store, Workflow, merge_settings
+from wfd.store import ExecutionRecord, Store, Workflow, check_kind, merge_settings
 
 LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
 
@@ -80,8 +80,8 @@ class Commands:
         if unknown:
             raise CommandError(f"unknown limit(s): {', '.join(unknown)}")
         existing = await self.store.workflow(name)
-        if existing and existing.kind != kind:
-            raise CommandError(f"{name} is a {existing.kind} workflow; its kind cannot change")
+        if existing:
+            check_kind(name, existing.kind, kind)
         overrides = redeployed_overrides(existing.limits if existing else {}, limits or {})
         schedule = self.parse_schedule(kind, schedule)
         try:
