@@ -12,11 +12,6 @@ event loop's monotonic clock and reads the wall clock again on waking, so a
 clock stepped backwards never fires a timer early. A clock stepped forwards
 is noticed within ``MAX_SLEEP_S``: the task never sleeps longer than that.
 
-Every firing has an identity, ``firing_id(key, due)``, that depends only on
-the key and the due time. Recording it before acting lets the caller make a
-firing idempotent: a restart or retry that meets the same identity again
-knows the tick was already handled.
-
 Not thread-safe: call every method from the event loop's thread.
 """
 
@@ -41,11 +36,6 @@ Fire = Callable[[str, datetime], object]
 # (due as POSIX seconds, insertion order, key, due): ordered by due time, ties
 # in insertion order, so keys and datetimes are never compared.
 _Entry = tuple[float, int, str, datetime]
-
-
-def firing_id(key: str, due: datetime) -> str:
-    """The identity of one firing: ``"name:2025-01-01T10:00:00+00:00"``."""
-    return f"{key}:{due.isoformat()}"
 
 
 def _utc_now() -> datetime:
@@ -127,7 +117,7 @@ class TimerQueue:
 
         ``fire`` runs on the loop and must return quickly (start a task for
         real work). It may call ``set`` and ``remove``. An exception from it
-        is logged with the firing's identity and does not stop other timers.
+        is logged with the key and due time and does not stop other timers.
         """
         if self._running:
             raise RuntimeError("TimerQueue.run is already running")
@@ -149,7 +139,7 @@ class TimerQueue:
         try:
             fire(key, due)
         except Exception:
-            log.exception("timer callback failed for %s", firing_id(key, due))
+            log.exception("timer callback failed for %s due %s", key, due.isoformat())
 
     def _seconds_to_next(self) -> float:
         """How long to sleep: to the earliest live due time, rounded up to 1 ms.

@@ -132,11 +132,6 @@ class ExecutionCgroup(ABC):
             raise
         return fds
 
-    def add(self, pid: int) -> None:
-        """Move an already running process in (used for the daemon itself, and tests)."""
-        for d in self.dirs:
-            _write(d / "cgroup.procs", str(pid))
-
     def pids(self) -> list[int]:
         """Processes currently in the group (in any of its hierarchies)."""
         return sorted({pid for d in self.dirs for pid in _read_pids(d / "cgroup.procs")})
