@@ -225,9 +225,11 @@ def test_failing_callback_is_logged_and_others_still_fire(
             assert await rec.until(lambda: rec.names() == ["bad", "good"])
 
         await running(queue, fire, body)
-        assert f"timer callback failed for bad due {bad_due.isoformat()}" in caplog.text
+        [failed] = [r for r in caplog.records if r.getMessage() == "timer-callback-failed"]
+        assert failed.wfd_fields == {"key": "bad", "due": bad_due.isoformat()}
+        assert failed.exc_info and "boom" in caplog.text
 
-    with caplog.at_level(logging.ERROR, logger="wfd.timers"):
+    with caplog.at_level(logging.ERROR, logger="wfd"):
         run_loop(main())
 
 

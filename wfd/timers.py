@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-log = logging.getLogger(__name__)
+from wfd import logs
 
 # The longest single sleep. It bounds how late a timer fires after the wall
 # clock is stepped forwards (the monotonic sleep does not see the step), at
@@ -139,7 +139,8 @@ class TimerQueue:
         try:
             fire(key, due)
         except Exception:
-            log.exception("timer callback failed for %s due %s", key, due.isoformat())
+            logs.event("timer-callback-failed", level=logging.ERROR, exc_info=True, key=key,
+                       due=due.isoformat())
 
     def _seconds_to_next(self) -> float:
         """How long to sleep: to the earliest live due time, rounded up to 1 ms.

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.protocol import EXIT_JOIN_FAILED
-
-log = logging.getLogger("wfd.cgroups")
+from wfd import logs
 
 PARENT_NAME = "wfd"
 DAEMON_LEAF = "daemon"
@@ -334,7 +333,7 @@ def _stale_cleanup(parent: Path) -> None:
         try:
             child.rmdir()
         except OSError as e:
-            log.warning("stale cgroup %s not removed: %s", child, e)
+            logs.event("stale-cgroup-kept", level=logging.WARNING, path=child, error=str(e))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -363,7 +362,8 @@ def _detect_v2(root: Path, paths: dict[str, str], pid: int) -> V2Backend | None:
     own = mount / paths[""].lstrip("/")
     available = set((own / "cgroup.controllers").read_text().split())
     if not {"memory", "pids"} <= available:
-        log.info("cgroup v2 at %s lacks memory/pids (has %s)", own, sorted(available))
+        logs.event("cgroup-v2-unusable", path=own, reason="no memory and pids controllers",
+                   controllers=",".join(sorted(available)))
         return None
     wanted = sorted({"memory", "pids", "cpu"} & available)
     try:
@@ -373,7 +373,7 @@ def _detect_v2(root: Path, paths: dict[str, str], pid: int) -> V2Backend | None:
         _write(leaf / "cgroup.procs", str(pid))
         _write(own / "cgroup.subtree_control", " ".join("+" + c for c in wanted))
     except OSError as e:
-        log.info("cgroup v2 subtree %s not delegated to us: %s", own, e)
+        logs.event("cgroup-v2-unusable", path=own, reason="not delegated to us", error=str(e))
         return None
     _stale_cleanup(own)
     return V2Backend(own, set(wanted))
@@ -395,11 +395,13 @@ def _detect_v1(root: Path, paths: dict[str, str], pid: int) -> V1Backend | None:
             _stale_instances(shared)
             (shared / str(pid)).mkdir(exist_ok=True)
         except OSError as e:
-            log.info("cgroup v1 %s not writable: %s", ctrl, e)
+            logs.event("cgroup-v1-unusable", controller=ctrl, reason="not writable",
+                       error=str(e))
             continue
         parents[ctrl] = shared / str(pid)
     if not {"pids", "memory"} <= parents.keys():
-        log.info("cgroup v1 pids+memory not both writable (have %s)", sorted(parents))
+        logs.event("cgroup-v1-unusable", reason="pids and memory not both writable",
+                   writable=",".join(sorted(parents)))
         return None
     return V1Backend(parents)
 

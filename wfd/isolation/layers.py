@@ -11,6 +11,7 @@ only. `layers()` says which are active, for `wfd ctl status` and /healthz.
 """
 
 import contextlib
+import logging
 import sys
 from dataclasses import asdict, dataclass
 
@@ -67,12 +68,14 @@ class Isolation:
         if not support.available:
             if mode == "strict":
                 raise IsolationError(strict_advice(support.reason))
-            logs.logger.error("isolation best-effort: NO namespaces, unprivileged identity "
-                              "or filesystem view: %s", support.reason)
+            logs.event("isolation-degraded", level=logging.ERROR, mode=mode,
+                       off="namespaces, unprivileged identity, filesystem view",
+                       reason=support.reason)
         backend = _detect_cgroups()
         if backend is None:
-            logs.logger.warning("no writable cgroup tree: limits are rlimits only; a fork bomb "
-                                "is bounded per uid by RLIMIT_NPROC, not per execution")
+            logs.event("no-cgroups", level=logging.WARNING,
+                       effect="limits are rlimits only; a fork bomb is bounded per uid by "
+                              "RLIMIT_NPROC, not per execution")
         return cls(mode, python, support, backend)
 
     @property
@@ -162,5 +165,5 @@ def _detect_cgroups() -> cgroups.CgroupBackend | None:
     try:
         return cgroups.detect()
     except OSError as exc:
-        logs.logger.warning("cgroup detection failed: %s", exc)
+        logs.event("cgroup-detection-failed", level=logging.WARNING, error=str(exc))
         return None
