@@ -17,6 +17,7 @@ from wfd import domain, ids, logs
 from wfd.admission import Overloaded
 from wfd.config import Config
 from wfd.dispatch import Dispatcher
+from wfd.domain import Kind, Status, Trigger, WorkflowResponse
 from wfd.store import Store
 
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
@@ -104,7 +105,7 @@ def _file_field(field: web.FileField) -> dict[str, Any]:
             "size": len(content), "content": base64.b64encode(content).decode()}
 
 
-def status_response(status: str, execution_id: str) -> dict[str, Any]:
+def status_response(status: Status, execution_id: str) -> WorkflowResponse:
     """The response of a catch execution whose workflow did not write one itself.
 
     What the caller gets (`reply`) and what `wfd ctl run` shows: the status
@@ -127,7 +128,7 @@ def json_reply(http_status: int, status: str, execution_id: str,
                         headers={EXECUTION_HEADER: execution_id, **(headers or {})})
 
 
-def workflow_reply(response: dict[str, Any], execution_id: str) -> web.Response:
+def workflow_reply(response: WorkflowResponse, execution_id: str) -> web.Response:
     """Exactly the response the workflow returned (already validated)."""
     headers = {k: v for k, v in response["headers"].items()
                if k.lower() not in DROPPED_RESPONSE_HEADERS}
@@ -158,7 +159,7 @@ class CatchHandler:
         workflow = await self.store.workflow(info["name"])
         key_ok = hmac.compare_digest(info["key"].encode(),
                                      (workflow.catch_key if workflow else _NO_KEY).encode())
-        if not (key_ok and workflow and workflow.enabled and workflow.kind == "catch"
+        if not (key_ok and workflow and workflow.enabled and workflow.kind == Kind.CATCH
                 and info["team"] == self.config.team):
             return json_reply(404, "not_found", execution_id)
         content_type = self._content_type(request)
@@ -184,7 +185,7 @@ class CatchHandler:
         except BaseException:
             reservation.cancel()
             raise
-        executed = await self.dispatcher.execute(workflow, "catch", fields, reservation,
+        executed = await self.dispatcher.execute(workflow, Trigger.CATCH, fields, reservation,
                                                  execution_id)
         return reply(executed.record.status, executed.response, execution_id)
 
@@ -200,7 +201,8 @@ class CatchHandler:
                 for name in query for values in [query.getall(name)]}
 
 
-def reply(status: str, response: dict[str, Any] | None, execution_id: str) -> web.Response:
+def reply(status: Status, response: WorkflowResponse | None, execution_id: str
+          ) -> web.Response:
     """The caller's response for a finished catch execution."""
     if response is None:
         response = status_response(status, execution_id)

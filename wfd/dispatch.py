@@ -17,6 +17,7 @@ from typing import Any
 from wfd import domain, ids, logs
 from wfd.admission import Admission, Overloaded, Reservation
 from wfd.config import Config, Limits
+from wfd.domain import Kind, Status, Trigger, WorkflowResponse
 from wfd.executor import Executor, Job, Outcome
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
 
@@ -26,7 +27,7 @@ class Executed:
     """A finished execution: its stored record and, for catch, the response."""
 
     record: ExecutionRecord
-    response: dict[str, Any] | None
+    response: WorkflowResponse | None
 
 
 class Dispatcher:
@@ -61,7 +62,7 @@ class Dispatcher:
             raise Overloaded("the daemon is stopping")
         return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded)
 
-    async def execute(self, workflow: Workflow, trigger: str,
+    async def execute(self, workflow: Workflow, trigger: Trigger,
                       request: dict[str, Any] | None = None,
                       reservation: Reservation | None = None,
                       execution_id: str | None = None) -> Executed:
@@ -71,7 +72,7 @@ class Dispatcher:
         job = Job(execution_id=execution_id or ids.execution_id(), name=workflow.name,
                   kind=workflow.kind, version=workflow.version, code=workflow.code,
                   limits=limits, settings=workflow.settings,
-                  request=request if workflow.kind == "catch" else None,
+                  request=request if workflow.kind == Kind.CATCH else None,
                   response_bytes=self.config.max_body_bytes)
         task = asyncio.create_task(self._execute(job, trigger, reservation))
         self._inflight.add(task)
@@ -80,7 +81,7 @@ class Dispatcher:
         task.add_done_callback(self._interruptible.discard)
         return await task
 
-    async def _execute(self, job: Job, trigger: str, reservation: Reservation) -> Executed:
+    async def _execute(self, job: Job, trigger: Trigger, reservation: Reservation) -> Executed:
         started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
         try:
             async with reservation:
@@ -90,7 +91,7 @@ class Dispatcher:
             if not self._interrupting:
                 raise
             asyncio.current_task().uncancel()
-            outcome = Outcome("interrupted", (time.perf_counter() - started) * 1000,
+            outcome = Outcome(Status.INTERRUPTED, (time.perf_counter() - started) * 1000,
                               error=f"the daemon stopped and the {self.config.grace_s:g} s "
                                     "grace period ran out; nothing it changed was kept")
         self._interruptible.discard(asyncio.current_task())
@@ -103,7 +104,7 @@ class Dispatcher:
                    duration_ms=round(record.duration_ms, 1), http=record.http_status)
         for listener in self.listeners:
             listener(record)
-        response = outcome.response if record.status == "success" else None
+        response = outcome.response if record.status == Status.SUCCESS else None
         return Executed(record, response)
 
     async def drain(self, grace_s: float) -> int:
@@ -131,20 +132,20 @@ class Dispatcher:
             await asyncio.wait(set(self._inflight))
         return interrupted
 
-    async def check(self, name: str, kind: str, code: str, limits: Limits) -> str | None:
+    async def check(self, name: str, kind: Kind, code: str, limits: Limits) -> str | None:
         """Deploy-time check of new code in a child; the problem, or None if fine."""
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
                   code=code, limits=limits, mode="check")
         started = time.perf_counter()
         outcome = await self.executor.run(job)
-        if outcome.status == "success":
+        if outcome.status == Status.SUCCESS:
             return None
         logs.event("deploy-check-failed", workflow=name, status=outcome.status,
                    duration_ms=round((time.perf_counter() - started) * 1000, 1))
         return outcome.error or outcome.status
 
 
-def _record(job: Job, trigger: str, started_at: datetime, outcome: Outcome,
+def _record(job: Job, trigger: Trigger, started_at: datetime, outcome: Outcome,
             refused: str | None = None) -> ExecutionRecord:
     """The execution's record; `refused` says why the store refused its settings change.
 
@@ -152,9 +153,9 @@ def _record(job: Job, trigger: str, started_at: datetime, outcome: Outcome,
     catch caller gets the failure's response, not the workflow's.
     """
     if refused is not None:
-        outcome = replace(outcome, status="error", error=refused, response=None)
+        outcome = replace(outcome, status=Status.ERROR, error=refused, response=None)
     http_status = domain.http_status(outcome.status, outcome.response) \
-        if job.kind == "catch" else None
+        if job.kind == Kind.CATCH else None
     return ExecutionRecord(
         id=job.execution_id, workflow=job.name, version=job.version, trigger=trigger,
         status=outcome.status, started_at=utc_iso(started_at),

@@ -21,6 +21,8 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from wfd.domain import Kind, SettingsChange, Status, Trigger
+
 MIGRATIONS = [
     """
     CREATE TABLE workflows (
@@ -89,7 +91,7 @@ class Workflow:
     """A workflow as stored, with its current version's code."""
 
     name: str
-    kind: str
+    kind: Kind
     enabled: bool
     version: int
     catch_key: str
@@ -125,8 +127,8 @@ class ExecutionRecord:
     id: str
     workflow: str
     version: int
-    trigger: str
-    status: str
+    trigger: Trigger
+    status: Status
     started_at: str
     duration_ms: float
     http_status: int | None = None
@@ -167,7 +169,7 @@ _EXECUTION_COLUMNS = (
 def _workflow(row: Any) -> Workflow:
     return Workflow(
         name=row[0],
-        kind=row[1],
+        kind=Kind(row[1]),
         enabled=bool(row[2]),
         version=row[3],
         catch_key=row[4],
@@ -183,10 +185,13 @@ def _workflow(row: Any) -> Workflow:
 
 
 def _execution(row: Any) -> ExecutionRecord:
-    return ExecutionRecord(*row[:11], output_truncated=bool(row[11]))
+    return ExecutionRecord(
+        id=row[0], workflow=row[1], version=row[2], trigger=Trigger(row[3]),
+        status=Status(row[4]), started_at=row[5], duration_ms=row[6], http_status=row[7],
+        error=row[8], traceback=row[9], output=row[10], output_truncated=bool(row[11]))
 
 
-def check_kind(name: str, stored: str, kind: str) -> None:
+def check_kind(name: str, stored: Kind, kind: Kind) -> None:
     """A workflow keeps the kind of its first deploy: raise StoreError for another.
 
     The store checks it where it writes, in the deploy's transaction, so no
@@ -197,11 +202,11 @@ def check_kind(name: str, stored: str, kind: str) -> None:
         raise StoreError(f"{name} is a {stored} workflow; its kind cannot change")
 
 
-def merge_settings(stored: dict, change: dict) -> dict:
+def merge_settings(stored: dict[str, Any], change: SettingsChange) -> dict[str, Any]:
     """Apply a workflow's key-level change (`set`, `unset`) to stored settings."""
     merged = dict(stored)
-    merged.update(change.get("set", {}))
-    for key in change.get("unset", []):
+    merged.update(change["set"])
+    for key in change["unset"]:
         merged.pop(key, None)
     return merged
 
@@ -283,7 +288,7 @@ class Store:
             rows = await self._fetchall(f"{_WORKFLOW_SELECT} WHERE w.name IN ({marks})", *names)
         return [_workflow(row) for row in rows]
 
-    async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any],
+    async def deploy(self, name: str, kind: Kind, code: str, limits: dict[str, Any],
                      schedule: dict[str, Any] | None, catch_key: str) -> Workflow:
         """Store `code` as the next version of `name`, creating the workflow if new.
 
@@ -364,7 +369,7 @@ class Store:
 
     # -- settings and executions -----------------------------------------------
 
-    async def change_settings(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
+    async def change_settings(self, name: str, change: SettingsChange) -> dict[str, Any]:
         """Apply an operator's `set`/`unset` change; returns the new settings."""
         async with self._transaction() as db:
             stored = await _settings(db, name)
@@ -373,7 +378,7 @@ class Store:
                              (orjson.dumps(merged).decode(), name))
         return merged
 
-    async def finish(self, workflow: str, change: dict[str, Any] | None,
+    async def finish(self, workflow: str, change: SettingsChange | None,
                      max_settings_bytes: int,
                      record_for: Callable[[str | None], ExecutionRecord]) -> ExecutionRecord:
         """Merge an execution's settings change and store its record, in one transaction.
