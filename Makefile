@@ -51,6 +51,7 @@ test: system-deps $(DEV_VENV)/.installed
 
 lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .
+	$(DEV_VENV)/bin/mypy
 
 bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_timers.py

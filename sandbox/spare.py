@@ -116,7 +116,7 @@ def _take_job(work: socket.socket, env: dict[str, str], sandboxed: bool) -> int:
     except OSError:
         return protocol.EXIT_JOIN_FAILED
     _adopt(fds[:len(PIPES)])
-    return _run(orjson.loads(ticket)["workdir"], env, sandboxed)
+    return _run(orjson.loads(ticket)["workdir"], env)
 
 
 def _adopt(fds: list[int]) -> None:
@@ -129,25 +129,30 @@ def _adopt(fds: list[int]) -> None:
     os.closerange(RESULT_FD + 1, os.sysconf("SC_OPEN_MAX"))
 
 
-def _run(workdir: str | None, env: dict[str, str], sandboxed: bool) -> int:
-    """Read the job, isolate, make the private working directory, execute."""
+def _run(workdir: str | None, env: dict[str, str]) -> int:
+    """Read the job, isolate, make the private working directory, execute.
+
+    `workdir` is None in sandbox mode: the execution's own tmpfs on /tmp is
+    its working directory.
+    """
     # A forked child starts from the zygote's memory; nothing random may repeat
     # between executions. os.fork reseeds `random` already; this says it here.
     random.seed()
     try:
         job = runner.read_job()
-        if sandboxed:
+        if workdir is None:
             isolate.enter(job["limits"]["tmp_bytes"])
-            workdir = isolate.WORKDIR
+            home = isolate.WORKDIR
         else:
             os.mkdir(workdir, 0o700)
             os.chdir(workdir)
+            home = workdir
     except Exception:
         traceback.print_exc()
         return protocol.EXIT_BOOT_FAILED
     os.environ.clear()
-    os.environ.update(env, HOME=workdir, TMPDIR=workdir)
-    if sandboxed:
-        os.environ["PWD"] = workdir
+    os.environ.update(env, HOME=home, TMPDIR=home)
+    if workdir is None:
+        os.environ["PWD"] = home
     tempfile.tempdir = None  # gettempdir() caches; let it see the new TMPDIR
     return runner.execute(job)

@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -224,7 +225,7 @@ class Zygote:
         theirs.close()
         return pid, ours
 
-    def send(self, message: dict) -> None:
+    def send(self, message: dict[str, Any]) -> None:
         self.channel.send(orjson.dumps(message))
 
     def shutdown(self) -> None:

@@ -7,6 +7,7 @@ headers, query and body into fields, and the reply.
 
 import base64
 import hmac
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -33,7 +34,7 @@ class BadRequest(Exception):
     """The body does not parse as its declared content type (HTTP 400)."""
 
 
-def header_fields(raw_headers: list[tuple[bytes, bytes]] | tuple) -> dict[str, str]:
+def header_fields(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """Headers under the name the client sent; repeats joined with `, `.
 
     A header repeated with different capitalisation is one header: it keeps

@@ -88,9 +88,10 @@ class Dispatcher:
                 started_at, started = datetime.now(UTC), time.perf_counter()
                 outcome = await self.executor.run(job)
         except asyncio.CancelledError:
-            if not self._interrupting:
+            task = asyncio.current_task()
+            if not self._interrupting or task is None:
                 raise
-            asyncio.current_task().uncancel()
+            task.uncancel()
             outcome = Outcome(Status.INTERRUPTED, (time.perf_counter() - started) * 1000,
                               error=f"the daemon stopped and the {self.config.grace_s:g} s "
                                     "grace period ran out; nothing it changed was kept")

@@ -212,6 +212,7 @@ def next_due(schedule: Schedule, after: datetime, last_started: datetime | None 
 
 
 def _next_cron(schedule: Schedule, after: datetime) -> datetime:
+    assert schedule.cron is not None  # a Schedule has exactly one of every_s and cron
     matches = croniter(schedule.cron, after.astimezone(_zone(schedule.tz)))
     # croniter already runs a nonexistent named-hour time at the end of the gap
     # and skips it for every-hour expressions. It runs a repeated time twice,

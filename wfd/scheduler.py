@@ -53,10 +53,10 @@ class Scheduler:
         # Bumped by every refresh, so a tick that started before an operator's
         # change (disable, reschedule) does not re-arm the old timer.
         self._generation: dict[str, int] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: list[tuple[str, datetime, int]] = []
-        self._batch: asyncio.Task | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._batch: asyncio.Task[None] | None = None
+        self._loop_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Arm every enabled pull workflow, applying the missed-fire policy."""

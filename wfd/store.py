@@ -241,7 +241,7 @@ class Store:
     async def _migrate(self) -> None:
         async with self._transaction() as db:
             async with db.execute("PRAGMA user_version") as cursor:
-                (current,) = await cursor.fetchone()
+                (current,) = await cursor.fetchone() or (0,)
             for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
                 for statement in filter(str.strip, script.split(";")):
                     await db.execute(statement)
@@ -311,7 +311,8 @@ class Store:
                 check_kind(name, row[0], kind)
                 async with db.execute("SELECT max(version) FROM versions WHERE workflow = ?",
                                       (name,)) as cursor:
-                    version = (await cursor.fetchone())[0] + 1
+                    (latest,) = await cursor.fetchone() or (0,)
+                    version = latest + 1
                 await db.execute(
                     "UPDATE workflows SET version = ?, limits = ?, schedule = ?, updated_at = ?"
                     " WHERE name = ?",
@@ -491,7 +492,7 @@ class Store:
         async with self._transaction() as db, db.execute(pragma) as cursor:
             await cursor.fetchall()  # each step frees one page: run it to the end
         (after,) = await self._fetchone("PRAGMA freelist_count")
-        return (before - after) * page_size
+        return int((before - after) * page_size)
 
     # -- export and import ------------------------------------------------------
 
@@ -552,7 +553,8 @@ async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
         row = await cursor.fetchone()
     if row is None:
         raise StoreError(f"no workflow named {name}")
-    return orjson.loads(row[0])
+    settings: dict[str, Any] = orjson.loads(row[0])
+    return settings
 
 
 async def _insert_execution(db: aiosqlite.Connection, record: ExecutionRecord) -> None:

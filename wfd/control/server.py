@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ class ControlServer:
         try:
             while line := await reader.readline():
                 answer = await self._answer(line)
-                if isinstance(answer.get("result"), AsyncIterator):
+                if isinstance(answer.get("result"), AsyncGenerator):
                     answer = await self._stream(answer["id"], answer["result"], reader, writer)
                 writer.write(orjson.dumps(answer) + b"\n")
                 await writer.drain()
@@ -82,7 +82,7 @@ class ControlServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _stream(self, request_id: Any, items: AsyncIterator[dict[str, Any]],
+    async def _stream(self, request_id: Any, items: AsyncGenerator[dict[str, Any], None],
                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> dict[str, Any]:
         """Send each item as `{"id", "ok", "item"}`; return the final reply line.

@@ -86,7 +86,7 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
     return outcome
 
 
-async def _reported_or_ended(ended: "asyncio.Future[int]", result_reader: asyncio.Task,
+async def _reported_or_ended(ended: "asyncio.Future[int]", result_reader: "asyncio.Task[None]",
                              result: "Captured", timeout_s: float) -> bool:
     """Wait until the child ends or its result is complete; False at the timeout.
 
@@ -97,7 +97,7 @@ async def _reported_or_ended(ended: "asyncio.Future[int]", result_reader: asynci
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    waiting: set[asyncio.Future] = {ended, result_reader}
+    waiting: set[asyncio.Future[Any]] = {ended, result_reader}
     while True:
         done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - loop.time()),
                                      return_when=asyncio.FIRST_COMPLETED)

@@ -89,10 +89,12 @@ class Isolation:
         The zygote's children have the same layers as a cold spawn, built
         differently (docs/isolation.md, "The zygote"); the details say how.
         """
-        missing = self.support.reason if self.support else 'isolation = "none"'
+        support = self.support
+        missing = (support.reason or "unavailable") if support else 'isolation = "none"'
         sandbox = self.sandboxed
+        mode = support.mode if support else None
         forked = executor == "zygote"
-        version = self.support.version if self.support else None
+        version = support.version if support else None
         survivors = [name for name, on in (("pid namespace", sandbox),
                                            ("cgroup kill", self.backend is not None)) if on]
         namespaces = (f"{version}: pid, ipc, uts, mount; network shared"
@@ -105,7 +107,7 @@ class Isolation:
             "rlimits": Layer(True, "memory, CPU, file size, open files, processes, no core; "
                                    "PR_SET_PDEATHSIG, no_new_privs"),
             "namespaces": Layer(sandbox, namespaces if sandbox else missing),
-            "identity": Layer(sandbox, f"uid {bwrap.SANDBOX_UID} via {self.support.mode}"
+            "identity": Layer(sandbox, f"uid {bwrap.SANDBOX_UID} via {mode}"
                               + (", zygote included; no capabilities" if forked else "")
                               if sandbox else missing),
             "filesystem": Layer(sandbox, filesystem if sandbox else missing),
@@ -120,7 +122,8 @@ class Isolation:
             return "no writable cgroup v2 subtree nor v1 pids+memory: rlimits only"
         described = self.backend.describe()
         paths = described.get("paths") or {"": described.get("path")}
-        return f"{described['cgroup']} at {', '.join(map(str, paths.values()))}"
+        where = paths.values() if isinstance(paths, dict) else [paths]
+        return f"{described['cgroup']} at {', '.join(map(str, where))}"
 
     def cgroup_for(self, limits: Limits, execution_id: str) -> cgroups.ExecutionCgroup | None:
         """A fresh cgroup for one execution, or None where the host has none.
