@@ -34,6 +34,8 @@ MESSAGE_BYTES = 65536
 # own; or plain, each in a directory under the zygote's WORKDIRS.
 MODE_SANDBOX = "sandbox"
 MODE_PLAIN = "plain"
+# What the daemon runs with `python -I -m`: a cold child, and the zygote.
+CHILD_MODULE = "sandbox"
 ZYGOTE_MODULE = "sandbox.zygote"
 
 

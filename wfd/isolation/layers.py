@@ -138,7 +138,7 @@ class Isolation:
 
     def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None) -> list[str]:
         """The whole command line of one execution: cgroup join, bwrap, interpreter."""
-        command = [self.python, "-I", "-m", "sandbox"]
+        command = [self.python, "-I", "-m", protocol.CHILD_MODULE]
         if self.sandboxed:
             command = [*bwrap.command(self.python, limits.tmp_mb * MIB), *command]
         return cgroup.join_argv(command) if cgroup else command
