@@ -17,7 +17,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def response(value: Any, max_body_bytes: int) -> dict | None:
+def response(value: Any, max_body_bytes: int) -> dict[str, Any] | None:
     """The HTTP response a catch workflow asked for, or None for the default one.
 
     Anything that is not a dict means "use the default response"; a dict must
@@ -53,7 +53,7 @@ def response(value: Any, max_body_bytes: int) -> dict | None:
     return {"status_code": status, "body": body, "headers": headers}
 
 
-def settings_change(given: dict, now: Any) -> dict:
+def settings_change(given: dict[str, Any], now: Any) -> dict[str, Any]:
     """The keys a workflow added, changed or removed, checked for JSON.
 
     Only the difference is returned, so the daemon can merge it key by key:

@@ -23,7 +23,7 @@ GIVEN = {"k": "old", "n": 1, "obj": {"a": [1, 2]}}
                                                       "unset": []}),
     ({"set": {"obj": {"a": [1, 2], "b": 0}}, "unset": []},
      {"set": {"obj": {"a": [1, 2], "b": 0}}, "unset": []}),
-    ({}, {"set": {}, "unset": []}),
+    ({"set": {}, "unset": []}, {"set": {}, "unset": []}),
 ])  # fmt: skip
 def test_changed_since_keeps_only_real_changes(change: dict, kept: dict) -> None:
     assert changed_since(GIVEN, change) == kept

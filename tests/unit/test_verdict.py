@@ -5,11 +5,11 @@ import signal
 import orjson
 import pytest
 
+from sandbox.protocol import EXIT_JOIN_FAILED as JOIN_FAILED_EXIT
 from wfd.config import Limits
 from wfd.executor.base import Job
 from wfd.executor.pipes import Captured
 from wfd.executor.supervise import _Ended, _judge, _signal_of
-from wfd.isolation.cgroups import JOIN_FAILED_EXIT
 
 JOB = Job(execution_id="x", name="w", kind="catch", version=1, code="",
           limits=Limits(timeout_s=1.5, memory_mb=256, cpu_s=7))
