@@ -9,6 +9,7 @@ import asyncio
 import base64
 import hmac
 import time
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -16,11 +17,12 @@ import orjson
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from multidict import CIMultiDictProxy
 
-from wfd import idempotency, ids, logs, signatures
+from wfd import domain, idempotency, ids, logs, signatures
 from wfd.admission import Overloaded, Reservation
 from wfd.config import Config
 from wfd.delivery import Deliveries
-from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher
+from wfd.dispatch import Dispatcher
+from wfd.domain import Kind, Status, Trigger, WorkflowResponse
 from wfd.idempotency import Idempotency
 from wfd.metrics import Metrics
 from wfd.store import DeliveryPolicy, Store, Workflow
@@ -38,7 +40,7 @@ class BadRequest(Exception):
     """The body does not parse as its declared content type (HTTP 400)."""
 
 
-def header_fields(raw_headers: list[tuple[bytes, bytes]] | tuple) -> dict[str, str]:
+def header_fields(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """Headers under the name the client sent; repeats joined with `, `.
 
     A header repeated with different capitalisation is one header: it keeps
@@ -137,6 +139,17 @@ def _file_field(field: web.FileField) -> dict[str, Any]:
             "size": len(content), "content": base64.b64encode(content).decode()}
 
 
+def status_response(status: Status, execution_id: str) -> WorkflowResponse:
+    """The response of a catch execution whose workflow did not write one itself.
+
+    What the caller gets (`reply`) and what `wfd ctl run` shows: the status
+    the execution ended with, as JSON, under its HTTP status.
+    """
+    return {"status_code": domain.http_status(status, None),
+            "body": status_body(status, execution_id).decode(),
+            "headers": {"Content-Type": "application/json"}}
+
+
 def status_body(status: str, execution_id: str) -> bytes:
     """The JSON body of every response the workflow did not write itself."""
     return orjson.dumps({"status": status, "execution_id": execution_id})
@@ -149,7 +162,7 @@ def json_reply(http_status: int, status: str, execution_id: str,
                         headers={EXECUTION_HEADER: execution_id, **(headers or {})})
 
 
-def workflow_reply(response: dict[str, Any], execution_id: str) -> web.Response:
+def workflow_reply(response: WorkflowResponse, execution_id: str) -> web.Response:
     """Exactly the response the workflow returned (already validated)."""
     headers = {k: v for k, v in response["headers"].items()
                if k.lower() not in DROPPED_RESPONSE_HEADERS}
@@ -184,7 +197,7 @@ class CatchHandler:
         workflow = await self.store.workflow(info["name"])
         key_ok = hmac.compare_digest(info["key"].encode(),
                                      (workflow.catch_key if workflow else _NO_KEY).encode())
-        if not (key_ok and workflow and workflow.enabled and workflow.kind == "catch"
+        if not (key_ok and workflow and workflow.enabled and workflow.kind == Kind.CATCH
                 and info["team"] == self.config.team):
             return json_reply(404, "not_found", execution_id)
         content_type = self._content_type(request)
@@ -253,11 +266,10 @@ class CatchHandler:
             await self.deliveries.accept(workflow, fields, execution_id, key,
                                          idempotency.stored(response) if key else None)
             return response, "accepted"
-        executed = await self.deliveries.run(workflow, policy, "catch", fields, reservation,
-                                             execution_id)
-        record = executed.record
-        return reply(record.status, record.http_status, executed.response, execution_id), \
-            record.status
+        executed = await self.deliveries.run(workflow, policy, Trigger.CATCH, fields,
+                                             reservation, execution_id)
+        return reply(executed.record.status, executed.response, execution_id), \
+            executed.record.status
 
     def _signed(self, workflow: Workflow, scheme: str, secret: str | None,
                 request: web.Request, raw: bytes | None, execution_id: str) -> bool:
@@ -295,10 +307,9 @@ def prefers_async(headers: CIMultiDictProxy[str]) -> bool:
                for value in headers.getall("Prefer", []) for token in value.split(","))
 
 
-def reply(status: str, http_status: int | None, response: dict[str, Any] | None,
-          execution_id: str) -> web.Response:
+def reply(status: Status, response: WorkflowResponse | None, execution_id: str
+          ) -> web.Response:
     """The caller's response for a finished catch execution."""
-    if response is not None:
-        return workflow_reply(response, execution_id)
-    code = http_status or FAILURE_HTTP_STATUS.get(status, 500)
-    return json_reply(code, status, execution_id)
+    if response is None:
+        response = status_response(status, execution_id)
+    return workflow_reply(response, execution_id)

@@ -9,7 +9,7 @@ again after a backoff, or `dead`.
 
 Crash safety, in two rules:
 - A delivery is marked `running` only once its attempt has an execution
-  slot (`_StartOnEntry`), and settled only after the attempt's record is
+  slot (the dispatcher's `on_start`), and settled only after the attempt's record is
   stored. So at start-up a delivery still `running` was cut off by a crash:
   its attempt is recorded `interrupted` (unless its record made it to the
   store) and it is retried like any failed attempt, never run twice in
@@ -25,19 +25,19 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 from wfd import ids, logs
 from wfd.admission import Overloaded, Reservation
-from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher, Executed
+from wfd.dispatch import Dispatcher, Executed
+from wfd.domain import FAILURE_HTTP_STATUS, Status, Trigger
 from wfd.metrics import Metrics
 from wfd.store import DeliveryPolicy, ExecutionRecord, Store, Workflow, utc_iso
 
 # Statuses of an attempt that make an async delivery try again (SPEC 11).
-RETRYABLE = frozenset({"error", "timeout", "memory", "cpu", "interrupted"})
+RETRYABLE = frozenset({Status.ERROR, Status.TIMEOUT, Status.MEMORY, Status.CPU,
+                       Status.INTERRUPTED})
 MAX_BACKOFF_S = 3600.0
 
 
@@ -53,34 +53,6 @@ def retry_delay(failures: int, base_s: float, rng: random.Random) -> float:
 
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-class _StartOnEntry:
-    """A reservation that marks the delivery running once the slot is held.
-
-    The dispatcher enters it like any reservation; waiting for a slot is
-    therefore not "running", and a crash while waiting loses no attempt.
-    """
-
-    def __init__(self, inner: Reservation, start: Callable[[], Awaitable[None]]) -> None:
-        self._inner = inner
-        self._start = start
-
-    def cancel(self) -> None:
-        self._inner.cancel()
-
-    async def __aenter__(self) -> "_StartOnEntry":
-        await self._inner.__aenter__()
-        try:
-            await self._start()
-        except BaseException as exc:
-            await self._inner.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self._inner.__aexit__(kind, exc, tb)
 
 
 class Deliveries:
@@ -113,7 +85,7 @@ class Deliveries:
         self.metrics.delivery(workflow.name, "accepted")
         self._queue(delivery_id, workflow.name, _epoch(accepted_at))
 
-    async def run(self, workflow: Workflow, policy: DeliveryPolicy, trigger: str,
+    async def run(self, workflow: Workflow, policy: DeliveryPolicy, trigger: Trigger,
                   request: dict[str, Any], reservation: Reservation | None = None,
                   execution_id: str | None = None) -> Executed:
         """Run a request now (sync catch, `wfd ctl run`); kept for replay unless told not to."""
@@ -126,8 +98,8 @@ class Deliveries:
             try:
                 await self.store.save_request(execution_id, workflow.name, request)
             except Exception:  # the execution is done and recorded: still answer it
-                logs.logger.exception("could not keep the request of %s for replay",
-                                      execution_id)
+                logs.event("request-not-kept", level=logging.ERROR, exc_info=True,
+                           workflow=workflow.name, id=execution_id)
         return executed
 
     # -- the worker ------------------------------------------------------------
@@ -222,8 +194,8 @@ class Deliveries:
         except Overloaded:
             self._queue(delivery_id, name, time.time() + 1)  # stopping: stays queued
         except Exception:
-            logs.logger.exception("delivery %s: attempt failed to start; retrying in 10 s",
-                                  delivery_id)
+            logs.event("delivery-attempt-failed", level=logging.ERROR, exc_info=True,
+                       workflow=name, id=delivery_id, retry_in_s=10)
             self._queue(delivery_id, name, time.time() + 10)
         finally:
             self._unstarted.pop(delivery_id, None)
@@ -246,16 +218,16 @@ class Deliveries:
             self._unstarted.pop(delivery_id, None)
             await self.store.start_delivery(delivery_id, attempt_id)
 
-        reservation = _StartOnEntry(self.dispatcher.reserve(workflow, bounded=False), start)
         executed = await self.dispatcher.execute(
-            workflow, "catch", delivery.request, reservation, attempt_id,
+            workflow, Trigger.CATCH, delivery.request,
+            self.dispatcher.reserve(workflow, bounded=False), attempt_id,
             {"attempt": delivery.attempt, "first_attempt_id": delivery_id,
-             "request_id": delivery_id})
+             "request_id": delivery_id}, on_start=start)
         await self._settle(name, delivery_id, delivery.attempt, attempt_id,
                            executed.record.status, policy)
 
     async def _settle(self, name: str, delivery_id: str, attempt: int, attempt_id: str,
-                      status: str, policy: DeliveryPolicy) -> None:
+                      status: Status, policy: DeliveryPolicy) -> None:
         """After an attempt: done, queued again after a backoff, or dead."""
         retry = status in RETRYABLE and attempt <= policy.retries
         retry_at = time.time() + retry_delay(attempt, policy.retry_backoff_s, self.rng)
@@ -283,12 +255,11 @@ class Deliveries:
             workflow = await self.store.workflow(name)
             if workflow is None:
                 continue
-            status = recorded
-            if status is None:
-                status = "interrupted"
+            status = Status(recorded) if recorded else Status.INTERRUPTED
+            if recorded is None:
                 await self.store.record(ExecutionRecord(
-                    id=attempt_id, workflow=name, version=workflow.version, trigger="catch",
-                    status=status, started_at=utc_iso(), duration_ms=0.0,
+                    id=attempt_id, workflow=name, version=workflow.version,
+                    trigger=Trigger.CATCH, status=status, started_at=utc_iso(), duration_ms=0.0,
                     http_status=FAILURE_HTTP_STATUS[status],
                     error="the daemon stopped abruptly (crash or kill) during this attempt; "
                           "nothing it changed was kept; recorded at the restart",

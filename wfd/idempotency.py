@@ -49,7 +49,8 @@ def request_key(headers: Mapping[str, str], scheme: str | None) -> str | None:
 def stored(response: web.Response) -> StoredResponse:
     """What is kept of a response to replay it."""
     headers = {str(k): v for k, v in response.headers.items() if k.lower() not in _FRAMING}
-    return response.status, headers, bytes(response.body or b"")
+    body = response.body
+    return response.status, headers, body if isinstance(body, bytes) else b""
 
 
 def replayed(first: StoredResponse) -> web.Response:
