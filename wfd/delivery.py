@@ -67,6 +67,7 @@ class Deliveries:
         self._timers: list[tuple[float, str, str]] = []  # (due, id, workflow), a heap
         self._ready: dict[str, deque[tuple[float, str]]] = {}  # workflow -> due ones
         self._known: set[str] = set()  # ids in _timers or _ready
+        self._taken: set[str] = set()  # ids of attempts taken, not yet settled
         self._running: dict[str, int] = {}  # workflow -> attempts taken, not yet settled
         self._unstarted: dict[str, float] = {}  # id -> due, of taken attempts not in a slot
         self._limits: dict[str, int] = {}  # workflow -> its concurrency, once seen
@@ -130,7 +131,8 @@ class Deliveries:
         disabled one wait in the store, not in memory.
         """
         for delivery_id, workflow, due_at in await self.store.queued_deliveries(name):
-            if delivery_id not in self._known:
+            # One being settled is queued again by its own attempt.
+            if delivery_id not in self._known and delivery_id not in self._taken:
                 self._queue(delivery_id, workflow, _epoch(due_at))
 
     def depth(self) -> tuple[int, float]:
@@ -181,6 +183,7 @@ class Deliveries:
                 if not queue:
                     del self._ready[name]
                 self._known.discard(delivery_id)
+                self._taken.add(delivery_id)
                 self._unstarted[delivery_id] = due
                 self._running[name] = self._running.get(name, 0) + 1
                 task = asyncio.create_task(self._attempt(name, delivery_id))
@@ -198,6 +201,7 @@ class Deliveries:
                        workflow=name, id=delivery_id, retry_in_s=10)
             self._queue(delivery_id, name, time.time() + 10)
         finally:
+            self._taken.discard(delivery_id)
             self._unstarted.pop(delivery_id, None)
             self._running[name] -= 1
             if not self._running[name]:
