@@ -5,21 +5,27 @@ dispatcher lives here: the route, the key check, the refusals, turning
 headers, query and body into fields, and the reply.
 """
 
+import asyncio
 import base64
 import hmac
+import time
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from aiohttp import web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from multidict import CIMultiDictProxy
 
-from wfd import domain, ids, logs
-from wfd.admission import Overloaded
+from wfd import domain, idempotency, ids, logs, signatures
+from wfd.admission import Overloaded, Reservation
 from wfd.config import Config
+from wfd.delivery import Deliveries
 from wfd.dispatch import Dispatcher
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
-from wfd.store import Store
+from wfd.idempotency import Idempotency
+from wfd.metrics import Metrics
+from wfd.store import DeliveryPolicy, Store, Workflow
 
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
 # Framing is the server's business, not the workflow's: these would corrupt the response.
@@ -72,12 +78,19 @@ def json_fields(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"body": value}
 
 
-async def body_fields(request: web.Request, content_type: str) -> dict[str, Any]:
+async def body_fields(request: web.Request, content_type: str,
+                      raw: bytes | None = None) -> dict[str, Any]:
     """The body's fields, read within the app's size limit.
 
     aiohttp stops reading with HTTPRequestEntityTooLarge as soon as the body
     passes `client_max_size`, so an oversized body is never held whole.
+    `raw` is the body already read whole (for a signature over it).
     """
+    if content_type == "multipart/form-data" and raw is not None:
+        try:
+            return await _multipart_from_bytes(request, raw)
+        except Exception as exc:
+            raise BadRequest(f"malformed multipart body: {exc}") from None
     if content_type == "multipart/form-data":
         try:
             form = await request.post()
@@ -98,6 +111,26 @@ async def body_fields(request: web.Request, content_type: str) -> dict[str, Any]
         return _grouped(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text)))
     except (UnicodeDecodeError, LookupError, ValueError) as exc:
         raise BadRequest(f"malformed form body: {exc}") from None
+
+
+async def _multipart_from_bytes(request: web.Request, raw: bytes) -> dict[str, Any]:
+    """The fields of a multipart body read earlier, as `request.post()` would give them."""
+    stream = StreamReader(request.protocol, limit=len(raw) + 1, loop=asyncio.get_running_loop())
+    stream.feed_data(raw)
+    stream.feed_eof()
+    pairs: list[tuple[str, Any]] = []
+    async for part in MultipartReader(request.headers, stream):
+        if not isinstance(part, BodyPartReader) or part.name is None:
+            raise ValueError("nested or unnamed multipart part")
+        content = bytes(await part.read(decode=True))
+        if part.filename:
+            pairs.append((part.name, {
+                "filename": part.filename,
+                "content_type": part.headers.get("Content-Type", "application/octet-stream"),
+                "size": len(content), "content": base64.b64encode(content).decode()}))
+        else:
+            pairs.append((part.name, content.decode(part.get_charset(default="utf-8"))))
+    return _grouped(pairs)
 
 
 def _file_field(field: web.FileField) -> dict[str, Any]:
@@ -143,9 +176,13 @@ def workflow_reply(response: WorkflowResponse, execution_id: str) -> web.Respons
 class CatchHandler:
     """Answers `POST /teams/{team}/{name}/python3.{minor}/{key}`."""
 
-    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, metrics: Metrics,
+                 deliveries: Deliveries) -> None:
         self.store = store
         self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.deliveries = deliveries
+        self.idempotency = Idempotency(store)
 
     @property
     def config(self) -> Config:
@@ -168,27 +205,89 @@ class CatchHandler:
             return json_reply(415, "unsupported_media_type", execution_id)
         if (request.content_length or 0) > self.config.max_body_bytes:
             return json_reply(413, "payload_too_large", execution_id)
+        policy = await self.store.delivery_policy(workflow.name)
         try:
             reservation = self.dispatcher.reserve(workflow)
         except Overloaded:
             logs.event("overloaded", workflow=workflow.name, id=execution_id)
             return json_reply(503, "overloaded", execution_id, {"Retry-After": "1"})
         try:
+            raw = await request.read() if policy.scheme in signatures.SIGNS_BODY else None
+            if policy.scheme and not self._signed(workflow, policy.scheme, policy.secret,
+                                                  request, raw, execution_id):
+                reservation.cancel()
+                return json_reply(401, "invalid_signature", execution_id)
+            key = idempotency.request_key(request.headers, policy.scheme)
             fields = header_fields(request.raw_headers)
             fields.update(self._query(request))
-            fields.update(await body_fields(request, content_type))
+            fields.update(await body_fields(request, content_type, raw))
         except web.HTTPRequestEntityTooLarge:
             reservation.cancel()
             return json_reply(413, "payload_too_large", execution_id)
-        except BadRequest:
+        except (BadRequest, idempotency.BadKey):
             reservation.cancel()
             return json_reply(400, "bad_request", execution_id)
         except BaseException:
             reservation.cancel()
             raise
-        executed = await self.dispatcher.execute(workflow, Trigger.CATCH, fields, reservation,
-                                                 execution_id)
-        return reply(executed.record.status, executed.response, execution_id)
+        run_async = policy.async_ or prefers_async(request.headers)
+        if key is not None:
+            return await self._once(key, workflow, policy, fields, reservation, execution_id,
+                                    run_async)
+        return (await self._deliver(workflow, policy, fields, reservation, execution_id,
+                                    run_async))[0]
+
+    async def _once(self, key: str, workflow: Workflow, policy: DeliveryPolicy,
+                    fields: dict[str, Any], reservation: Reservation, execution_id: str,
+                    run_async: bool) -> web.Response:
+        """A request with an idempotency key: the first response again, or deliver it."""
+        async with self.idempotency.hold(workflow.name, key, execution_id) as slot:
+            if slot.first is not None:
+                reservation.cancel()
+                return idempotency.replayed(slot.first)
+            response, status = await self._deliver(workflow, policy, fields, reservation,
+                                                   execution_id, run_async, key)
+            if status not in ("accepted", "interrupted"):
+                slot.answer = idempotency.stored(response)
+            return response
+
+    async def _deliver(self, workflow: Workflow, policy: DeliveryPolicy, fields: dict[str, Any],
+                       reservation: Reservation, execution_id: str, run_async: bool,
+                       key: str | None = None) -> tuple[web.Response, str]:
+        """Run the request now, or queue it durably and answer 202; the reply and a status.
+
+        The 202 of an async request with an idempotency key is stored with
+        the delivery, in the commit that makes the delivery durable.
+        """
+        if run_async:
+            reservation.cancel()
+            response = json_reply(202, "accepted", execution_id,
+                                  {"Preference-Applied": "respond-async"})
+            await self.deliveries.accept(workflow, fields, execution_id, key,
+                                         idempotency.stored(response) if key else None)
+            return response, "accepted"
+        executed = await self.deliveries.run(workflow, policy, Trigger.CATCH, fields,
+                                             reservation, execution_id)
+        return reply(executed.record.status, executed.response, execution_id), \
+            executed.record.status
+
+    def _signed(self, workflow: Workflow, scheme: str, secret: str | None,
+                request: web.Request, raw: bytes | None, execution_id: str) -> bool:
+        """Whether the request passes the workflow's signature check; counts and logs if not.
+
+        A scheme without a secret (imported without `--with-secrets`) refuses
+        everything until `wfd ctl verify` gives it one.
+        """
+        try:
+            if not secret:
+                raise signatures.InvalidSignature("no secret is set: run wfd ctl verify")
+            signatures.verify(scheme, secret, request.headers, raw or b"", time.time())
+        except signatures.InvalidSignature as exc:
+            self.metrics.signature_rejected(workflow.name, scheme)
+            logs.event("invalid-signature", workflow=workflow.name, scheme=scheme,
+                       id=execution_id, reason=str(exc))
+            return False
+        return True
 
     @staticmethod
     def _content_type(request: web.Request) -> str:
@@ -200,6 +299,12 @@ class CatchHandler:
         query = request.query
         return {name: values[0] if len(values) == 1 else values
                 for name in query for values in [query.getall(name)]}
+
+
+def prefers_async(headers: CIMultiDictProxy[str]) -> bool:
+    """`Prefer: respond-async` (RFC 7240), among other preferences or not."""
+    return any(token.split(";", 1)[0].strip().lower() == "respond-async"
+               for value in headers.getall("Prefer", []) for token in value.split(","))
 
 
 def reply(status: Status, response: WorkflowResponse | None, execution_id: str

@@ -9,7 +9,7 @@ that transaction commits, so an acknowledged change survives a crash.
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -65,8 +65,16 @@ class Dispatcher:
     async def execute(self, workflow: Workflow, trigger: Trigger,
                       request: dict[str, Any] | None = None,
                       reservation: Reservation | None = None,
-                      execution_id: str | None = None) -> Executed:
-        """Run `workflow` once and store what happened."""
+                      execution_id: str | None = None,
+                      lineage: dict[str, Any] | None = None,
+                      on_start: Callable[[], Awaitable[None]] | None = None) -> Executed:
+        """Run `workflow` once and store what happened.
+
+        `lineage` is copied into the record: an async delivery's `attempt` and
+        `first_attempt_id`, a replay's `replay_of`, the stored `request_id`.
+        `on_start` is awaited once the execution holds its slot, before it
+        starts (an async delivery is marked running then, not while it waits).
+        """
         reservation = reservation or self.reserve(workflow)
         limits = self.limits(workflow)
         job = Job(execution_id=execution_id or ids.execution_id(), name=workflow.name,
@@ -74,17 +82,22 @@ class Dispatcher:
                   limits=limits, settings=workflow.settings,
                   request=request if workflow.kind == Kind.CATCH else None,
                   response_bytes=self.config.max_body_bytes)
-        task = asyncio.create_task(self._execute(job, trigger, reservation))
+        task = asyncio.create_task(self._execute(job, trigger, reservation, lineage or {},
+                                                 on_start))
         self._inflight.add(task)
         self._interruptible.add(task)
         task.add_done_callback(self._inflight.discard)
         task.add_done_callback(self._interruptible.discard)
         return await task
 
-    async def _execute(self, job: Job, trigger: Trigger, reservation: Reservation) -> Executed:
+    async def _execute(self, job: Job, trigger: Trigger, reservation: Reservation,
+                       lineage: dict[str, Any],
+                       on_start: Callable[[], Awaitable[None]] | None) -> Executed:
         started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
         try:
             async with reservation:
+                if on_start is not None:
+                    await on_start()
                 started_at, started = datetime.now(UTC), time.perf_counter()
                 outcome = await self.executor.run(job)
         except asyncio.CancelledError:
@@ -99,7 +112,7 @@ class Dispatcher:
         record = await self.store.finish(job.name, outcome.settings_change, job.settings,
                                          job.limits.settings_kb * 1024,
                                          functools.partial(_record, job, trigger, started_at,
-                                                           outcome))
+                                                           outcome, lineage))
         logs.event("execution", id=record.id, workflow=record.workflow,
                    version=record.version, trigger=trigger, status=record.status,
                    duration_ms=round(record.duration_ms, 1), http=record.http_status)
@@ -147,7 +160,7 @@ class Dispatcher:
 
 
 def _record(job: Job, trigger: Trigger, started_at: datetime, outcome: Outcome,
-            refused: str | None = None) -> ExecutionRecord:
+            lineage: dict[str, Any], refused: str | None = None) -> ExecutionRecord:
     """The execution's record; `refused` says why the store refused its settings change.
 
     A refused change fails the execution: nothing it changed was kept, and a
@@ -162,4 +175,4 @@ def _record(job: Job, trigger: Trigger, started_at: datetime, outcome: Outcome,
         status=outcome.status, started_at=utc_iso(started_at),
         duration_ms=outcome.duration_ms, http_status=http_status, error=outcome.error,
         traceback=outcome.traceback, output=outcome.output,
-        output_truncated=outcome.output_truncated)
+        output_truncated=outcome.output_truncated, **lineage)

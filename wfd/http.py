@@ -9,6 +9,7 @@ from aiohttp.typedefs import Handler, Middleware
 from wfd import metrics as metrics_module
 from wfd.catch import CATCH_ROUTE, CatchHandler
 from wfd.config import Config
+from wfd.delivery import Deliveries
 from wfd.dispatch import Dispatcher
 from wfd.metrics import Metrics
 from wfd.store import Store
@@ -50,11 +51,13 @@ def counted(metrics: Metrics) -> Middleware:
 
 
 def catch_app(config: Config, store: Store, dispatcher: Dispatcher,
-              health: Health, metrics: Metrics) -> web.Application:
+              health: Health, metrics: Metrics,
+              deliveries: Deliveries) -> web.Application:
     """The public listener: catch routes, plus /healthz and /metrics unless on admin_listen."""
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[counted(metrics)])
-    app.router.add_route("*", CATCH_ROUTE, CatchHandler(store, dispatcher), name="catch")
+    app.router.add_route("*", CATCH_ROUTE, CatchHandler(store, dispatcher, metrics, deliveries),
+                         name="catch")
     if not config.admin_listen:
         add_admin_routes(app, health, metrics)
     return app

@@ -27,6 +27,7 @@ from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
 from wfd.control.handlers import Commands
 from wfd.control.server import ControlServer
+from wfd.delivery import Deliveries
 from wfd.dispatch import Dispatcher
 from wfd.executor import ZygoteExecutor, make_executor
 from wfd.isolation import selftest
@@ -66,9 +67,11 @@ class Daemon:
                                      lambda: self.admission.running)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
+        self.deliveries = Deliveries(self.store, self.dispatcher, self.metrics)
+        self.metrics.watch_deliveries(self.deliveries.depth)
         self.pruner = Pruner(self.store, lambda: self.config.retention)
         self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,
-                                 self.status)
+                                 self.status, self.deliveries)
         self.dispatcher.listeners += [self._count, self.pruner.note, self.commands.publish]
         self.control = ControlServer(config.socket_path, self.commands.table(),
                                      config.socket_group)
@@ -126,8 +129,9 @@ class Daemon:
         await self.check_isolation()
         await self.control.start()
         await self.scheduler.start()
+        await self.deliveries.start()
         catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health,
-                                   self.metrics)
+                                   self.metrics, self.deliveries)
         await self._listen(catch_app, self.config.listen)
         if self.config.admin_listen:
             await self._listen(http.admin_app(self.health, self.metrics),
@@ -200,7 +204,9 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._stop_accepting()
         await self.scheduler.close()
+        self.deliveries.stop_taking()
         interrupted = await self.dispatcher.drain(self.config.grace_s)
+        await self.deliveries.close()
         self.commands.end_streams()
         await self.control.close()
         for runner in reversed(self._runners):
