@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from sandbox import limits, rules
+from sandbox import limits, rules, seccomp
 from sandbox.request import RequestDict
 
 EXIT_BOOT_FAILED = 70
@@ -49,6 +49,8 @@ def execute(job: dict) -> int:
     """
     try:
         limits.apply(job["limits"])
+        if job.get("forbid_namespaces"):
+            seccomp.forbid_namespaces()
     except Exception:
         traceback.print_exc()
         return EXIT_BOOT_FAILED

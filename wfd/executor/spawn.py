@@ -105,7 +105,8 @@ class SpawnExecutor:
         finally:
             pipes.close_theirs()
         ended = asyncio.ensure_future(process.wait())
-        payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None)
+        payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None,
+                              sandboxed=launch.signal_exits)
         return await supervise(job, payload, pipes, started, ended,
                                lambda: _kill_group(process.pid), cgroup=launch.cgroup,
                                signal_exits=launch.signal_exits)

@@ -254,7 +254,8 @@ class ZygoteExecutor:
             pipes.close_theirs()
             for fd in joins:
                 os.close(fd)
-        payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None)
+        payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None,
+                              sandboxed=self.isolation.sandboxed)
         return await supervise(job, payload, pipes, started, ended,
                                lambda: zygote.kill(job.execution_id), cgroup=cgroup,
                                signal_exits=self.isolation.sandboxed)

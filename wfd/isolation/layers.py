@@ -91,7 +91,8 @@ class Isolation:
         version = self.support.version if self.support else None
         survivors = [name for name, on in (("pid namespace", sandbox),
                                            ("cgroup kill", self.backend is not None)) if on]
-        namespaces = (f"{version}: pid, ipc, uts, mount; network shared"
+        namespaces = (f"{version}: pid, ipc, uts, mount; network shared; none of its own "
+                      "(seccomp)"
                       + ("; per execution its own user, mount, pid and ipc namespaces "
                          "inside the zygote's" if forked else ""))
         filesystem = ("read-only /usr and Python runtime, private /tmp tmpfs; data dir, "
