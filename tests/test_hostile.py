@@ -370,14 +370,24 @@ def test_no_namespace_of_its_own_to_mount_a_tmpfs_past_the_cap(hostile, canary, 
     assert_contained(response, record, "success", 200, canary)
 
 
-def test_outbound_network_still_works(hostile, canary, name, standin):
-    server = standin()
-    server.routes[("GET", "/ping")] = (200, {}, "pong")
+def test_a_loopback_service_is_reachable_only_on_the_port_allowed(hostile, canary, name,
+                                                                   standin):
+    server, other = standin(), standin()
+    for each in (server, other):
+        each.routes[("GET", "/ping")] = (200, {}, "pong")
     code = workflow("""
-        return {"status_code": 200, "body": requests.get(_request["url"], timeout=10).text}
-        """, prelude="import requests")
-    response, record = call(hostile, name, code, data={"url": f"{server.url}/ping"})
-    assert response.text == "pong"
+        seen = [requests.get(_request["url"], timeout=10).text]
+        try:
+            requests.get(_request["other"], timeout=10)
+            seen.append("reached")
+        except requests.ConnectionError as exc:
+            seen.append(type(exc.args[0].reason).__name__)
+        return {"status_code": 200, "body": json.dumps(seen)}
+        """, prelude="import json, requests")
+    response, record = call(hostile, name, code, *server.allow_net,
+                            data={"url": f"{server.url}/ping", "other": f"{other.url}/ping"})
+    assert response.json() == ["pong", "NewConnectionError"]
+    assert other.requests == []
     assert_contained(response, record, "success", 200, canary)
 
 

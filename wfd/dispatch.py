@@ -17,6 +17,7 @@ from wfd import ids, logs
 from wfd.admission import Admission, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.executor import Executor, Job, Outcome
+from wfd.isolation.network import Policy
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
 
 # The HTTP status a caller gets when the function did not decide it.
@@ -58,6 +59,10 @@ class Dispatcher:
     def limits(self, workflow: Workflow) -> Limits:
         return self.config.limits.merged(workflow.limits)
 
+    def network(self, workflow: Workflow | None = None) -> Policy:
+        """Where its executions may connect: the daemon's allowances and the workflow's own."""
+        return Policy.of(*self.config.network.allow, *(workflow.allow_net if workflow else ()))
+
     def reserve(self, workflow: Workflow, bounded: bool = True) -> Reservation:
         """Queue an execution of `workflow`; raises Overloaded when full or stopping."""
         if self.draining:
@@ -75,7 +80,7 @@ class Dispatcher:
                   kind=workflow.kind, version=workflow.version, code=workflow.code,
                   limits=limits, settings=workflow.settings,
                   request=request if workflow.kind == "catch" else None,
-                  response_bytes=self.config.max_body_bytes)
+                  response_bytes=self.config.max_body_bytes, network=self.network(workflow))
         task = asyncio.create_task(self._execute(job, trigger, reservation))
         self._inflight.add(task)
         self._interruptible.add(task)
@@ -136,7 +141,7 @@ class Dispatcher:
     async def check(self, name: str, kind: str, code: str, limits: Limits) -> str | None:
         """Deploy-time check of new code in a child; the problem, or None if fine."""
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
-                  code=code, limits=limits, mode="check")
+                  code=code, limits=limits, mode="check", network=self.network())
         started = time.perf_counter()
         outcome = await self.executor.run(job)
         if outcome.status == "success":

@@ -13,7 +13,7 @@ power loss can take back the last few commits.
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,10 @@ MIGRATIONS = [
     """
     CREATE INDEX executions_by_started ON executions (started_at);
     """,
+    # network: the workflow's own egress allowances (CIDR[:PORT] strings, JSON list).
+    """
+    ALTER TABLE workflows ADD COLUMN allow_net TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 
@@ -101,6 +105,7 @@ class Workflow:
     code: str
     next_due: str | None = None
     skipped: int = 0
+    allow_net: list[str] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
         """What `wfd ctl` may show: everything but the code and the secret key."""
@@ -115,6 +120,7 @@ class Workflow:
             "updated_at": self.updated_at,
             "next_due": self.next_due,
             "skipped": self.skipped,
+            "allow_net": self.allow_net,
         }
 
 
@@ -152,7 +158,7 @@ class ExecutionRecord:
 
 _WORKFLOW_COLUMNS = (
     "w.name, w.kind, w.enabled, w.version, w.catch_key, w.settings, w.limits, "
-    "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped"
+    "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped, w.allow_net"
 )
 _WORKFLOW_SELECT = (
     f"SELECT {_WORKFLOW_COLUMNS} FROM workflows w "
@@ -179,6 +185,7 @@ def _workflow(row: Any) -> Workflow:
         code=row[10],
         next_due=row[11],
         skipped=row[12],
+        allow_net=orjson.loads(row[13]),
     )
 
 
@@ -273,11 +280,13 @@ class Store:
         return [_workflow(row) for row in rows]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any],
-                     schedule: dict[str, Any] | None, catch_key: str) -> Workflow:
+                     schedule: dict[str, Any] | None, catch_key: str,
+                     allow_net: list[str] | None = None) -> Workflow:
         """Store `code` as the next version of `name`, creating the workflow if new.
 
         A new deploy replaces the limits and schedule given; limits not named
-        keep their previous overrides. `catch_key` is used for a new workflow only.
+        keep their previous overrides, and so do the network allowances when
+        `allow_net` is None. `catch_key` is used for a new workflow only.
         """
         now = utc_iso()
         async with self._transaction() as db:
@@ -288,9 +297,9 @@ class Store:
                 version = 1
                 await db.execute(
                     "INSERT INTO workflows (name, kind, version, catch_key, limits, schedule,"
-                    " created_at, updated_at) VALUES (?, ?, 1, ?, ?, ?, ?, ?)",
+                    " created_at, updated_at, allow_net) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
                     (name, kind, catch_key, orjson.dumps(limits).decode(),
-                     _json_or_null(schedule), now, now))
+                     _json_or_null(schedule), now, now, orjson.dumps(allow_net or []).decode()))
             else:
                 if row[0] != kind:
                     raise StoreError(f"{name} is a {row[0]} workflow; its kind cannot change")
@@ -299,10 +308,10 @@ class Store:
                     version = (await cursor.fetchone())[0] + 1
                 merged = {**orjson.loads(row[2]), **limits}
                 await db.execute(
-                    "UPDATE workflows SET version = ?, limits = ?, schedule = ?, updated_at = ?"
-                    " WHERE name = ?",
-                    (version, orjson.dumps(merged).decode(),
-                     _json_or_null(schedule), now, name))
+                    "UPDATE workflows SET version = ?, limits = ?, schedule = ?, updated_at = ?,"
+                    " allow_net = coalesce(?, allow_net) WHERE name = ?",
+                    (version, orjson.dumps(merged).decode(), _json_or_null(schedule), now,
+                     None if allow_net is None else orjson.dumps(allow_net).decode(), name))
             await db.execute(
                 "INSERT INTO versions (workflow, version, code, created_at) VALUES (?, ?, ?, ?)",
                 (name, version, code, now))
@@ -505,12 +514,13 @@ class Store:
                         raise StoreError(f"a workflow named {name} exists already")
                 await db.execute(
                     "INSERT INTO workflows (name, kind, enabled, version, catch_key, settings,"
-                    " limits, schedule, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " limits, schedule, created_at, updated_at, allow_net)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, item["kind"], int(item["enabled"]), item["version"],
                      item["catch_key"], orjson.dumps(item["settings"]).decode(),
                      orjson.dumps(item["limits"]).decode(), _json_or_null(item["schedule"]),
-                     item["created_at"], item["updated_at"]))
+                     item["created_at"], item["updated_at"],
+                     orjson.dumps(item.get("allow_net", [])).decode()))
                 await db.executemany(
                     "INSERT INTO versions (workflow, version, code, created_at)"
                     " VALUES (?, ?, ?, ?)",

@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--tz", help="IANA time zone of --cron (default UTC)")
     for flag, dest, kind_of in LIMIT_OPTIONS:
         deploy.add_argument(flag, dest=dest, type=kind_of)
+    deploy.add_argument("--allow-net", dest="allow_net", action="append", metavar="CIDR[:PORT]",
+                        help="also let executions connect there (repeatable; replaces the "
+                             "workflow's allowances; 'none' removes them all); "
+                             "127.0.0.1/32:PORT opens that one port of the host's loopback")
     for name in ("show", "url", "enable", "disable", "delete", "versions", "rotate-key"):
         add(name, f"{name} a workflow", "name")
     settings = add("settings", "print or change a workflow's settings", "name")
@@ -108,8 +112,11 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if args.kind == "pull" or args.every or args.cron:
             schedule = {"every": args.every, "cron": args.cron, "tz": args.tz}
         limits = {dest: getattr(args, dest) for _, dest, _ in LIMIT_OPTIONS}
+        allow_net = args.allow_net
+        if allow_net is not None and allow_net == ["none"]:
+            allow_net = []
         return "deploy", {"name": args.name, "kind": args.kind, "code": code,
-                          "limits": limits, "schedule": schedule}
+                          "limits": limits, "schedule": schedule, "allow_net": allow_net}
     if command == "settings":
         if args.action is None:
             return "settings", {"name": args.name}

@@ -9,7 +9,7 @@ import orjson
 
 from wfd import catch, ids, logs
 from wfd.admission import Overloaded
-from wfd.config import Config, ConfigError
+from wfd.config import Config, ConfigError, check_allowances
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.dispatch import Dispatcher
@@ -70,8 +70,12 @@ class Commands:
         return [self._listing(w) for w in await self.store.workflows()]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any] | None = None,
-                     schedule: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Check the code in a child, then store it as the workflow's next version."""
+                     schedule: dict[str, Any] | None = None,
+                     allow_net: list[str] | None = None) -> dict[str, Any]:
+        """Check the code in a child, then store it as the workflow's next version.
+
+        `allow_net` replaces the workflow's network allowances; None keeps them.
+        """
         check_name(name)
         if kind not in ("catch", "pull"):
             raise CommandError(f"kind must be catch or pull, got {kind!r}")
@@ -84,6 +88,9 @@ class Commands:
             raise CommandError(f"{name} is a {existing.kind} workflow; its kind cannot change")
         schedule = self.parse_schedule(kind, schedule)
         try:
+            if allow_net is not None:
+                allow_net = list(check_allowances(allow_net, self.config.own_ports,
+                                                  "--allow-net"))
             effective = self.config.limits.merged({**(existing.limits if existing else {}),
                                                    **overrides}).validate()
         except ConfigError as exc:
@@ -92,7 +99,8 @@ class Commands:
         if problem:
             raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
                                f" stays in place: {problem}")
-        workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key())
+        workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key(),
+                                           allow_net)
         await self.scheduler.refresh(name)
         logs.event("deployed", workflow=name, version=workflow.version, kind=kind)
         result = {"name": name, "kind": kind, "version": workflow.version}
@@ -121,6 +129,7 @@ class Commands:
         recent = await self.store.executions(workflow.name, 1)
         return {**self._listing(workflow),
                 "effective_limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
+                "network": self.dispatcher.network(workflow).describe(),
                 "settings_keys": sorted(workflow.settings),
                 "last_execution": recent[0].summary() if recent else None}
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import orjson
 
 from wfd.config import MIB, Limits
+from wfd.isolation.network import Policy
 
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -30,6 +31,8 @@ class Job:
     request: dict[str, Any] | None = None
     mode: str = "run"
     response_bytes: int = 10 * MIB
+    # Where it may connect, under the network layer (an execution gets a namespace of it).
+    network: Policy = field(default_factory=Policy)
 
     def payload(self, result_fd: int, rlimit_nproc: bool = True,
                 sandboxed: bool = False) -> bytes:

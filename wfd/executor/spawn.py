@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wfd.executor.base import CHILD_PATH, Job, Outcome
+from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
 from wfd.executor.pipes import Pipes
 from wfd.executor.supervise import supervise
+from wfd.isolation import network
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
 
@@ -35,6 +36,9 @@ class _Launch:
     cgroup: ExecutionCgroup | None = None
     # bwrap reports a signal death of the sandboxed process as exit 128 + signal.
     signal_exits: bool = False
+    # With the network layer: bwrap's info pipe and block pipe (ours, theirs).
+    info: tuple[int, int] | None = None
+    block: tuple[int, int] | None = None
 
 
 class SpawnExecutor:
@@ -80,21 +84,37 @@ class SpawnExecutor:
         """Make the execution's cgroup, run the child in it, and always remove it."""
         cgroup = await asyncio.to_thread(self.isolation.cgroup_for, job.limits,
                                          job.execution_id)
+        info = block = None
         try:
-            argv = self.isolation.argv(job.limits, cgroup)
-            return await self._spawn(job, _Launch(argv, cwd, env, cgroup, sandboxed))
+            net = None
+            if sandboxed and self.isolation.network is not None:
+                info, block = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
+                net = self.isolation.net_options(info[1], block[0])
+            try:
+                argv = self.isolation.argv(job.limits, cgroup, net)
+            except BaseException:
+                for fd in (info[1], block[0]) if net else ():
+                    os.close(fd)
+                raise
+            # _spawn closes the child's ends of info and block; ours are closed here.
+            return await self._spawn(job, _Launch(argv, cwd, env, cgroup, sandboxed,
+                                                  info, block))
         finally:
+            for fd in (info[0], block[1]) if info and block else ():
+                os.close(fd)
             if cgroup is not None:
                 await asyncio.to_thread(cgroup.close)
 
     async def _spawn(self, job: Job, launch: "_Launch") -> Outcome:
         pipes = Pipes()
         started = time.perf_counter()
+        theirs = [fd for fd in (launch.info and launch.info[1], launch.block and launch.block[0])
+                  if fd is not None]
         try:
             process = await asyncio.create_subprocess_exec(
                 *launch.argv,
                 stdin=pipes.job_r, stdout=pipes.output_w, stderr=pipes.output_w,
-                pass_fds=(pipes.result_w,),
+                pass_fds=(pipes.result_w, *theirs),
                 start_new_session=True,
                 cwd=launch.cwd,
                 env=launch.env,
@@ -104,9 +124,32 @@ class SpawnExecutor:
             raise
         finally:
             pipes.close_theirs()
-        ended = asyncio.ensure_future(process.wait())
+            for fd in theirs:
+                os.close(fd)
+        attached: list[network.Attached] = []
+        ended = asyncio.ensure_future(self._ended(process, job, launch, attached))
         payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None,
                               sandboxed=launch.signal_exits)
-        return await supervise(job, payload, pipes, started, ended,
-                               lambda: _kill_group(process.pid), cgroup=launch.cgroup,
-                               signal_exits=launch.signal_exits)
+        try:
+            return await supervise(job, payload, pipes, started, ended,
+                                   lambda: _kill_group(process.pid), cgroup=launch.cgroup,
+                                   signal_exits=launch.signal_exits)
+        finally:
+            for handle in attached:
+                handle.close()
+
+    async def _ended(self, process: asyncio.subprocess.Process, job: Job, launch: "_Launch",
+                     attached: list[network.Attached]) -> int:
+        """The child's return code, once its network (if it gets one) is set up.
+
+        bwrap waits on its block pipe until the namespace it made has pasta and
+        the policy's rules: the workflow never runs without them.
+        """
+        if launch.info is not None:
+            try:
+                pid = await network.child_pid(launch.info[0])
+                attached.append(await self.isolation.network.attach(pid, job.network))
+                os.write(launch.block[1], b"1")
+            except (network.NetworkError, OSError, TimeoutError) as exc:
+                raise ChildLost(f"boot failed: the execution's network: {exc}") from None
+        return await process.wait()

@@ -27,6 +27,7 @@ from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
 from wfd.executor.pipes import Pipes
 from wfd.executor.spawn import SpawnExecutor
 from wfd.executor.supervise import supervise
+from wfd.isolation import network
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
 
@@ -51,9 +52,11 @@ class BootFailed(Exception):
 class ZygoteProcess:
     """One zygote process and the executions it holds. `start` does the work."""
 
-    def __init__(self, command: Sequence[str], preload: Sequence[str],
+    def __init__(self, isolation: Isolation, policy: network.Policy, preload: Sequence[str],
                  spares: tuple[int, int]) -> None:
-        self.command = list(command)
+        self.isolation = isolation
+        self.policy = policy
+        self.network: network.Attached | None = None
         self.preload = list(preload)
         self.spares = spares
         self.process: asyncio.subprocess.Process | None = None
@@ -70,26 +73,44 @@ class ZygoteProcess:
         return self.process.pid if self.process else None
 
     async def start(self) -> None:
-        """Exec the zygote with one end of a socketpair; return once it runs."""
+        """Exec the zygote with one end of a socketpair; return once it runs.
+
+        With the network layer its bwrap makes the network namespace it and
+        its children share, and this returns once that has its network.
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        info = os.pipe2(os.O_CLOEXEC) if self.isolation.network is not None else None
+        command = self.isolation.zygote_argv(
+            self.isolation.net_options(info[1]) if info else None)
         self.workdirs = tempfile.mkdtemp(prefix="wfd-zygote-")
         env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": self.workdirs,
                "TMPDIR": self.workdirs}
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *self.command, str(theirs.fileno()), self.workdirs,
+                *command, str(theirs.fileno()), self.workdirs,
                 *map(str, self.spares), *self.preload,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),), start_new_session=True, env=env)
+                pass_fds=(theirs.fileno(), *(info[1:] if info else ())),
+                start_new_session=True, env=env)
         except BaseException:
             ours.close()
+            if info:
+                os.close(info[0])
             raise
         finally:
             theirs.close()
+            if info:
+                os.close(info[1])
         ours.setblocking(False)
         self.channel = ours
         asyncio.get_running_loop().add_reader(ours.fileno(), self._read)
         self.exited = asyncio.create_task(self._wait())
+        if info:
+            try:
+                pid = await network.child_pid(info[0])
+                self.network = await self.isolation.network.attach(pid, self.policy)
+            finally:
+                os.close(info[0])
 
     def run(self, execution_id: str, fds: list[int]) -> "asyncio.Future[int]":
         """Ask for a child to run the job on `fds`; the future gives its return code."""
@@ -171,6 +192,8 @@ class ZygoteProcess:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.channel.fileno())
         self.channel.close()
+        if self.network is not None:
+            self.network.close()
         await asyncio.to_thread(shutil.rmtree, self.workdirs, True)
         return returncode
 
@@ -199,11 +222,12 @@ class ZygoteExecutor:
     """
 
     def __init__(self, preload: Sequence[str], spares_min: int, spares_max: int,
-                 isolation: Isolation) -> None:
+                 isolation: Isolation, policy: network.Policy | None = None) -> None:
         self.preload = list(preload)
         self.spares = (spares_min, spares_max)
         self.isolation = isolation
-        self.command = isolation.zygote_argv()
+        # The one egress policy of this zygote's network namespace.
+        self.policy = policy or network.Policy()
         self.fallback = SpawnExecutor(isolation)
         self.state = "stopped"
         self.current: ZygoteProcess | None = None
@@ -318,13 +342,13 @@ class ZygoteExecutor:
         """Start a zygote and wait for its `ready`; None (and why, logged) if it failed."""
         if self.current is None:
             self._set_state("starting")
-        zygote = ZygoteProcess(self.command, self.preload, self.spares)
+        zygote = ZygoteProcess(self.isolation, self.policy, self.preload, self.spares)
         self._changed.clear()
         self._stamp = packages_stamp(self._dirs)
         try:
             await zygote.start()
             await asyncio.wait_for(asyncio.shield(zygote.booted), BOOT_TIMEOUT_S)
-        except (BootFailed, OSError, TimeoutError) as exc:
+        except (BootFailed, OSError, TimeoutError, network.NetworkError) as exc:
             zygote.stop()
             if zygote.exited is not None:
                 await zygote.exited
@@ -355,6 +379,10 @@ class ZygoteExecutor:
                 zygote.stop()
                 await zygote.exited
                 return "hung"
+            if zygote.network is not None and not zygote.network.alive():
+                zygote.stop()  # its executions would have no network
+                await zygote.exited
+                return "lost its network (pasta ended)"
             if self._changed.is_set() or packages_stamp(self._dirs) != self._stamp:
                 logs.event("zygote-restart", reason="preload or installed packages changed")
                 return "changed"
