@@ -138,10 +138,16 @@ class Dispatcher:
             await asyncio.wait(set(self._inflight))
         return interrupted
 
-    async def check(self, name: str, kind: str, code: str, limits: Limits) -> str | None:
-        """Deploy-time check of new code in a child; the problem, or None if fine."""
+    async def check(self, name: str, kind: str, code: str, limits: Limits,
+                    allow_net: list[str] | None = None) -> str | None:
+        """Deploy-time check of new code in a child; the problem, or None if fine.
+
+        It runs under the workflow's egress policy, so a zygote for that policy
+        is on its way before the first execution.
+        """
+        network = Policy.of(*self.config.network.allow, *(allow_net or ()))
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
-                  code=code, limits=limits, mode="check", network=self.network())
+                  code=code, limits=limits, mode="check", network=network)
         started = time.perf_counter()
         outcome = await self.executor.run(job)
         if outcome.status == "success":

@@ -95,7 +95,9 @@ class Commands:
                                                    **overrides}).validate()
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
-        problem = await self.dispatcher.check(name, kind, code, effective)
+        problem = await self.dispatcher.check(
+            name, kind, code, effective,
+            allow_net if allow_net is not None else existing.allow_net if existing else [])
         if problem:
             raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
                                f" stays in place: {problem}")

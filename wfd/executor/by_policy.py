@@ -3,8 +3,9 @@
 Executions of workflows whose policies differ never share a namespace, so
 they never see each other's allowances. The daemon's default policy (its
 `[network] allow`) has its zygote from the start; a workflow with
-allowances of its own gets one at its first execution (which cold-spawns,
-with the same policy, while it boots), retired after IDLE_S without work.
+allowances of its own gets one at its deploy-time check (executions
+cold-spawn, with the same policy, until it is ready), retired after IDLE_S
+without work.
 The key is the policy's; an environment's zygote would key on both.
 """
 
@@ -60,6 +61,8 @@ class ZygotesByPolicy:
             logs.event("zygote-for-policy", allow=",".join(key))
         self._running[key] = self._running.get(key, 0) + 1
         try:
+            if zygote.state != "ready":  # booting: a cold spawn now beats waiting for it
+                return await zygote.fallback.run(job)
             return await zygote.run(job)
         finally:
             self._running[key] -= 1

@@ -33,6 +33,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,6 +49,30 @@ DNS_PORT = 53
 ALLOW_PRIORITY, DENY_PRIORITY = 50, 100
 ATTACH_TIMEOUT_S = 10.0
 NS_GET_USERNS = 0xB701
+TUN = "/dev/net/tun"
+
+
+# Run by an unprivileged daemon: join the user and network namespaces (full
+# capabilities in the user namespace that owns the network one), keep
+# CAP_NET_ADMIN across exec (inheritable + ambient), install the rules.
+_RULES_HELPER = """
+import ctypes, os, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+userns, netns, ip, ipv4, ipv6 = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
+for fd, kind in ((userns, 0x10000000), (netns, 0x40000000)):
+    if libc.setns(fd, kind) != 0:
+        sys.exit("setns: " + os.strerror(ctypes.get_errno()))
+header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+CAP_NET_ADMIN, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 12, 47, 2
+if libc.capget(header, data) != 0:
+    sys.exit("capget: " + os.strerror(ctypes.get_errno()))
+data[2] |= 1 << CAP_NET_ADMIN
+if libc.capset(header, data) != 0 or libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE,
+                                                CAP_NET_ADMIN, 0, 0) != 0:
+    sys.exit("keeping CAP_NET_ADMIN: " + os.strerror(ctypes.get_errno()))
+for family, rules in (("-4", ipv4), ("-6", ipv6)):
+    subprocess.run([ip, family, "-batch", "-"], input=rules.encode(), check=True)
+"""
 
 
 class NetworkError(Exception):
@@ -178,6 +203,9 @@ def detect() -> NetworkSupport:
         packages = {"pasta": "passt", "nsenter": "util-linux", "ip": "iproute2"}
         return NetworkSupport(False, "not on PATH: " + ", ".join(
             f"{name} (Debian package {packages[name]})" for name in missing))
+    if os.geteuid() != 0 and not os.access(TUN, os.R_OK | os.W_OK):
+        return NetworkSupport(False, f"pasta needs {TUN} readable and writable by the daemon's "
+                                     "user (mode 0666, Debian's default)")
     try:
         ran = subprocess.run([found["pasta"], "--version"], capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -323,17 +351,19 @@ class Network:
                 os.unlink(pidfile)
 
     async def _rules(self, netns: int, userns: int, policy: Policy) -> None:
-        argv = [self.support.nsenter, f"--net=/proc/self/fd/{netns}"]
-        fds = [netns]
-        if userns >= 0:
-            argv += [f"--user=/proc/self/fd/{userns}", "--preserve-credentials"]
-            fds.append(userns)
         # `ip -batch` takes one address family per run.
         ipv4, ipv6 = policy.rules(self.resolvers)
-        script = (f'printf %s "$1" | {self.support.ip} -4 -batch - && '
-                  f'printf %s "$2" | {self.support.ip} -6 -batch -')
-        await _run([*argv, "/bin/sh", "-c", script, "wfd-rules", ipv4, ipv6], fds,
-                   "the egress rules")
+        if userns < 0:  # root: nsenter keeps the capabilities across its exec
+            script = (f'printf %s "$1" | {self.support.ip} -4 -batch - && '
+                      f'printf %s "$2" | {self.support.ip} -6 -batch -')
+            await _run([self.support.nsenter, f"--net=/proc/self/fd/{netns}", "/bin/sh", "-c",
+                        script, "wfd-rules", ipv4, ipv6], [netns], "the egress rules")
+            return
+        # Unprivileged, the daemon's uid is not uid 0 in bwrap's user namespace, so
+        # nsenter's exec would drop the capabilities gained there: a helper passes
+        # CAP_NET_ADMIN on to `ip` as an ambient capability.
+        await _run([sys.executable, "-I", "-c", _RULES_HELPER, str(userns), str(netns),
+                    self.support.ip, ipv4, ipv6], [netns, userns], "the egress rules")
 
     def close(self) -> None:
         shutil.rmtree(self._pidfiles, ignore_errors=True)
