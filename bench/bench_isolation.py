@@ -105,6 +105,7 @@ def main(runs: int) -> None:
         "+ cgroup (join prefix, limits, kill, rmdir)": Isolation("best-effort", python, None,
                                                                   backend),
         "+ bwrap (namespaces, uid, fs view, tmpfs)": Isolation("strict", python, support, None),
+        "+ bwrap + network": Isolation("strict", python, support, None, net),
         "+ bwrap + cgroup (strict without network)": Isolation("strict", python, support,
                                                                backend),
         "+ bwrap + cgroup + network (strict default)": Isolation("strict", python, support,
@@ -113,6 +114,7 @@ def main(runs: int) -> None:
         "zygote: + cgroup (fd join, limits, kill, rmdir)": Isolation("best-effort", python,
                                                                      None, backend),
         "zygote: + bwrap, per-execution namespaces": Isolation("strict", python, support, None),
+        "zygote: + bwrap + network": Isolation("strict", python, support, None, net),
         "zygote: + bwrap + cgroup (strict without network)": Isolation(
             "strict", python, support, backend),
         "zygote: + bwrap + cgroup + network (strict default)": Isolation(

@@ -12,12 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
+from wfd.executor.base import CHILD_PATH, Job, Outcome
 from wfd.executor.pipes import Pipes
 from wfd.executor.supervise import supervise
 from wfd.isolation import network
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
+
+
+class _NoNetwork(Exception):
+    """The execution's network namespace could not be set up; it never ran."""
 
 
 def _kill_group(pid: int) -> None:
@@ -126,30 +130,49 @@ class SpawnExecutor:
             pipes.close_theirs()
             for fd in theirs:
                 os.close(fd)
-        attached: list[network.Attached] = []
-        ended = asyncio.ensure_future(self._ended(process, job, launch, attached))
-        payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None,
-                              sandboxed=launch.signal_exits)
+        attached = None
         try:
+            if launch.info is not None:
+                try:
+                    attached = await self._connect(process, job, launch)
+                except asyncio.CancelledError:
+                    pipes.close_ours()  # _connect killed the child
+                    raise
+            ended = asyncio.ensure_future(process.wait())
+            payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None,
+                                  sandboxed=launch.signal_exits)
             return await supervise(job, payload, pipes, started, ended,
                                    lambda: _kill_group(process.pid), cgroup=launch.cgroup,
                                    signal_exits=launch.signal_exits)
+        except _NoNetwork as exc:
+            pipes.close_ours()
+            return Outcome("error", (time.perf_counter() - started) * 1000,
+                           error=f"boot failed: the execution's network: {exc}")
         finally:
-            for handle in attached:
-                handle.close()
+            if attached is not None:
+                attached.close()
 
-    async def _ended(self, process: asyncio.subprocess.Process, job: Job, launch: "_Launch",
-                     attached: list[network.Attached]) -> int:
-        """The child's return code, once its network (if it gets one) is set up.
+    async def _connect(self, process: asyncio.subprocess.Process, job: Job,
+                       launch: "_Launch") -> network.Attached:
+        """Give the namespace bwrap made its network, then let bwrap start the workflow.
 
-        bwrap waits on its block pipe until the namespace it made has pasta and
-        the policy's rules: the workflow never runs without them.
+        bwrap waits on its block pipe meanwhile: the workflow never runs
+        without its network, and the set-up does not count against its timeout.
         """
-        if launch.info is not None:
-            try:
-                pid = await network.child_pid(launch.info[0])
-                attached.append(await self.isolation.network.attach(pid, job.network))
-                os.write(launch.block[1], b"1")
-            except (network.NetworkError, OSError, TimeoutError) as exc:
-                raise ChildLost(f"boot failed: the execution's network: {exc}") from None
-        return await process.wait()
+        try:
+            pid = await network.child_pid(launch.info[0])
+            attached = await self.isolation.network.attach(pid, job.network)
+        except BaseException as exc:
+            _kill_group(process.pid)
+            if not isinstance(exc, network.NetworkError | OSError | TimeoutError):
+                raise  # cancelled: the daemon is stopping
+            await process.wait()
+            raise _NoNetwork(str(exc)) from None
+        try:
+            os.write(launch.block[1], b"1")
+        except OSError as exc:
+            attached.close()
+            _kill_group(process.pid)
+            await process.wait()
+            raise _NoNetwork(f"the sandbox ended first ({exc})") from None
+        return attached
