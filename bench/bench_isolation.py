@@ -132,7 +132,6 @@ def main(runs: int) -> None:
     rates = uvloop.run(throughput({label: rows[label] for label in pair}, max(1, runs // 20)))
     for label, rate in rates.items():
         print(f"{label:<56} {rate:6.1f} executions/s at concurrency {CONCURRENCY}")
-    net.close()
     backend.close()
 
 

@@ -185,8 +185,6 @@ class Isolation:
 
     def close(self) -> None:
         """Remove the daemon's own cgroup parents (at shutdown)."""
-        if self.network is not None:
-            self.network.close()
         if self.backend is not None:
             with contextlib.suppress(OSError, cgroups.CgroupError):
                 self.backend.close()

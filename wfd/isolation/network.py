@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import fcntl
 import ipaddress
-import itertools
 import os
 import re
 import shutil
@@ -294,8 +293,6 @@ class Network:
         self.resolv_conf = resolv_conf
         self.resolvers = resolvers(resolv_conf)
         self.privileged = os.geteuid() == 0
-        self._pidfiles = tempfile.mkdtemp(prefix="wfd-pasta-")
-        self._count = itertools.count()
 
     def describe(self) -> str:
         dns = ", ".join(self.resolvers) or "none outside loopback"
@@ -327,7 +324,8 @@ class Network:
                 os.close(userns)
 
     async def _pasta(self, netns: int, userns: int, policy: Policy) -> int:
-        pidfile = os.path.join(self._pidfiles, str(next(self._count)))
+        handle, pidfile = tempfile.mkstemp(prefix="wfd-pasta-", suffix=".pid")
+        os.close(handle)  # pasta writes its pid there; removed as soon as read
         forward = ",".join(map(str, policy.loopback_ports())) or "none"
         argv = [self.support.pasta, "--config-net", "--no-map-gw", "--quiet",
                 "-t", "none", "-u", "none", "-T", forward, "-U", "none",
@@ -364,9 +362,6 @@ class Network:
         # CAP_NET_ADMIN on to `ip` as an ambient capability.
         await _run([sys.executable, "-I", "-c", _RULES_HELPER, str(userns), str(netns),
                     self.support.ip, ipv4, ipv6], [netns, userns], "the egress rules")
-
-    def close(self) -> None:
-        shutil.rmtree(self._pidfiles, ignore_errors=True)
 
 
 async def _run(argv: list[str], fds: list[int], what: str) -> None:
