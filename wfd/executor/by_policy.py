@@ -46,10 +46,7 @@ class ZygotesByPolicy:
     def configure(self, preload: Sequence[str], spares_min: int, spares_max: int) -> None:
         """New preload list or pool bounds (on SIGHUP), for every policy's zygote."""
         self.pool = (list(preload), spares_min, spares_max)
-        for key, zygote in self.zygotes.items():
-            if key in self._starting and not self._starting[key].done():
-                continue  # still booting with the old values: replaced when next idle
-            zygote.configure(preload, spares_min, spares_max)
+        for zygote in self.zygotes.values():
             zygote.configure(preload, spares_min, spares_max)
 
     async def run(self, job: Job) -> Outcome:

@@ -252,7 +252,8 @@ class ZygoteExecutor:
         """New preload list or pool bounds (on SIGHUP): a changed one restarts the zygote."""
         if (list(preload), (spares_min, spares_max)) != (self.preload, self.spares):
             self.preload, self.spares = list(preload), (spares_min, spares_max)
-            self._changed.set()
+            if self._changed is not None:  # else not started yet: it boots with these
+                self._changed.set()
 
     async def run(self, job: Job) -> Outcome:
         zygote = await self._ready_zygote()
