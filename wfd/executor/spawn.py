@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wfd.domain import Status
 from wfd.executor.base import CHILD_PATH, Job, Outcome
 from wfd.executor.pipes import Pipes
 from wfd.executor.supervise import supervise
@@ -93,11 +94,11 @@ class SpawnExecutor:
             net = None
             if sandboxed and self.isolation.network is not None:
                 info, block = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
-                net = self.isolation.net_options(info[1], block[0])
+                net = self.isolation.network.bwrap_options(info[1], block[0])
             try:
                 argv = self.isolation.argv(job.limits, cgroup, net)
             except BaseException:
-                for fd in (info[1], block[0]) if net else ():
+                for fd in (info[1], block[0]) if info and block else ():
                     os.close(fd)
                 raise
             # _spawn closes the child's ends of info and block; ours are closed here.
@@ -146,7 +147,7 @@ class SpawnExecutor:
                                    signal_exits=launch.signal_exits)
         except _NoNetwork as exc:
             pipes.close_ours()
-            return Outcome("error", (time.perf_counter() - started) * 1000,
+            return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
                            error=f"boot failed: the execution's network: {exc}")
         finally:
             if attached is not None:
@@ -159,9 +160,12 @@ class SpawnExecutor:
         bwrap waits on its block pipe meanwhile: the workflow never runs
         without its network, and the set-up does not count against its timeout.
         """
+        net, info, block = self.isolation.network, launch.info, launch.block
+        if net is None or info is None or block is None:
+            raise _NoNetwork("no network layer to set it up")  # _spawn's caller checked
         try:
-            pid = await network.child_pid(launch.info[0])
-            attached = await self.isolation.network.attach(pid, job.network)
+            pid = await network.child_pid(info[0])
+            attached = await net.attach(pid, job.network)
         except BaseException as exc:
             _kill_group(process.pid)
             if not isinstance(exc, network.NetworkError | OSError | TimeoutError):
@@ -169,7 +173,7 @@ class SpawnExecutor:
             await process.wait()
             raise _NoNetwork(str(exc)) from None
         try:
-            os.write(launch.block[1], b"1")
+            os.write(block[1], b"1")
         except OSError as exc:
             attached.close()
             _kill_group(process.pid)

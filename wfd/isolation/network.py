@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from wfd.isolation import bwrap
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DENIED = tuple(ipaddress.ip_network(n) for n in (
@@ -189,15 +191,15 @@ class NetworkSupport:
 
     available: bool
     reason: str | None = None
-    pasta: str | None = None
-    nsenter: str | None = None
-    ip: str | None = None
+    pasta: str = ""
+    nsenter: str = ""
+    ip: str = ""
 
 
 def detect() -> NetworkSupport:
     """The programs the layer needs: pasta (passt), nsenter (util-linux), ip (iproute2)."""
-    found = {name: shutil.which(name) for name in ("pasta", "nsenter", "ip")}
-    missing = [name for name, path in found.items() if path is None]
+    found = {name: shutil.which(name) or "" for name in ("pasta", "nsenter", "ip")}
+    missing = [name for name, path in found.items() if not path]
     if missing:
         packages = {"pasta": "passt", "nsenter": "util-linux", "ip": "iproute2"}
         return NetworkSupport(False, "not on PATH: " + ", ".join(
@@ -293,6 +295,10 @@ class Network:
         self.resolv_conf = resolv_conf
         self.resolvers = resolvers(resolv_conf)
         self.privileged = os.geteuid() == 0
+
+    def bwrap_options(self, info_fd: int, block_fd: int | None = None) -> bwrap.NetOptions:
+        """bwrap's side of a namespace this network will serve (`attach`)."""
+        return bwrap.NetOptions(info_fd, block_fd, str(self.resolv_conf))
 
     def describe(self) -> str:
         dns = ", ".join(self.resolvers) or "none outside loopback"
