@@ -138,7 +138,7 @@ def test_strict_without_the_network_layer_refuses_to_start_and_says_what_to_do(m
     daemon = make_daemon(start=False, env=broken_pasta)
     assert daemon.spawn().wait(30) == 1
     log = daemon.log()
-    assert "cannot start" in log and "pasta does not run" in log, log
+    assert "cannot-start" in log and "pasta does not run" in log, log
     assert "apt-get install passt iproute2" in log and 'isolation = "best-effort"' in log
 
 
