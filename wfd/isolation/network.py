@@ -344,9 +344,9 @@ class Network:
         else:
             argv += ["--userns", f"/proc/self/fd/{userns}"]
             fds.append(userns)
-        # pasta goes to the background once the namespace is configured.
-        await _run(argv, fds, "pasta")
         try:
+            # pasta goes to the background once the namespace is configured.
+            await _run(argv, fds, "pasta")
             return int(Path(pidfile).read_text().strip())
         except (OSError, ValueError) as exc:
             raise NetworkError(f"pasta left no pid: {exc}") from None
