@@ -29,16 +29,18 @@ $(DEV_VENV)/.installed: pyproject.toml
 	$(DEV_VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-# Executions run under bubblewrap (isolation = "strict"); setpriv is util-linux.
+# Executions run under bubblewrap (isolation = "strict"); setpriv and nsenter are
+# util-linux; pasta (passt) and ip (iproute2) give each its network namespace.
 system-deps:
 	@command -v bwrap >/dev/null && command -v setpriv >/dev/null && command -v curl >/dev/null \
+	&& command -v pasta >/dev/null && command -v ip >/dev/null && command -v nsenter >/dev/null \
 	|| if [ "$$(id -u)" = 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux curl \
-			>/dev/null; \
+			passt iproute2 >/dev/null; \
 	else \
-		echo "wfd needs bubblewrap, util-linux and curl:" \
-			"sudo apt-get install bubblewrap util-linux curl" >&2; exit 1; \
+		echo "wfd needs bubblewrap, util-linux, passt, iproute2 and curl:" \
+			"sudo apt-get install bubblewrap util-linux passt iproute2 curl" >&2; exit 1; \
 	fi
 
 run: system-deps $(DEV_VENV)/.installed

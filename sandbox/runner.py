@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from sandbox import limits, protocol, rules
+from sandbox import limits, protocol, rules, seccomp
 from sandbox.request import RequestDict
 
 ARGUMENTS = {"catch": ("_request", "settings"), "pull": ("settings",)}
@@ -50,6 +50,8 @@ def execute(job: dict[str, Any]) -> int:
     """
     try:
         limits.apply(job["limits"])
+        if job.get("forbid_namespaces"):
+            seccomp.forbid_namespaces()
     except Exception:
         traceback.print_exc()
         return protocol.EXIT_BOOT_FAILED

@@ -19,6 +19,7 @@ from wfd.admission import Admission, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
 from wfd.executor import Executor, Job, Outcome
+from wfd.isolation.network import Policy
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
 
 
@@ -56,6 +57,10 @@ class Dispatcher:
     def limits(self, workflow: Workflow) -> Limits:
         return self.config.limits.merged(workflow.limits)
 
+    def network(self, workflow: Workflow | None = None) -> Policy:
+        """Where its executions may connect: the daemon's allowances and the workflow's own."""
+        return Policy.of(*self.config.network.allow, *(workflow.allow_net if workflow else ()))
+
     def reserve(self, workflow: Workflow, bounded: bool = True) -> Reservation:
         """Queue an execution of `workflow`; raises Overloaded when full or stopping."""
         if self.draining:
@@ -81,7 +86,7 @@ class Dispatcher:
                   kind=workflow.kind, version=workflow.version, code=workflow.code,
                   limits=limits, settings=workflow.settings,
                   request=request if workflow.kind == Kind.CATCH else None,
-                  response_bytes=self.config.max_body_bytes)
+                  response_bytes=self.config.max_body_bytes, network=self.network(workflow))
         task = asyncio.create_task(self._execute(job, trigger, reservation, lineage or {},
                                                  on_start))
         self._inflight.add(task)
@@ -146,10 +151,16 @@ class Dispatcher:
             await asyncio.wait(set(self._inflight))
         return interrupted
 
-    async def check(self, name: str, kind: Kind, code: str, limits: Limits) -> str | None:
-        """Deploy-time check of new code in a child; the problem, or None if fine."""
+    async def check(self, name: str, kind: Kind, code: str, limits: Limits,
+                    allow_net: list[str] | None = None) -> str | None:
+        """Deploy-time check of new code in a child; the problem, or None if fine.
+
+        It runs under the workflow's egress policy, so a zygote for that policy
+        is on its way before the first execution.
+        """
+        network = Policy.of(*self.config.network.allow, *(allow_net or ()))
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
-                  code=code, limits=limits, mode="check")
+                  code=code, limits=limits, mode="check", network=network)
         started = time.perf_counter()
         outcome = await self.executor.run(job)
         if outcome.status == Status.SUCCESS:

@@ -29,7 +29,7 @@ from wfd.control.handlers import Commands
 from wfd.control.server import ControlServer
 from wfd.delivery import Deliveries
 from wfd.dispatch import Dispatcher
-from wfd.executor import ZygoteExecutor, make_executor
+from wfd.executor import ZygoteExecutor, ZygotesByPolicy, make_executor
 from wfd.isolation import selftest
 from wfd.isolation.layers import Isolation, IsolationError
 from wfd.metrics import Metrics
@@ -41,7 +41,7 @@ from wfd.store import ExecutionRecord, Store
 # semaphores or the kind of executor. A changed value is logged as needing a
 # restart and ignored.
 RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
-                "max_body_mb", "global_concurrency", "executor")
+                "max_body_mb", "global_concurrency", "executor", "network")
 # After the drain, how long the listeners give handlers to send their responses.
 RESPONSE_FLUSH_S = 5.0
 
@@ -254,7 +254,7 @@ class Daemon:
         self.dispatcher.config = config  # limits, and the catch routes' team
         self.commands.config = config
         self.admission.queue_max = config.queue_max
-        if isinstance(self.executor, ZygoteExecutor):  # restarts the zygote if they changed
+        if isinstance(self.executor, ZygoteExecutor | ZygotesByPolicy):  # restarts if changed
             self.executor.configure(config.preload, config.spares_min, config.spares_max)
         logs.setup(config.log_format, config.log_level)
         self.pruner.wake()
@@ -266,7 +266,9 @@ def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
     try:
         # Before the loop: detection may move this process between cgroups,
         # which must happen before any thread (aiosqlite) exists.
-        daemon = Daemon(config, Isolation.detect(config.isolation), loader)
+        daemon = Daemon(config, Isolation.detect(config.isolation,
+                                                 resolv_conf=config.network.resolv_conf),
+                        loader)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
     except (ConfigError, OSError, IsolationError) as exc:

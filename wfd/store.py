@@ -116,6 +116,10 @@ MIGRATIONS = [
     CREATE INDEX executions_by_request ON executions (request_id);
     CREATE INDEX executions_by_first_attempt ON executions (first_attempt_id);
     """,
+    # network: the workflow's own egress allowances (CIDR[:PORT] strings, JSON list).
+    """
+    ALTER TABLE workflows ADD COLUMN allow_net TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 
@@ -149,6 +153,7 @@ class Workflow:
     code: str
     next_due: str | None = None
     skipped: int = 0
+    allow_net: list[str] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
         """What `wfd ctl` may show: everything but the code and the secret key."""
@@ -163,6 +168,7 @@ class Workflow:
             "updated_at": self.updated_at,
             "next_due": self.next_due,
             "skipped": self.skipped,
+            "allow_net": self.allow_net,
         }
 
 
@@ -255,7 +261,7 @@ class Delivery:
 
 _WORKFLOW_COLUMNS = (
     "w.name, w.kind, w.enabled, w.version, w.catch_key, w.settings, w.limits, "
-    "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped"
+    "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped, w.allow_net"
 )
 _WORKFLOW_WIDTH = _WORKFLOW_COLUMNS.count(",") + 1
 _WORKFLOW_SELECT = (
@@ -290,6 +296,7 @@ def _workflow(row: Any) -> Workflow:
         code=row[10],
         next_due=row[11],
         skipped=row[12],
+        allow_net=orjson.loads(row[13]),
     )
 
 
@@ -441,10 +448,12 @@ class Store:
         return [_workflow(row) for row in rows]
 
     async def deploy(self, name: str, kind: Kind, code: str, limits: dict[str, Any],
-                     schedule: dict[str, Any] | None, catch_key: str) -> Workflow:
+                     schedule: dict[str, Any] | None, catch_key: str,
+                     allow_net: list[str] | None = None) -> Workflow:
         """Store `code` as the next version of `name`, creating the workflow if new.
 
-        `limits` (the workflow's overrides) and `schedule` are stored as given.
+        `limits` (the workflow's overrides) and `schedule` are stored as given;
+        the network allowances too, or kept as they were when `allow_net` is None.
         `catch_key` is used for a new workflow only.
         """
         now = utc_iso()
@@ -456,9 +465,9 @@ class Store:
                 version = 1
                 await db.execute(
                     "INSERT INTO workflows (name, kind, version, catch_key, limits, schedule,"
-                    " created_at, updated_at) VALUES (?, ?, 1, ?, ?, ?, ?, ?)",
+                    " created_at, updated_at, allow_net) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
                     (name, kind, catch_key, orjson.dumps(limits).decode(),
-                     _json_or_null(schedule), now, now))
+                     _json_or_null(schedule), now, now, orjson.dumps(allow_net or []).decode()))
             else:
                 check_kind(name, row[0], kind)
                 async with db.execute("SELECT max(version) FROM versions WHERE workflow = ?",
@@ -466,10 +475,10 @@ class Store:
                     (latest,) = await cursor.fetchone() or (0,)
                     version = latest + 1
                 await db.execute(
-                    "UPDATE workflows SET version = ?, limits = ?, schedule = ?, updated_at = ?"
-                    " WHERE name = ?",
-                    (version, orjson.dumps(limits).decode(),
-                     _json_or_null(schedule), now, name))
+                    "UPDATE workflows SET version = ?, limits = ?, schedule = ?, updated_at = ?,"
+                    " allow_net = coalesce(?, allow_net) WHERE name = ?",
+                    (version, orjson.dumps(limits).decode(), _json_or_null(schedule), now,
+                     None if allow_net is None else orjson.dumps(allow_net).decode(), name))
             await db.execute(
                 "INSERT INTO versions (workflow, version, code, created_at) VALUES (?, ?, ?, ?)",
                 (name, version, code, now))
@@ -871,12 +880,13 @@ class Store:
                         raise StoreError(f"a workflow named {name} exists already")
                 await db.execute(
                     "INSERT INTO workflows (name, kind, enabled, version, catch_key, settings,"
-                    " limits, schedule, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " limits, schedule, created_at, updated_at, allow_net)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, item["kind"], int(item["enabled"]), item["version"],
                      item["catch_key"], orjson.dumps(item["settings"]).decode(),
                      orjson.dumps(item["limits"]).decode(), _json_or_null(item["schedule"]),
-                     item["created_at"], item["updated_at"]))
+                     item["created_at"], item["updated_at"],
+                     orjson.dumps(item.get("allow_net", [])).decode()))
                 await db.executemany(
                     "INSERT INTO versions (workflow, version, code, created_at)"
                     " VALUES (?, ?, ?, ?)",

@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--store-requests", action=argparse.BooleanOptionalAction,
                         help="catch: keep requests for replay (default; --no-store-requests "
                              "keeps none)")
+    deploy.add_argument("--allow-net", dest="allow_net", action="append", metavar="CIDR[:PORT]",
+                        help="also let executions connect there (repeatable; replaces the "
+                             "workflow's allowances; 'none' removes them all); "
+                             "127.0.0.1/32:PORT opens that one port of the host's loopback")
     for name in ("show", "url", "enable", "disable", "delete", "versions", "rotate-key"):
         add(name, f"{name} a workflow", "name")
     settings = add("settings", "print or change a workflow's settings", "name")
@@ -133,8 +137,11 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         delivery = {"async": args.async_, "retries": args.retries,
                     "retry_backoff_s": args.retry_backoff_s,
                     "store_requests": args.store_requests}
+        allow_net = args.allow_net
+        if allow_net is not None and allow_net == ["none"]:
+            allow_net = []
         return "deploy", {"name": args.name, "kind": args.kind, "code": code,
-                          "limits": limits, "schedule": schedule,
+                          "limits": limits, "schedule": schedule, "allow_net": allow_net,
                           "delivery": {k: v for k, v in delivery.items() if v is not None}}
     if command == "settings":
         if args.action is None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from wfd import catch, ids, logs, signatures
 from wfd.admission import Overloaded
-from wfd.config import Config, ConfigError, redeployed_overrides
+from wfd.config import Config, ConfigError, check_allowances, redeployed_overrides
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.delivery import MAX_BACKOFF_S, Deliveries
@@ -76,8 +76,12 @@ class Commands:
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any] | None = None,
                      schedule: dict[str, Any] | None = None,
-                     delivery: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Check the code in a child, then store it as the workflow's next version."""
+                     delivery: dict[str, Any] | None = None,
+                     allow_net: list[str] | None = None) -> dict[str, Any]:
+        """Check the code in a child, then store it as the workflow's next version.
+
+        `allow_net` replaces the workflow's network allowances; None keeps them.
+        """
         check_name(name)
         kind = _kind(kind)
         delivery = _delivery_changes(kind, delivery or {})
@@ -91,14 +95,20 @@ class Commands:
         overrides = redeployed_overrides(existing.limits if existing else {}, limits or {})
         schedule = self.parse_schedule(kind, schedule)
         try:
+            if allow_net is not None:
+                allow_net = list(check_allowances(allow_net, self.config.own_ports,
+                                                  "--allow-net"))
             effective = self.config.limits.merged(overrides).validate()
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
-        problem = await self.dispatcher.check(name, kind, code, effective)
+        problem = await self.dispatcher.check(
+            name, kind, code, effective,
+            allow_net if allow_net is not None else existing.allow_net if existing else [])
         if problem:
             raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
                                f" stays in place: {problem}")
-        workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key())
+        workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key(),
+                                           allow_net)
         if delivery:
             await self.store.set_delivery_policy(name, delivery)
         await self.scheduler.refresh(name)
@@ -131,6 +141,7 @@ class Commands:
         return {**self._listing(workflow),
                 "effective_limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
                 **({"delivery": delivery.public()} if workflow.kind == "catch" else {}),
+                "network": self.dispatcher.network(workflow).describe(),
                 "settings_keys": sorted(workflow.settings),
                 "last_execution": recent[0].summary() if recent else None}
 

@@ -14,6 +14,7 @@ import orjson
 from sandbox import protocol
 from wfd.config import MIB, Limits
 from wfd.domain import Kind, SettingsChange, Status, WorkflowResponse
+from wfd.isolation.network import Policy
 
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -32,13 +33,17 @@ class Job:
     request: dict[str, Any] | None = None
     mode: str = "run"
     response_bytes: int = 10 * MIB
+    # Where it may connect, under the network layer (an execution gets a namespace of it).
+    network: Policy = field(default_factory=Policy)
 
-    def payload(self, result_fd: int, rlimit_nproc: bool = True) -> bytes:
+    def payload(self, result_fd: int, rlimit_nproc: bool = True,
+                sandboxed: bool = False) -> bytes:
         """The JSON document the child reads on stdin.
 
         Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
         cgroup bounds the execution instead, and RLIMIT_NPROC would count
         every execution's processes together (they share one sandbox uid).
+        `sandboxed` has the child forbid itself new namespaces (sandbox/seccomp.py).
         """
         limits = self.limits
         job: dict[str, Any] = {
@@ -50,6 +55,7 @@ class Job:
             "code": self.code,
             "settings": self.settings,
             "result_fd": result_fd,
+            "forbid_namespaces": sandboxed,
             "limits": {
                 "memory_bytes": limits.memory_mb * MIB,
                 "cpu_s": int(limits.cpu_s),

@@ -14,11 +14,12 @@ import contextlib
 import logging
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from sandbox import protocol
 from wfd import logs
 from wfd.config import MIB, Limits
-from wfd.isolation import bwrap, cgroups
+from wfd.isolation import bwrap, cgroups, network
 
 # One CPU per execution: a workflow spinning threads on every core would
 # otherwise delay every other workflow (SPEC 5), which RLIMIT_CPU cannot stop.
@@ -49,19 +50,31 @@ def strict_advice(reason: str | None) -> str:
     )
 
 
+def network_advice(reason: str | None) -> str:
+    """The start-up error of strict mode when executions cannot have a network of their own."""
+    return (f'isolation = "strict" gives each execution a network namespace of its own, and '
+            f"this host cannot: {reason}. Install passt (Debian/Ubuntu: apt-get install "
+            'passt iproute2), or set isolation = "best-effort" to run executions on the '
+            "host's network.")
+
+
 class Isolation:
     """The layers detected at start-up, and the per-execution plumbing they need."""
 
     def __init__(self, mode: str, python: str, support: bwrap.BwrapSupport | None,
-                 backend: cgroups.CgroupBackend | None) -> None:
+                 backend: cgroups.CgroupBackend | None,
+                 net: network.Network | None = None, net_missing: str | None = None) -> None:
         self.mode = mode
         self.python = python
         self.support = support
         self.backend = backend
+        self.network = net if support is not None and support.available else None
+        self.net_missing = net_missing
 
     @classmethod
-    def detect(cls, mode: str, python: str = sys.executable) -> "Isolation":
-        """Probe bwrap and cgroups (blocking; call before the loop starts threads)."""
+    def detect(cls, mode: str, python: str = sys.executable,
+               resolv_conf: Path = Path("/etc/resolv.conf")) -> "Isolation":
+        """Probe bwrap, pasta and cgroups (blocking; call before the loop starts threads)."""
         if mode == "none":
             return cls(mode, python, None, None)
         support = bwrap.probe(python)
@@ -71,12 +84,25 @@ class Isolation:
             logs.event("isolation-degraded", level=logging.ERROR, mode=mode,
                        off="namespaces, unprivileged identity, filesystem view",
                        reason=support.reason)
+        net, net_missing = None, None
+        if support.available:
+            found = network.detect()
+            if found.available:
+                net = network.Network(found, resolv_conf)
+            elif mode == "strict":
+                raise IsolationError(network_advice(found.reason))
+            else:
+                net_missing = found.reason
+                logs.event("isolation-degraded", level=logging.ERROR, mode=mode,
+                           off="network namespace: executions share the HOST'S NETWORK "
+                               "(its loopback, metadata service, private ranges)",
+                           reason=found.reason)
         backend = _detect_cgroups()
         if backend is None:
             logs.event("no-cgroups", level=logging.WARNING,
                        effect="limits are rlimits only; a fork bomb is bounded per uid by "
                               "RLIMIT_NPROC, not per execution")
-        return cls(mode, python, support, backend)
+        return cls(mode, python, support, backend, net, net_missing)
 
     @property
     def sandboxed(self) -> bool:
@@ -97,7 +123,9 @@ class Isolation:
         version = support.version if support else None
         survivors = [name for name, on in (("pid namespace", sandbox),
                                            ("cgroup kill", self.backend is not None)) if on]
-        namespaces = (f"{version}: pid, ipc, uts, mount; network shared"
+        namespaces = (f"{version}: pid, ipc, uts, mount"
+                      + (", network" if self.network else "; network shared")
+                      + "; none of its own (seccomp)"
                       + ("; per execution its own user, mount, pid and ipc namespaces "
                          "inside the zygote's" if forked else ""))
         filesystem = ("read-only /usr and Python runtime, private /tmp tmpfs; data dir, "
@@ -111,6 +139,9 @@ class Isolation:
                               + (", zygote included; no capabilities" if forked else "")
                               if sandbox else missing),
             "filesystem": Layer(sandbox, filesystem if sandbox else missing),
+            "network": Layer(self.network is not None,
+                             self.network.describe() if self.network
+                             else self.net_missing or missing),
             "cgroup": Layer(self.backend is not None, self._cgroup_detail()),
             "no_survivors": Layer(bool(survivors), " + ".join(survivors)
                                   or "process group kill only: setsid escapes it"),
@@ -136,21 +167,25 @@ class Isolation:
         memory = (limits.memory_mb + limits.tmp_mb) * MIB
         return self.backend.create(execution_id, memory, limits.processes, CPU_QUOTA)
 
-    def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None) -> list[str]:
+    def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None,
+             net: bwrap.NetOptions | None = None) -> list[str]:
         """The whole command line of one execution: cgroup join, bwrap, interpreter."""
         command = [self.python, "-I", "-m", protocol.CHILD_MODULE]
         if self.sandboxed:
-            command = [*bwrap.command(self.python, limits.tmp_mb * MIB), *command]
+            command = [*bwrap.command(self.python, limits.tmp_mb * MIB, net=net), *command]
         return cgroup.join_argv(command) if cgroup else command
 
-    def zygote_command(self) -> list[str]:
+    def zygote_command(self, net: bwrap.NetOptions | None = None) -> list[str]:
         """The zygote's command line up to its arguments (`protocol.ZygoteArgs`).
 
         Its children join their cgroup and build their namespaces themselves
-        (sandbox/isolate.py), so nothing per execution appears here.
+        (sandbox/isolate.py), so nothing per execution appears here; the
+        network namespace (`net`) is the zygote's, shared by its children.
         """
         command = [self.python, "-I", "-m", protocol.ZYGOTE_MODULE]
-        return [*bwrap.zygote_command(self.python), *command] if self.sandboxed else command
+        if self.sandboxed:
+            return [*bwrap.zygote_command(self.python, net=net), *command]
+        return command
 
     @property
     def zygote_mode(self) -> str:
