@@ -30,7 +30,8 @@ FLAKY = """
 FAILS = "def workflow(_request, settings):\n    raise ValueError('always')\n"
 
 
-def counter(standin) -> str:
+def counter(standin) -> tuple[str, tuple[str, ...]]:
+    """A stand-in's counting URL, and the deploy flags that let executions reach it."""
     server = standin()
     calls = itertools.count(1)
     lock = threading.Lock()
@@ -40,7 +41,7 @@ def counter(standin) -> str:
             return 200, {}, {"calls": next(calls)}
 
     server.routes[("POST", "/count")] = count
-    return f"{server.url}/count"
+    return f"{server.url}/count", server.allow_net
 
 
 def attempts(daemon, name: str, delivery_id: str, n: int) -> list[dict]:
@@ -128,8 +129,9 @@ def test_a_clean_stop_keeps_queued_deliveries_for_the_restart(make_daemon, name)
 
 
 def test_fails_twice_then_succeeds_with_attempts_recorded(daemon, name, standin):
-    url = daemon.deploy(name, FLAKY, "--async", "--retry-backoff-s", "0.05")
-    response = requests.post(url, json={"counter": counter(standin), "succeed_at": 3})
+    count_url, allow_net = counter(standin)
+    url = daemon.deploy(name, FLAKY, "--async", "--retry-backoff-s", "0.05", *allow_net)
+    response = requests.post(url, json={"counter": count_url, "succeed_at": 3})
     delivery_id = response.json()["execution_id"]
     records = attempts(daemon, name, delivery_id, 3)
     assert [(r["attempt"], r["status"]) for r in records] == [
