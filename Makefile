@@ -14,7 +14,7 @@ VENV := $(PREFIX)/venv
 # systemd is the running init system: the same test as sd_booted(3).
 SYSTEMD := $(wildcard /run/systemd/system)
 
-.PHONY: install uninstall verify-unit system-deps run stop test lint bench
+.PHONY: install uninstall verify-unit system-deps run stop test lint bench check-v2
 
 # -- development ---------------------------------------------------------------
 # `make run` sets up .venv and starts a local daemon with an example workflow;
@@ -51,6 +51,11 @@ test: system-deps $(DEV_VENV)/.installed
 
 lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .
+
+# wfd.service on a cgroup v2 kernel with controllers, in a qemu guest (.ci/check-v2
+# says how; several minutes without KVM, so not part of CI). Needs root.
+check-v2: $(DEV_VENV)/.installed
+	.ci/check-v2
 
 bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_timers.py
