@@ -231,6 +231,25 @@ def test_v1_removes_only_the_groups_whose_owner_is_gone(v1) -> None:
     assert not any(parent.exists() for parent in v1.parents.values())
 
 
+def test_v1_what_a_gone_daemon_left_running_is_killed_with_its_group(v1) -> None:
+    dead = v1.parents["pids"].parent / "999999999-0badf00d"
+    group = dead / "exec-survivor"
+    group.mkdir(parents=True)
+    survivor = subprocess.Popen(
+        ["/bin/sh", "-c", f'echo $$ > {group}/cgroup.procs && exec sleep 300'])
+    try:
+        wait_for(lambda: (group / "cgroup.procs").read_text().split() == [str(survivor.pid)],
+                 what="survivor in the dead daemon's group")
+        other = cgroups.detect()  # the next daemon to start
+        assert other is not None
+        assert survivor.wait(timeout=5) == -9
+        assert not dead.exists()
+        other.close()
+    finally:
+        survivor.kill()
+        survivor.wait()
+
+
 # ---------------------------------------------------------------- v1, fake cgroupfs
 
 

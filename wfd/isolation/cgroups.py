@@ -366,9 +366,12 @@ def _lock(path: Path, wait: bool = False) -> int | None:
 def _remove_group(group: Path) -> None:
     """Kill what is left in a group nobody owns any more, then remove it."""
     for _ in _deadline_loop(2.0):
-        # A process outside our PID namespace is listed as 0: never signal that.
-        pids = [pid for pid in _read_pids(group / "cgroup.procs") if pid > 0]
-        for pid in pids:
+        listed = _read_pids(group / "cgroup.procs")
+        # A process outside our PID namespace is listed as 0: we cannot kill it.
+        if listed and 0 in listed:
+            log.warning("stale cgroup %s holds processes of another PID namespace", group)
+            return
+        for pid in listed:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         try:
