@@ -30,7 +30,7 @@ def test_strict_without_a_cgroup_tree_refuses_to_start_and_says_how_to_get_one(m
     daemon = make_daemon(start=False, prefix=NO_CGROUPS)
     assert daemon.spawn().wait(30) == 1
     log = daemon.log()
-    assert "cannot start" in log and "needs a cgroup per execution" in log
+    assert "cannot-start" in log and "needs a cgroup per execution" in log
     assert "no cgroup v1 pids hierarchy" in log  # why, on this host
     assert "Delegate=yes" in log and "require_cgroups = false" in log
 

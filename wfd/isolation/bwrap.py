@@ -62,15 +62,15 @@ def _within(path: Path, roots: list[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
-def runtime_roots(python: str, extra_ro: list[Path]) -> list[Path]:
+def runtime_roots(python: str) -> list[Path]:
     """Directories to bind read-only so `python -I -m sandbox` works inside.
 
     Our own interpreter's prefixes (venv and its base) when `python` is ours,
-    the sandbox package, and extra_ro; /usr is bound anyway.  Nested paths are
-    dropped so each tree is mounted once.
+    and the sandbox package; /usr is bound anyway.  Nested paths are dropped
+    so each tree is mounted once.
     """
     exe = Path(python)
-    candidates = [Path(p) for p in extra_ro]
+    candidates: list[Path] = []
     prefixes = _prefixes()
     if _within(exe, prefixes) or _within(exe.resolve(), prefixes):
         candidates += prefixes
@@ -82,7 +82,9 @@ def runtime_roots(python: str, extra_ro: list[Path]) -> list[Path]:
         if not _within(path, [Path("/usr"), *roots]):
             roots.append(path)
     if not _within(exe.resolve(), [Path("/usr"), *roots]):
-        raise ValueError(f"{python} is outside every bound path; add its prefix to extra_ro")
+        bound = ", ".join(str(p) for p in [Path("/usr"), *roots])
+        raise ValueError(f"{python} is outside every path the sandbox binds ({bound}): run wfd "
+                         "with the Python it is installed in, or one under /usr")
     return roots
 
 
@@ -147,7 +149,6 @@ def _identity(uid: int, privileged: bool) -> list[str]:
 def command(
     python: str,
     workdir_size_bytes: int,
-    extra_ro: list[Path] | None = None,
     *,
     uid: int = SANDBOX_UID,
     privileged: bool | None = None,
@@ -159,7 +160,7 @@ def command(
     """
     if privileged is None:
         privileged = os.geteuid() == 0
-    roots = runtime_roots(python, extra_ro or [])
+    roots = runtime_roots(python)
     return [
         shutil.which("bwrap") or "bwrap",
         "--unshare-pid", "--unshare-ipc", "--unshare-uts",
@@ -182,8 +183,8 @@ _MOUNT_PROC_SH = 'mount -t proc -o nosuid,nodev,noexec proc /proc && exec "$@"'
 ZYGOTE_SCRATCH_BYTES = 1 << 20
 
 
-def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
-                   uid: int = SANDBOX_UID, privileged: bool | None = None) -> list[str]:
+def zygote_command(python: str, *, uid: int = SANDBOX_UID,
+                   privileged: bool | None = None) -> list[str]:
     """Argv prefix for the zygote: the same view as an execution's, but shared, so read-only.
 
     The zygote and every execution forked from it see this one bwrap's
@@ -196,7 +197,7 @@ def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
     """
     if privileged is None:
         privileged = os.geteuid() == 0
-    roots = runtime_roots(python, extra_ro or [])
+    roots = runtime_roots(python)
     size = str(ZYGOTE_SCRATCH_BYTES)
     if privileged:
         proc = ["--dir", "/proc"]

@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("wfd.cgroups")
+from sandbox.protocol import EXIT_JOIN_FAILED
+from wfd import logs
 
 PARENT_NAME = "wfd"
 DAEMON_LEAF = "daemon"
@@ -36,15 +37,14 @@ EXEC_PREFIX = "exec-"
 # daemon may be pid 40 too), so ownership is the flock on the directory.
 _INSTANCE = re.compile(r"^[0-9]+-[0-9a-f]{8}$")
 CPU_PERIOD_US = 100_000
-# Exit status of the join prefix when the child could not enter its cgroup:
-# the executor reports it as "boot failed", never as a workflow error.
-JOIN_FAILED_EXIT = 125
 # The child joins its cgroup itself, before exec, so nothing it forks can start
 # outside the group (moving it from the parent after spawn races with its first fork).
 # Arguments: procs files, then "--", then the command.  `echo $$` is one write().
+# A failed join exits EXIT_JOIN_FAILED, reported as "boot failed", never as
+# a workflow error.
 _JOIN_SH = (
     'p=$$; while [ "$1" != -- ]; do echo "$p" > "$1" || exit '
-    f'{JOIN_FAILED_EXIT}; shift; done; shift; exec "$@"'
+    f'{EXIT_JOIN_FAILED}; shift; done; shift; exec "$@"'
 )
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Polls start fast and back off: a process that just wrote its result is
@@ -136,11 +136,6 @@ class ExecutionCgroup(ABC):
                 os.close(fd)
             raise
         return fds
-
-    def add(self, pid: int) -> None:
-        """Move an already running process in (used for the daemon itself, and tests)."""
-        for d in self.dirs:
-            _write(d / "cgroup.procs", str(pid))
 
     def pids(self) -> list[int]:
         """Processes currently in the group (in any of its hierarchies)."""
@@ -369,7 +364,8 @@ def _remove_group(group: Path) -> None:
         listed = _read_pids(group / "cgroup.procs")
         # A process outside our PID namespace is listed as 0: we cannot kill it.
         if listed and 0 in listed:
-            log.warning("stale cgroup %s holds processes of another PID namespace", group)
+            logs.event("stale-cgroup-kept", level=logging.WARNING, path=group,
+                       reason="holds processes of another PID namespace")
             return
         for pid in listed:
             with contextlib.suppress(ProcessLookupError):
@@ -381,9 +377,10 @@ def _remove_group(group: Path) -> None:
             return
         except OSError as e:
             if e.errno != errno.EBUSY:
-                log.warning("stale cgroup %s not removed: %s", group, e)
+                logs.event("stale-cgroup-kept", level=logging.WARNING, path=group,
+                           error=str(e))
                 return
-    log.warning("stale cgroup %s still busy", group)
+    logs.event("stale-cgroup-kept", level=logging.WARNING, path=group, reason="still busy")
 
 
 def _stale_cleanup(parent: Path) -> None:
@@ -506,7 +503,4 @@ def detect(
     why = [] if why is None else why
     paths = _parse_self_cgroup(self_cgroup.read_text())
     pid = os.getpid() if pid is None else pid
-    backend = _detect_v2(root, paths, pid, why) or _detect_v1(root, paths, pid, why)
-    if backend is None:
-        log.info("no usable cgroup tree: %s", "; ".join(why))
-    return backend
+    return _detect_v2(root, paths, pid, why) or _detect_v1(root, paths, pid, why)

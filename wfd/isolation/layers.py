@@ -16,6 +16,7 @@ import logging
 import sys
 from dataclasses import asdict, dataclass
 
+from sandbox import protocol
 from wfd import logs
 from wfd.config import MIB, Limits
 from wfd.isolation import bwrap, cgroups
@@ -87,8 +88,9 @@ class Isolation:
         if not support.available:
             if mode == "strict":
                 raise IsolationError(strict_advice(support.reason))
-            logs.logger.error("isolation best-effort: NO namespaces, unprivileged identity "
-                              "or filesystem view: %s", support.reason)
+            logs.event("isolation-degraded", level=logging.ERROR, mode=mode,
+                       off="namespaces, unprivileged identity, filesystem view",
+                       reason=support.reason)
         reasons: list[str] = []
         backend = _detect_cgroups(reasons)
         if backend is None:
@@ -109,10 +111,12 @@ class Isolation:
         The zygote's children have the same layers as a cold spawn, built
         differently (docs/isolation.md, "The zygote"); the details say how.
         """
-        missing = self.support.reason if self.support else 'isolation = "none"'
+        support = self.support
+        missing = (support.reason or "unavailable") if support else 'isolation = "none"'
         sandbox = self.sandboxed
+        mode = support.mode if support else None
         forked = executor == "zygote"
-        version = self.support.version if self.support else None
+        version = support.version if support else None
         survivors = [name for name, on in (("pid namespace", sandbox),
                                            ("cgroup kill", self.backend is not None)) if on]
         namespaces = (f"{version}: pid, ipc, uts, mount; network shared"
@@ -125,7 +129,7 @@ class Isolation:
             "rlimits": Layer(True, "memory, CPU, file size, open files, processes, no core; "
                                    "PR_SET_PDEATHSIG, no_new_privs"),
             "namespaces": Layer(sandbox, namespaces if sandbox else missing),
-            "identity": Layer(sandbox, f"uid {bwrap.SANDBOX_UID} via {self.support.mode}"
+            "identity": Layer(sandbox, f"uid {bwrap.SANDBOX_UID} via {mode}"
                               + (", zygote included; no capabilities" if forked else "")
                               if sandbox else missing),
             "filesystem": Layer(sandbox, filesystem if sandbox else missing),
@@ -140,7 +144,8 @@ class Isolation:
             return "no writable cgroup v2 subtree nor v1 pids+memory: rlimits only"
         described = self.backend.describe()
         paths = described.get("paths") or {"": described.get("path")}
-        return f"{described['cgroup']} at {', '.join(map(str, paths.values()))}"
+        where = paths.values() if isinstance(paths, dict) else [paths]
+        return f"{described['cgroup']} at {', '.join(map(str, where))}"
 
     def cgroup_for(self, limits: Limits, execution_id: str) -> cgroups.ExecutionCgroup | None:
         """A fresh cgroup for one execution, or None where the host has none.
@@ -155,21 +160,24 @@ class Isolation:
 
     def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None) -> list[str]:
         """The whole command line of one execution: cgroup join, bwrap, interpreter."""
-        command = [self.python, "-I", "-m", "sandbox"]
+        command = [self.python, "-I", "-m", protocol.CHILD_MODULE]
         if self.sandboxed:
             command = [*bwrap.command(self.python, limits.tmp_mb * MIB), *command]
         return cgroup.join_argv(command) if cgroup else command
 
-    def zygote_argv(self) -> list[str]:
-        """The zygote's command line up to its arguments: bwrap when sandboxed, and its mode.
+    def zygote_command(self) -> list[str]:
+        """The zygote's command line up to its arguments (`protocol.ZygoteArgs`).
 
         Its children join their cgroup and build their namespaces themselves
         (sandbox/isolate.py), so nothing per execution appears here.
         """
-        command = [self.python, "-I", "-m", "sandbox.zygote"]
-        if self.sandboxed:
-            return [*bwrap.zygote_command(self.python), *command, "sandbox"]
-        return [*command, "plain"]
+        command = [self.python, "-I", "-m", protocol.ZYGOTE_MODULE]
+        return [*bwrap.zygote_command(self.python), *command] if self.sandboxed else command
+
+    @property
+    def zygote_mode(self) -> str:
+        """Sandbox mode under bwrap: each execution builds namespaces of its own."""
+        return protocol.MODE_SANDBOX if self.sandboxed else protocol.MODE_PLAIN
 
     def close(self) -> None:
         """Remove the daemon's own cgroup parents (at shutdown)."""
