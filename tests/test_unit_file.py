@@ -94,6 +94,9 @@ def test_stop_lets_the_daemon_drain(service: dict[str, str], example: dict) -> N
 
 def test_daemon_owns_its_cgroup_subtree(service: dict[str, str]) -> None:
     assert service["Delegate"] == "yes"
+    # cgroup v1: the one privileged step gives the service's user its pids,
+    # memory and cpu groups, which Delegate=yes does not on v1.
+    assert service["ExecStartPre"] == f"+/opt/wfd/libexec/delegate-cgroup-v1 {service['User']}"
     # Read-only /sys/fs/cgroup would leave the delegation unusable.
     assert service.get("ProtectControlGroups", "no") == "no"
     # A workflow OOM-killed in its own cgroup must not stop the whole service.
@@ -142,7 +145,9 @@ def verifiable_copy(directory: Path) -> Path:
     """
     unit = directory / UNIT.name
     unit.write_text(
-        UNIT.read_text().replace("ExecStart=/opt/wfd/venv/bin/wfd", f"ExecStart={sys.executable}")
+        UNIT.read_text()
+        .replace("ExecStart=/opt/wfd/venv/bin/wfd", f"ExecStart={sys.executable}")
+        .replace("=+/opt/wfd/libexec/", f"=+{SYSTEMD_DIR}/")
     )
     return unit
 

@@ -134,6 +134,9 @@ class Config:
     spares_min: int = 2
     spares_max: int = 8
     isolation: str = "strict"
+    # Strict refuses to start without a cgroup per execution unless this is false
+    # (`[isolation] require_cgroups`): rlimits alone cannot bound a fork bomb.
+    require_cgroups: bool = True
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
     network: Network = field(default_factory=Network)
@@ -198,6 +201,7 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
             raw = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
+    _flatten_isolation(raw)
     limits = Limits(**_typed(Limits, raw.pop("limits", {}), "[limits] ")).validate()
     retention = Retention(**_typed(Retention, raw.pop("retention", {}),
                                    "[retention] ")).validate()
@@ -219,7 +223,27 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
     if config.isolation not in ISOLATION_MODES:
         raise ConfigError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, "
                           f"got {config.isolation!r}")
+    if not isinstance(config.require_cgroups, bool):
+        raise ConfigError(f"[isolation] require_cgroups must be true or false, "
+                          f"got {config.require_cgroups!r}")
     return config
+
+
+def _flatten_isolation(raw: dict[str, Any]) -> None:
+    """`isolation = "strict"`, or an `[isolation]` table with `mode` and `require_cgroups`.
+
+    TOML cannot have both a key and a table of one name, so the table keeps
+    the mode too; the short form stays valid for existing configs.
+    """
+    table = raw.get("isolation")
+    if not isinstance(table, dict):
+        return
+    unknown = sorted(set(table) - {"mode", "require_cgroups"})
+    if unknown:
+        raise ConfigError(f"unknown [isolation] key(s): {', '.join(unknown)}")
+    raw["isolation"] = table.get("mode", "strict")
+    if "require_cgroups" in table:
+        raw["require_cgroups"] = table["require_cgroups"]
 
 
 def _check_executor(config: Config) -> None:

@@ -41,7 +41,7 @@ from wfd.store import ExecutionRecord, Store
 # semaphores or the kind of executor. A changed value is logged as needing a
 # restart and ignored.
 RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
-                "max_body_mb", "global_concurrency", "executor", "network")
+                "max_body_mb", "global_concurrency", "executor", "network", "require_cgroups")
 # After the drain, how long the listeners give handlers to send their responses.
 RESPONSE_FLUSH_S = 5.0
 
@@ -266,9 +266,9 @@ def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
     try:
         # Before the loop: detection may move this process between cgroups,
         # which must happen before any thread (aiosqlite) exists.
-        daemon = Daemon(config, Isolation.detect(config.isolation,
-                                                 resolv_conf=config.network.resolv_conf),
-                        loader)
+        isolation = Isolation.detect(config.isolation, resolv_conf=config.network.resolv_conf,
+                                     require_cgroups=config.require_cgroups)
+        daemon = Daemon(config, isolation, loader)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
     except (ConfigError, OSError, IsolationError) as exc:

@@ -7,7 +7,8 @@ exist. After that an `Isolation` only builds argv and per-execution cgroups.
 
 Each layer degrades on its own: no bwrap means no namespaces, identity or
 filesystem view (refused in "strict"); no writable cgroup tree means rlimits
-only. `layers()` says which are active, for `wfd ctl status` and /healthz.
+only (refused in "strict" unless `[isolation] require_cgroups = false`).
+`layers()` says which are active, for `wfd ctl status` and /healthz.
 """
 
 import contextlib
@@ -58,6 +59,24 @@ def network_advice(reason: str | None) -> str:
             "host's network.")
 
 
+def cgroup_advice(reasons: list[str]) -> str:
+    """The start-up error of strict mode without cgroups: why, how to get them, the opt-out."""
+    return (
+        'isolation = "strict" needs a cgroup per execution (memory and pids), and this '
+        f"daemon has no writable cgroup tree: {'; '.join(reasons)}. Under systemd, install "
+        "the wfd.service of this version (Delegate=yes, and on cgroup v1 its ExecStartPre "
+        "hands wfd its groups: systemd/README.md). Outside systemd, run the daemon as root, "
+        "or delegate to its user a cgroup v2 subtree with memory and pids (e.g. "
+        "systemd-run -p Delegate=yes), or on cgroup v1 a `wfd` group it owns under its own "
+        "group in the pids and memory hierarchies. Or opt out: [isolation] "
+        "require_cgroups = false (wfd serve --no-require-cgroups) runs with rlimits only."
+    )
+
+
+FALLBACK = ("per-execution memory and process caps fall back to rlimits (RLIMIT_DATA per "
+            "process, RLIMIT_NPROC shared by every execution's uid), and no group kill")
+
+
 class Isolation:
     """The layers detected at start-up, and the per-execution plumbing they need."""
 
@@ -73,7 +92,8 @@ class Isolation:
 
     @classmethod
     def detect(cls, mode: str, python: str = sys.executable,
-               resolv_conf: Path = Path("/etc/resolv.conf")) -> "Isolation":
+               resolv_conf: Path = Path("/etc/resolv.conf"),
+               require_cgroups: bool = True) -> "Isolation":
         """Probe bwrap, pasta and cgroups (blocking; call before the loop starts threads)."""
         if mode == "none":
             return cls(mode, python, None, None)
@@ -97,11 +117,13 @@ class Isolation:
                            off="network namespace: executions share the HOST'S NETWORK "
                                "(its loopback, metadata service, private ranges)",
                            reason=found.reason)
-        backend = _detect_cgroups()
+        reasons: list[str] = []
+        backend = _detect_cgroups(reasons)
         if backend is None:
-            logs.event("no-cgroups", level=logging.WARNING,
-                       effect="limits are rlimits only; a fork bomb is bounded per uid by "
-                              "RLIMIT_NPROC, not per execution")
+            if mode == "strict" and require_cgroups:
+                raise IsolationError(cgroup_advice(reasons))
+            logs.event("isolation-layer-missing", level=logging.WARNING, layer="cgroup",
+                       reason="; ".join(reasons), fallback=FALLBACK)
         return cls(mode, python, support, backend, net, net_missing)
 
     @property
@@ -199,9 +221,9 @@ class Isolation:
                 self.backend.close()
 
 
-def _detect_cgroups() -> cgroups.CgroupBackend | None:
+def _detect_cgroups(reasons: list[str]) -> cgroups.CgroupBackend | None:
     try:
-        return cgroups.detect()
+        return cgroups.detect(why=reasons)
     except OSError as exc:
-        logs.event("cgroup-detection-failed", level=logging.WARNING, error=str(exc))
+        reasons.append(f"cgroup detection failed: {exc}")
         return None
