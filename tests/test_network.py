@@ -8,14 +8,17 @@ on both executors through a real strict daemon.
 """
 
 import json
+import os
 import secrets
+import signal
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import netns_hosts
 import pytest
 import requests
-from conftest import Daemon
+from conftest import Daemon, wait_for
 from netns_hosts import NAME, PRIVATE, PUBLIC
 
 PROBE = '''
@@ -165,3 +168,82 @@ def test_redeploying_without_allow_net_keeps_it_and_none_removes_it(netd, name):
     assert probe(netd, name, http(PRIVATE))[0]["seen"] == "hello from 80"  # kept
     assert json.loads(netd.ctl("show", name, "--json").stdout)["allow_net"] == [f"{PRIVATE}/32"]
     assert probe(netd, name, http(PRIVATE), allow=("none",))[0]["seen"] in REFUSED
+
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
+def _pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def _links(pid: int, what: str) -> set[str]:
+    """Where the entries of /proc/PID/`what` (fd, ns) point, as far as we may look."""
+    try:
+        entries = os.listdir(f"/proc/{pid}/{what}")
+    except OSError:
+        return set()
+    found = set()
+    for entry in entries:
+        try:
+            found.add(os.readlink(f"/proc/{pid}/{what}/{entry}"))
+        except OSError:
+            pass
+    return found
+
+
+def _namespaces_below(ancestor: int) -> set[str]:
+    """The network namespaces of `ancestor`'s descendants that are not its own."""
+    parents = {}
+    for pid in _pids():
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                parents[pid] = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    below = set()
+    for pid in parents:
+        up = pid
+        while up in parents and up != ancestor:
+            up = parents[up]
+        if up == ancestor and pid != ancestor:
+            below |= {link for link in _links(pid, "ns") if link.startswith("net:")}
+    return below - {link for link in _links(ancestor, "ns") if link.startswith("net:")}
+
+
+def _pastas_serving(namespaces: set[str]) -> set[int]:
+    """The pasta processes (`passt` is its binary) holding one of `namespaces` open."""
+    return {pid for pid in _pids()
+            if _comm(pid).startswith("pass") and _links(pid, "fd") & namespaces}
+
+
+SLOW = """
+import time
+def workflow(_request, settings):
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_daemon_killed_outright_leaves_no_pasta_behind(hosts, tmp_path, name, executor):
+    """pasta holds its namespace open and never quits by itself: it must die with the daemon."""
+    daemon = Daemon(tmp_path / "data", f'executor = "{executor}"\n').start()
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            url = daemon.deploy(name, SLOW)
+            pool.submit(requests.post, url, json={}, timeout=60)
+            # a cold spawn's pasta lives as long as its execution: look while it runs
+            pastas = wait_for(lambda: _pastas_serving(_namespaces_below(daemon.process.pid)),
+                              timeout=30, what="a pasta serving the running execution")
+        finally:
+            daemon.process.send_signal(signal.SIGKILL)  # the daemon alone, not its group
+            daemon.process.wait(10)
+            daemon.kill()
+    wait_for(lambda: not any(_comm(pid).startswith("pass") for pid in pastas), timeout=5,
+             what="the daemon's pasta processes to end with it")

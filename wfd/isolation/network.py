@@ -30,11 +30,11 @@ import ipaddress
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,14 +194,16 @@ class NetworkSupport:
     pasta: str = ""
     nsenter: str = ""
     ip: str = ""
+    setpriv: str = ""
 
 
 def detect() -> NetworkSupport:
-    """The programs the layer needs: pasta (passt), nsenter (util-linux), ip (iproute2)."""
-    found = {name: shutil.which(name) or "" for name in ("pasta", "nsenter", "ip")}
+    """The programs the layer needs: pasta (passt), nsenter and setpriv (util-linux), ip."""
+    found = {name: shutil.which(name) or "" for name in ("pasta", "nsenter", "ip", "setpriv")}
     missing = [name for name, path in found.items() if not path]
     if missing:
-        packages = {"pasta": "passt", "nsenter": "util-linux", "ip": "iproute2"}
+        packages = {"pasta": "passt", "nsenter": "util-linux", "ip": "iproute2",
+                    "setpriv": "util-linux"}
         return NetworkSupport(False, "not on PATH: " + ", ".join(
             f"{name} (Debian package {packages[name]})" for name in missing))
     if os.geteuid() != 0 and not os.access(TUN, os.R_OK | os.W_OK):
@@ -214,7 +216,8 @@ def detect() -> NetworkSupport:
     if ran.returncode != 0:
         return NetworkSupport(False, f"pasta does not run (pasta --version: exit "
                                      f"{ran.returncode})")
-    return NetworkSupport(True, None, found["pasta"], found["nsenter"], found["ip"])
+    return NetworkSupport(True, None, found["pasta"], found["nsenter"], found["ip"],
+                          found["setpriv"])
 
 
 def _read_child_pid(info_fd: int) -> int:
@@ -267,24 +270,24 @@ async def child_pid(info_fd: int) -> int:
 
 
 class Attached:
-    """The network of one namespace: the pasta serving it, stopped by `close`."""
+    """The network of one namespace: the pasta serving it, stopped by `close`.
 
-    def __init__(self, pasta_pid: int) -> None:
-        self.pasta_pid = pasta_pid
+    pasta stays the daemon's child (`--foreground`) with a parent-death
+    signal: it holds the namespace open, so it would never quit by itself,
+    and a daemon that dies (kill -9, OOM) must not leave it behind.
+    """
+
+    def __init__(self, pasta: asyncio.subprocess.Process) -> None:
+        self.pasta = pasta
 
     def alive(self) -> bool:
-        try:
-            os.kill(self.pasta_pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        return self.pasta.returncode is None
 
     def close(self) -> None:
-        """Stop pasta (it would also quit once the namespace is gone; this is certain)."""
-        if self.pasta_pid:
+        """Stop pasta; the loop reaps it."""
+        if self.pasta.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pasta_pid, signal.SIGKILL)
-            self.pasta_pid = 0
+                self.pasta.kill()
 
 
 class Network:
@@ -329,27 +332,36 @@ class Network:
             if userns >= 0:
                 os.close(userns)
 
-    async def _pasta(self, netns: int, userns: int, policy: Policy) -> int:
+    async def _pasta(self, netns: int, userns: int,
+                     policy: Policy) -> asyncio.subprocess.Process:
         handle, pidfile = tempfile.mkstemp(prefix="wfd-pasta-", suffix=".pid")
-        os.close(handle)  # pasta writes its pid there; removed as soon as read
+        os.close(handle)  # pasta writes its pid there once the namespace is configured
         forward = ",".join(map(str, policy.loopback_ports())) or "none"
-        argv = [self.support.pasta, "--config-net", "--no-map-gw", "--quiet",
+        argv = [self.support.setpriv, "--pdeathsig", "KILL", "--",
+                self.support.pasta, "--foreground", "--config-net", "--no-map-gw", "--quiet",
                 "-t", "none", "-u", "none", "-T", forward, "-U", "none",
                 "--pid", pidfile, "--netns", f"/proc/self/fd/{netns}"]
         fds = [netns]
         if self.privileged:
             # As root pasta would switch to nobody before joining the namespace,
             # and nobody may not; it still drops every capability it does not need.
-            argv[1:1] = ["--runas", "0"]
+            argv[5:5] = ["--runas", "0"]
         else:
             argv += ["--userns", f"/proc/self/fd/{userns}"]
             fds.append(userns)
         try:
-            # pasta goes to the background once the namespace is configured.
-            await _run(argv, fds, "pasta")
-            return int(Path(pidfile).read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise NetworkError(f"pasta left no pid: {exc}") from None
+            with tempfile.TemporaryFile() as errors:
+                process = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL, stderr=errors, pass_fds=fds)
+                try:
+                    await _configured(process, Path(pidfile), errors)
+                except BaseException:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    await process.wait()
+                    raise
+            return process
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(pidfile)
@@ -370,11 +382,34 @@ class Network:
                     self.support.ip, ipv4, ipv6], [netns, userns], "the egress rules")
 
 
+async def _configured(process: asyncio.subprocess.Process, pidfile: Path,
+                      errors: typing.IO[bytes]) -> None:
+    """Wait until pasta has configured the namespace: it writes its pid file then."""
+    deadline = time.monotonic() + ATTACH_TIMEOUT_S
+    delay = 0.0005
+    while not pidfile.read_text().strip():
+        if process.returncode is not None:
+            raise NetworkError(f"pasta failed (exit {process.returncode}): "
+                               f"{_last_message(errors)}")
+        if time.monotonic() > deadline:
+            raise NetworkError(f"pasta: no answer within {ATTACH_TIMEOUT_S:g} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def _last_message(errors: typing.IO[bytes]) -> str:
+    """The last line a setup step wrote to its stderr file (syslog noise left out)."""
+    errors.seek(0)
+    lines = [line for line in errors.read().decode(errors="replace").splitlines()
+             if "syslog" not in line]
+    return lines[-1] if lines else "no message"
+
+
 async def _run(argv: list[str], fds: list[int], what: str) -> None:
     """Run a setup step to its end; NetworkError with its last message if it fails.
 
-    Its stderr goes to a file, not a pipe: pasta's background half keeps the
-    descriptor, so a pipe would never reach end-of-file.
+    Its stderr goes to a file, not a pipe: nothing then depends on the step
+    closing its descriptors.
     """
     with tempfile.TemporaryFile() as errors:
         process = await asyncio.create_subprocess_exec(
@@ -387,8 +422,5 @@ async def _run(argv: list[str], fds: list[int], what: str) -> None:
             await process.wait()
             raise NetworkError(f"{what}: no answer within {ATTACH_TIMEOUT_S:g} s") from None
         if process.returncode != 0:
-            errors.seek(0)
-            lines = [line for line in errors.read().decode(errors="replace").splitlines()
-                     if "syslog" not in line]
             raise NetworkError(f"{what} failed (exit {process.returncode}): "
-                               f"{lines[-1] if lines else 'no message'}")
+                               f"{_last_message(errors)}")
