@@ -3,6 +3,8 @@
 import json
 from typing import Any
 
+from sandbox import codec
+
 
 class RuleError(Exception):
     """A returned value or a settings change breaks a rule; the message names it."""
@@ -51,7 +53,7 @@ def response(value: Any, max_body_bytes: int) -> dict | None:
     return {"status_code": status, "body": body, "headers": headers}
 
 
-def settings_change(given: dict, now: Any, max_bytes: int) -> dict:
+def settings_change(given: dict, now: Any, max_bytes: int, max_depth: int) -> dict:
     """The keys a workflow added, changed or removed, checked for JSON.
 
     Only the difference is returned, so the daemon can merge it key by key:
@@ -69,8 +71,14 @@ def settings_change(given: dict, now: Any, max_bytes: int) -> dict:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise RuleError(f"settings[{key!r}] is not JSON-serializable: {exc}") from None
+        if codec.depth(value, max_depth) + 1 > max_depth:
+            raise RuleError(f"settings[{key!r}] is nested deeper than the limit of "
+                            f"{max_depth} levels")
         changed[key] = value
-    size = len(json.dumps(now, ensure_ascii=False).encode())
+    try:
+        size = len(codec.dumps(now))
+    except codec.CodecError as exc:
+        raise RuleError(f"settings cannot be stored: {exc}") from None
     if size > max_bytes:
         raise RuleError(f"settings are {size} bytes, over the limit of {max_bytes}")
     removed = [key for key in given if key not in now]

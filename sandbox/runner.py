@@ -5,7 +5,6 @@ See PROTOCOL.md beside this file for the contract with the daemon.
 
 import contextlib
 import inspect
-import json
 import linecache
 import os
 import sys
@@ -13,9 +12,7 @@ import traceback
 import types
 from typing import Any
 
-import orjson
-
-from sandbox import limits, rules
+from sandbox import codec, limits, rules
 from sandbox.request import RequestDict
 
 EXIT_BOOT_FAILED = 70
@@ -38,7 +35,7 @@ def main() -> int:
 
 def read_job() -> dict:
     """The job the daemon wrote on stdin (fd 0), read to EOF."""
-    return orjson.loads(sys.stdin.buffer.read())
+    return codec.loads(sys.stdin.buffer.read())
 
 
 def execute(job: dict) -> int:
@@ -114,7 +111,7 @@ def check(job: dict) -> dict:
 def run(job: dict) -> dict:
     """Call the workflow and turn what it did into a result."""
     given = job["settings"]
-    settings = orjson.loads(orjson.dumps(given))  # the workflow's own copy
+    settings = codec.loads(codec.dumps(given))  # the workflow's own copy
     try:
         function = entry_point(load(job), job["kind"])
         if job["kind"] == "catch":
@@ -123,7 +120,8 @@ def run(job: dict) -> dict:
             value = function(settings)
         caps = job["limits"]
         response = rules.response(value, caps["response_bytes"])
-        change = rules.settings_change(given, settings, caps["settings_bytes"])
+        change = rules.settings_change(given, settings, caps["settings_bytes"],
+                                       caps["json_depth"])
     except (WorkflowError, rules.RuleError) as exc:
         return {"outcome": "error", "error": str(exc), "traceback": ""}
     except MemoryError as exc:
@@ -149,10 +147,10 @@ def report(result: dict, fd: int) -> None:
         with contextlib.suppress(Exception):  # the workflow may have closed it
             stream.flush()
     try:
-        data = orjson.dumps(result)
-    except TypeError:
-        # A response or settings value orjson cannot encode (ints over 64 bits).
-        data = json.dumps(result).encode()
+        data = codec.dumps(result)
+    except codec.CodecError as exc:  # a response body that is not valid UTF-8, say
+        data = codec.dumps({"outcome": "error", "traceback": "",
+                            "error": f"the result cannot be sent to the daemon: {exc}"})
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
