@@ -7,6 +7,7 @@ that transaction commits, so an acknowledged change survives a crash.
 """
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import Any
 from wfd import ids, logs
 from wfd.admission import Admission, Overloaded, Reservation
 from wfd.config import Config, Limits
-from wfd.executor import Executor, Job, Outcome
+from wfd.executor import Executor, Job, JobError, Outcome
+from wfd.metrics import Metrics
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
 
 # The HTTP status a caller gets when the function did not decide it.
@@ -26,10 +28,15 @@ FAILURE_HTTP_STATUS = {"error": 500, "memory": 500, "cpu": 500, "timeout": 504,
 
 @dataclass(frozen=True)
 class Executed:
-    """A finished execution: its stored record and, for catch, the response."""
+    """A finished execution: its record and, for catch, the response.
+
+    `recorded` is False when the store could not write the record (a full
+    disk, a lock held too long): the caller must not say it succeeded.
+    """
 
     record: ExecutionRecord
     response: dict[str, Any] | None
+    recorded: bool = True
 
 
 class Dispatcher:
@@ -38,14 +45,21 @@ class Dispatcher:
     Every execution runs in a task of its own, tracked until its record is
     stored, so that shutdown can wait for them all and interrupt the ones
     still running at the deadline whatever started them (catch, timer, ctl).
+
+    The invariant, held here once for every trigger: an execution that got
+    an id ends in a stored record (or, when the store cannot write, in a log
+    line and a metric naming its id). Its job is encoded before anything is
+    acquired for it, and whatever the executor raises becomes an `error`
+    record; the executors release what they acquired on every way out.
     """
 
     def __init__(self, config: Config, store: Store, executor: Executor,
-                 admission: Admission) -> None:
+                 admission: Admission, metrics: Metrics | None = None) -> None:
         self.config = config
         self.store = store
         self.executor = executor
         self.admission = admission
+        self.metrics = metrics or Metrics()
         # Called with each stored record: metrics, `wfd ctl logs --follow`, retention.
         self.listeners: list[Callable[[ExecutionRecord], None]] = []
         self.draining = False
@@ -64,44 +78,85 @@ class Dispatcher:
             raise Overloaded("the daemon is stopping")
         return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded)
 
+    def job(self, workflow: Workflow, execution_id: str,
+            request: dict[str, Any] | None = None) -> Job:
+        """The encoded job; raises JobError when its settings or request cannot be encoded."""
+        return Job(execution_id=execution_id, name=workflow.name, kind=workflow.kind,
+                   version=workflow.version, code=workflow.code,
+                   limits=self.limits(workflow), settings=workflow.settings,
+                   request=request if workflow.kind == "catch" else None,
+                   response_bytes=self.config.max_body_bytes,
+                   json_depth=self.config.max_json_depth)
+
     async def execute(self, workflow: Workflow, trigger: str,
                       request: dict[str, Any] | None = None,
                       reservation: Reservation | None = None,
                       execution_id: str | None = None) -> Executed:
-        """Run `workflow` once and store what happened."""
+        """Run `workflow` once and store what happened.
+
+        A request that cannot be handed to a child raises JobError (with
+        `part` "request") before anything starts: the caller's mistake, not
+        an execution. Anything else that goes wrong is recorded.
+        """
         reservation = reservation or self.reserve(workflow)
-        limits = self.limits(workflow)
-        job = Job(execution_id=execution_id or ids.execution_id(), name=workflow.name,
-                  kind=workflow.kind, version=workflow.version, code=workflow.code,
-                  limits=limits, settings=workflow.settings,
-                  request=request if workflow.kind == "catch" else None,
-                  response_bytes=self.config.max_body_bytes)
-        task = asyncio.create_task(self._execute(job, trigger, reservation))
+        execution_id = execution_id or ids.execution_id()
+        try:
+            job: Job | str = self.job(workflow, execution_id, request)
+        except JobError as exc:
+            if exc.part == "request":
+                reservation.cancel()
+                raise
+            job = str(exc)
+        task = asyncio.create_task(self._execute(workflow, execution_id, job, trigger,
+                                                 reservation))
         self._inflight.add(task)
         self._interruptible.add(task)
         task.add_done_callback(self._inflight.discard)
         task.add_done_callback(self._interruptible.discard)
         return await task
 
-    async def _execute(self, job: Job, trigger: str, reservation: Reservation) -> Executed:
+    async def _execute(self, workflow: Workflow, execution_id: str, job: Job | str,
+                       trigger: str, reservation: Reservation) -> Executed:
         started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
-        try:
-            async with reservation:
-                started_at, started = datetime.now(UTC), time.perf_counter()
-                outcome = await self.executor.run(job)
-        except asyncio.CancelledError:
-            if not self._interrupting:
-                raise
-            asyncio.current_task().uncancel()
-            outcome = Outcome("interrupted", (time.perf_counter() - started) * 1000,
-                              error=f"the daemon stopped and the {self.config.grace_s:g} s "
-                                    "grace period ran out; nothing it changed was kept")
+        if isinstance(job, str):  # not encodable: nothing to start
+            reservation.cancel()
+            outcome = Outcome("error", 0.0, error=job)
+        else:
+            try:
+                async with reservation:
+                    started_at, started = datetime.now(UTC), time.perf_counter()
+                    outcome = await self.executor.run(job)
+            except asyncio.CancelledError:
+                if not self._interrupting:
+                    raise
+                asyncio.current_task().uncancel()
+                outcome = Outcome("interrupted", (time.perf_counter() - started) * 1000,
+                                  error=f"the daemon stopped and the {self.config.grace_s:g} s "
+                                        "grace period ran out; nothing it changed was kept")
+            except Exception as exc:  # a daemon bug must still end in a record
+                logs.logger.exception("execution %s failed in the daemon", execution_id)
+                outcome = Outcome("error", (time.perf_counter() - started) * 1000,
+                                  error=f"the daemon could not run it: {exc!r}")
         self._interruptible.discard(asyncio.current_task())
-        record = _record(job, trigger, started_at, outcome)
-        record = await self.store.finish(record, outcome.settings_change,
-                                         job.limits.settings_kb * 1024)
+        limits = self.limits(workflow)
+        record = _record(execution_id, workflow, trigger, started_at, outcome, limits)
+        return await self._store(record, outcome, limits)
+
+    async def _store(self, record: ExecutionRecord, outcome: Outcome,
+                     limits: Limits) -> Executed:
+        """Store the record and the settings change; say so if the store cannot."""
+        try:
+            record = await self.store.finish(record, outcome.settings_change,
+                                             limits.settings_kb * 1024)
+        except Exception as exc:
+            self.metrics.store_error("finish")
+            self.metrics.execution_unrecorded(record.workflow, record.status)
+            logs.event("execution-not-recorded", level=logging.ERROR, id=record.id,
+                       workflow=record.workflow, version=record.version,
+                       trigger=record.trigger, status=record.status, error=str(exc))
+            return Executed(record, None, recorded=False)
         logs.event("execution", id=record.id, workflow=record.workflow,
-                   version=record.version, trigger=trigger, status=record.status,
+                   version=record.version, trigger=record.trigger, status=record.status,
                    duration_ms=round(record.duration_ms, 1), http=record.http_status)
         for listener in self.listeners:
             listener(record)
@@ -136,7 +191,7 @@ class Dispatcher:
     async def check(self, name: str, kind: str, code: str, limits: Limits) -> str | None:
         """Deploy-time check of new code in a child; the problem, or None if fine."""
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
-                  code=code, limits=limits, mode="check")
+                  code=code, limits=limits, mode="check", json_depth=self.config.max_json_depth)
         started = time.perf_counter()
         outcome = await self.executor.run(job)
         if outcome.status == "success":
@@ -146,16 +201,31 @@ class Dispatcher:
         return outcome.error or outcome.status
 
 
-def _record(job: Job, trigger: str, started_at: datetime, outcome: Outcome) -> ExecutionRecord:
+def capped(text: str | None, limit_bytes: int, what: str) -> str | None:
+    """`text` cut to `limit_bytes` of UTF-8, with a note where it was cut."""
+    if text is None:
+        return None
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit_bytes:
+        return text
+    kept = data[:limit_bytes].decode("utf-8", "ignore")
+    return f"{kept}\n[wfd: {what} cut here, over the {limit_bytes // 1024} KiB limit]"
+
+
+def _record(execution_id: str, workflow: Workflow, trigger: str, started_at: datetime,
+            outcome: Outcome, limits: Limits) -> ExecutionRecord:
+    """The record of an outcome; error and traceback capped like the output."""
     http_status = None
-    if job.kind == "catch":
+    if workflow.kind == "catch":
         if outcome.status == "success":
             http_status = outcome.response["status_code"] if outcome.response else 200
         else:
             http_status = FAILURE_HTTP_STATUS.get(outcome.status, 500)
+    cap = limits.output_kb * 1024
     return ExecutionRecord(
-        id=job.execution_id, workflow=job.name, version=job.version, trigger=trigger,
+        id=execution_id, workflow=workflow.name, version=workflow.version, trigger=trigger,
         status=outcome.status, started_at=utc_iso(started_at),
-        duration_ms=outcome.duration_ms, http_status=http_status, error=outcome.error,
-        traceback=outcome.traceback, output=outcome.output,
+        duration_ms=outcome.duration_ms, http_status=http_status,
+        error=capped(outcome.error, cap, "error"),
+        traceback=capped(outcome.traceback, cap, "traceback"), output=outcome.output,
         output_truncated=outcome.output_truncated)

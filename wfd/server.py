@@ -64,7 +64,8 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics.watch_admission(lambda: self.admission.waiting,
                                      lambda: self.admission.running)
-        self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
+        self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission,
+                                     self.metrics)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
         self.pruner = Pruner(self.store, lambda: self.config.retention)
         self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,

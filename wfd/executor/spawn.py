@@ -88,24 +88,21 @@ class SpawnExecutor:
                 await asyncio.to_thread(cgroup.close)
 
     async def _spawn(self, job: Job, launch: "_Launch") -> Outcome:
-        pipes = Pipes()
-        started = time.perf_counter()
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *launch.argv,
-                stdin=pipes.job_r, stdout=pipes.output_w, stderr=pipes.output_w,
-                pass_fds=(pipes.result_w,),
-                start_new_session=True,
-                cwd=launch.cwd,
-                env=launch.env,
-            )
-        except BaseException:
-            pipes.close_ours()
-            raise
-        finally:
-            pipes.close_theirs()
-        ended = asyncio.ensure_future(process.wait())
-        payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None)
-        return await supervise(job, payload, pipes, started, ended,
-                               lambda: _kill_group(process.pid), cgroup=launch.cgroup,
-                               signal_exits=launch.signal_exits)
+        with Pipes() as pipes:
+            started = time.perf_counter()
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *launch.argv,
+                    stdin=pipes.job_r, stdout=pipes.output_w, stderr=pipes.output_w,
+                    pass_fds=(pipes.result_w,),
+                    start_new_session=True,
+                    cwd=launch.cwd,
+                    env=launch.env,
+                )
+            finally:
+                pipes.close_theirs()
+            ended = asyncio.ensure_future(process.wait())
+            payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None)
+            return await supervise(job, payload, pipes, started, ended,
+                                   lambda: _kill_group(process.pid), cgroup=launch.cgroup,
+                                   signal_exits=launch.signal_exits)

@@ -245,19 +245,19 @@ class ZygoteExecutor:
     async def _run_in(self, zygote: ZygoteProcess, job: Job,
                       cgroup: ExecutionCgroup | None) -> Outcome:
         """Hand the job's pipes (and its cgroup's procs files) to the zygote; supervise."""
-        joins = cgroup.open_procs() if cgroup is not None else []
-        pipes = Pipes()
-        started = time.perf_counter()
-        try:
-            ended = zygote.run(job.execution_id, [*pipes.theirs(), *joins])
-        finally:
-            pipes.close_theirs()
-            for fd in joins:
-                os.close(fd)
-        payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None)
-        return await supervise(job, payload, pipes, started, ended,
-                               lambda: zygote.kill(job.execution_id), cgroup=cgroup,
-                               signal_exits=self.isolation.sandboxed)
+        with Pipes() as pipes:
+            joins = cgroup.open_procs() if cgroup is not None else []
+            started = time.perf_counter()
+            try:
+                ended = zygote.run(job.execution_id, [*pipes.theirs(), *joins])
+            finally:
+                pipes.close_theirs()
+                for fd in joins:
+                    os.close(fd)
+            payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None)
+            return await supervise(job, payload, pipes, started, ended,
+                                   lambda: zygote.kill(job.execution_id), cgroup=cgroup,
+                                   signal_exits=self.isolation.sandboxed)
 
     async def _ready_zygote(self) -> ZygoteProcess | None:
         """The zygote to use, waiting out a boot in progress; None means cold spawn."""
