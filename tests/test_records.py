@@ -96,3 +96,22 @@ def test_hostile_requests_are_answered_recorded_and_leak_nothing(strict, name, k
     canary = strict.deploy(f"{name}-canary", "def workflow(_r, s):\n    pass\n")
     with requests.post(canary, json={}, headers={"Connection": "close"}, timeout=30) as alive:
         assert alive.status_code == 200
+
+
+PULL_KINDS = ["result-not-json", "result-unset-not-str", "result-settings-300-deep",
+              "settings-100-deep", "error-5mb"]
+
+
+@pytest.mark.parametrize("kind", PULL_KINDS)
+def test_hostile_pull_runs_are_recorded_and_the_timer_keeps_going(strict, name, kind):
+    spec = KINDS[kind]
+    code = spec.code.replace("def workflow(_request, settings):", "def workflow(settings):")
+    strict.deploy(name, code, "--every", "1s", kind="--pull")
+    records = wait_for(lambda: [r for r in strict.executions(name) if r["trigger"] == "pull"]
+                       if len(strict.executions(name)) >= 2 else None,
+                       timeout=20, what="two pull runs")
+    for record in records:
+        assert record["status"] == spec.status, record
+        assert spec.error in strict.logs(record["id"])["error"]
+    assert "exception was never retrieved" not in strict.log()
+    strict.ctl("disable", name)

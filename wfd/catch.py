@@ -13,16 +13,20 @@ from urllib.parse import parse_qsl
 import orjson
 from aiohttp import web
 
+from sandbox import codec
 from wfd import ids, logs
 from wfd.admission import Overloaded
 from wfd.config import Config
-from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher
+from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher, Executed
+from wfd.executor import JobError
 from wfd.store import Store
 
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
 # Framing is the server's business, not the workflow's: these would corrupt the response.
 DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 EXECUTION_HEADER = "X-Wfd-Execution-Id"
+# The status of a catch execution whose record the store could not write.
+STORE_UNAVAILABLE = "store_unavailable"
 CATCH_ROUTE = r"/teams/{team}/{name}/{runtime:python3\.\d+}/{key}"
 # Compared against when a workflow is unknown, so both paths do the same work.
 _NO_KEY = ids.catch_key()
@@ -70,11 +74,14 @@ def json_fields(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"body": value}
 
 
-async def body_fields(request: web.Request, content_type: str) -> dict[str, Any]:
+async def body_fields(request: web.Request, content_type: str,
+                      max_depth: int) -> dict[str, Any]:
     """The body's fields, read within the app's size limit.
 
     aiohttp stops reading with HTTPRequestEntityTooLarge as soon as the body
-    passes `client_max_size`, so an oversized body is never held whole.
+    passes `client_max_size`, so an oversized body is never held whole. JSON
+    nested deeper than `max_depth` is refused as it is parsed; integers keep
+    their exact value whatever their size (sandbox/codec.py).
     """
     if content_type == "multipart/form-data":
         try:
@@ -88,8 +95,8 @@ async def body_fields(request: web.Request, content_type: str) -> dict[str, Any]
     body = await request.read()
     if content_type == "application/json":
         try:
-            return json_fields(orjson.loads(body))
-        except orjson.JSONDecodeError as exc:
+            return json_fields(codec.loads(body, max_depth))
+        except codec.CodecError as exc:
             raise BadRequest(f"malformed JSON body: {exc}") from None
     try:
         text = body.decode(request.charset or "utf-8")
@@ -163,7 +170,7 @@ class CatchHandler:
         try:
             fields = header_fields(request.raw_headers)
             fields.update(self._query(request))
-            fields.update(await body_fields(request, content_type))
+            fields.update(await body_fields(request, content_type, self.config.max_json_depth))
         except web.HTTPRequestEntityTooLarge:
             reservation.cancel()
             return json_reply(413, "payload_too_large", execution_id)
@@ -173,10 +180,12 @@ class CatchHandler:
         except BaseException:
             reservation.cancel()
             raise
-        executed = await self.dispatcher.execute(workflow, "catch", fields, reservation,
-                                                 execution_id)
-        return reply(executed.record.status, executed.record.http_status, executed.response,
-                     execution_id)
+        try:
+            executed = await self.dispatcher.execute(workflow, "catch", fields, reservation,
+                                                     execution_id)
+        except JobError:  # not valid UTF-8, say: nothing was started
+            return json_reply(400, "bad_request", execution_id)
+        return executed_reply(executed)
 
     @staticmethod
     def _content_type(request: web.Request) -> str:
@@ -188,6 +197,19 @@ class CatchHandler:
         query = request.query
         return {name: values[0] if len(values) == 1 else values
                 for name in query for values in [query.getall(name)]}
+
+
+def executed_reply(executed: Executed) -> web.Response:
+    """The caller's response for a catch execution that ran.
+
+    One whose record the store could not write answers 503: whatever the
+    workflow did, nothing of it (record, settings) was kept, so the caller
+    should send it again once the daemon is healthy.
+    """
+    record = executed.record
+    if not executed.recorded:
+        return json_reply(503, STORE_UNAVAILABLE, record.id, {"Retry-After": "5"})
+    return reply(record.status, record.http_status, executed.response, record.id)
 
 
 def reply(status: str, http_status: int | None, response: dict[str, Any] | None,

@@ -56,6 +56,9 @@ class Retention:
 
     max_per_workflow: int = 1000
     max_age_days: float = 30.0
+    # Versions of each workflow's code kept; the current one and the one
+    # before it are kept whatever this says.
+    versions_per_workflow: int = 50
 
     def validate(self) -> "Retention":
         """Return self, or raise ConfigError: keeping nothing, or forever, is not retention."""
@@ -81,6 +84,10 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
     max_body_mb: float = 10.0
+    # Catch bodies nested deeper are refused (400); settings too (the execution fails).
+    max_json_depth: int = 64
+    # Largest workflow file a deploy accepts.
+    max_code_kb: int = 1024
     global_concurrency: int = 0
     queue_max: int = 100
     grace_s: float = 30.0

@@ -11,6 +11,9 @@ power loss can take back the last few commits.
 """
 
 import asyncio
+import contextlib
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from typing import Any
 
 import aiosqlite
 import orjson
+
+from sandbox import codec
 
 MIGRATIONS = [
     """
@@ -68,14 +73,34 @@ MIGRATIONS = [
     """
     CREATE INDEX executions_by_started ON executions (started_at);
     """,
+    # records: one row the store-health probe rewrites to learn whether the
+    # store can write again (after a full disk or a long lock).
+    """
+    CREATE TABLE store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL);
+    INSERT INTO store_probe (id, at) VALUES (1, '');
+    """,
 ]
 
 
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
+# Pages after which a commit checkpoints the WAL back into the database
+# (SQLite's default, stated so that it is a decision).
+WAL_AUTOCHECKPOINT_PAGES = 1000
 
 
 class StoreError(Exception):
     """An operation the stored state does not allow; the message says why."""
+
+
+# What a failed write raises: sqlite3's errors ("database is locked",
+# "database or disk is full", "disk I/O error"), as opposed to StoreError.
+WriteFailed = sqlite3.Error
+
+
+def _degrades(exc: BaseException) -> bool:
+    """A failure of the store itself rather than of one statement's data."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.ProgrammingError)
 
 
 def utc_iso(moment: datetime | None = None) -> str:
@@ -171,7 +196,7 @@ def _workflow(row: Any) -> Workflow:
         enabled=bool(row[2]),
         version=row[3],
         catch_key=row[4],
-        settings=orjson.loads(row[5]),
+        settings=codec.loads(row[5]),
         limits=orjson.loads(row[6]),
         schedule=orjson.loads(row[7]) if row[7] else None,
         created_at=row[8],
@@ -202,6 +227,9 @@ class Store:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        # Why the last write failed, until one succeeds (/healthz: degraded).
+        self.write_error: str | None = None
+        self.last_write = time.monotonic()
 
     async def open(self) -> None:
         """Open (creating if needed) the database and apply pending migrations."""
@@ -212,7 +240,8 @@ class Store:
         # journal_size_limit truncates the WAL after a checkpoint past 64 MiB.
         for pragma in ("auto_vacuum=INCREMENTAL", "journal_mode=WAL", "synchronous=NORMAL",
                        "busy_timeout=5000", "foreign_keys=ON",
-                       f"journal_size_limit={WAL_LIMIT_BYTES}"):
+                       f"journal_size_limit={WAL_LIMIT_BYTES}",
+                       f"wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}"):
             await self._db.execute(f"PRAGMA {pragma}")
         await self._migrate()
 
@@ -233,18 +262,32 @@ class Store:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; the lock keeps coroutines from interleaving in it."""
+        """One write transaction; the lock keeps coroutines from interleaving in it.
+
+        A write that fails for the store's own reasons (locked past the busy
+        timeout, a full disk) is rolled back, raised, and remembered in
+        `write_error` until a later write succeeds.
+        """
         async with self._lock:
             db = self._db
             if db is None:
                 raise StoreError("the store is closed")
-            await db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    await db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            await db.execute("ROLLBACK")
+                    raise
+            except Exception as exc:
+                if _degrades(exc):
+                    self.write_error = f"{exc} ({type(exc).__name__})"
                 raise
-            await db.execute("COMMIT")
+            self.write_error = None
+            self.last_write = time.monotonic()
 
     async def _fetchall(self, sql: str, *args: Any) -> list[Any]:
         async with self._lock:
@@ -361,7 +404,7 @@ class Store:
             stored = await _settings(db, name)
             merged = merge_settings(stored, change)
             await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
-                             (orjson.dumps(merged).decode(), name))
+                             (codec.dumps(merged).decode(), name))
         return merged
 
     async def finish(self, record: ExecutionRecord, change: dict[str, Any] | None,
@@ -379,12 +422,11 @@ class Store:
             except StoreError:
                 return record  # deleted while it ran: nothing to keep
             if change and (change["set"] or change["unset"]):
-                merged = orjson.dumps(merge_settings(stored, change))
-                if len(merged) > max_settings_bytes:
+                problem, merged = _merged_settings(stored, change, max_settings_bytes)
+                if problem:
                     record.status, record.http_status = "error", (
                         500 if record.http_status else None)
-                    record.error = (f"settings would be {len(merged)} bytes, over the "
-                                    f"limit of {max_settings_bytes}; nothing was kept")
+                    record.error = f"{problem}; nothing was kept"
                 else:
                     await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
                                      (merged.decode(), record.workflow))
@@ -477,6 +519,44 @@ class Store:
         (after,) = await self._fetchone("PRAGMA freelist_count")
         return (before - after) * page_size
 
+    async def prune_versions(self, keep: int) -> int:
+        """Delete each workflow's versions beyond its `keep` newest; how many went.
+
+        The current version and the one before it (what a rollback would
+        most likely want) are never deleted, whatever `keep` says.
+        """
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM versions WHERE rowid IN (SELECT v.rowid FROM versions v"
+                " JOIN workflows w ON w.name = v.workflow"
+                " WHERE v.version <> w.version"
+                " AND v.version <> (SELECT max(p.version) FROM versions p"
+                "                   WHERE p.workflow = v.workflow AND p.version < w.version)"
+                " AND v.version <= (SELECT max(n.version) FROM versions n"
+                "                   WHERE n.workflow = v.workflow) - ?)", (keep,))
+            return cursor.rowcount
+
+    # -- the store's own health ----------------------------------------------------
+
+    async def probe(self) -> None:
+        """A one-row write: succeeds once the store can write again (raises otherwise)."""
+        async with self._transaction() as db:
+            await db.execute("UPDATE store_probe SET at = ? WHERE id = 1", (utc_iso(),))
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy the whole WAL into the database and truncate it to zero bytes.
+
+        Returns (frames in the WAL, frames checkpointed). Cheap when the
+        WAL is empty; a reader in the middle of a query makes it a partial
+        checkpoint, retried the next time.
+        """
+        async with self._lock:
+            if self._db is None:
+                raise StoreError("the store is closed")
+            async with self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                _, frames, done = await cursor.fetchone()
+        return frames, done
+
     # -- export and import ------------------------------------------------------
 
     async def export(self) -> list[dict[str, Any]]:
@@ -508,7 +588,7 @@ class Store:
                     " limits, schedule, created_at, updated_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, item["kind"], int(item["enabled"]), item["version"],
-                     item["catch_key"], orjson.dumps(item["settings"]).decode(),
+                     item["catch_key"], codec.dumps(item["settings"]).decode(),
                      orjson.dumps(item["limits"]).decode(), _json_or_null(item["schedule"]),
                      item["created_at"], item["updated_at"]))
                 await db.executemany(
@@ -531,12 +611,23 @@ async def _prune_workflow(db: aiosqlite.Connection, name: str, keep: int, limit:
     return cursor.rowcount
 
 
+def _merged_settings(stored: dict, change: dict, max_bytes: int) -> tuple[str | None, bytes]:
+    """The merged settings, encoded; or what is wrong with them."""
+    try:
+        merged = codec.dumps(merge_settings(stored, change))
+    except codec.CodecError as exc:
+        return f"settings cannot be stored: {exc}", b""
+    if len(merged) > max_bytes:
+        return f"settings would be {len(merged)} bytes, over the limit of {max_bytes}", b""
+    return None, merged
+
+
 async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
     async with db.execute("SELECT settings FROM workflows WHERE name = ?", (name,)) as cursor:
         row = await cursor.fetchone()
     if row is None:
         raise StoreError(f"no workflow named {name}")
-    return orjson.loads(row[0])
+    return codec.loads(row[0])
 
 
 async def _insert_execution(db: aiosqlite.Connection, record: ExecutionRecord) -> None:

@@ -5,8 +5,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
+from sandbox import codec
 from wfd import catch, ids, logs
 from wfd.admission import Overloaded
 from wfd.config import Config, ConfigError
@@ -162,7 +161,15 @@ class Commands:
     async def _change_settings(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
         workflow = await self._workflow(name)
         limit = self.dispatcher.limits(workflow).settings_kb * 1024
-        if len(orjson.dumps(merge_settings(workflow.settings, change))) > limit:
+        merged = merge_settings(workflow.settings, change)
+        depth = self.config.max_json_depth
+        try:
+            codec.check_depth(merged, depth)
+            size = len(codec.dumps(merged))
+        except codec.CodecError as exc:
+            raise CommandError(f"settings cannot be stored: {exc} "
+                               f"(max_json_depth = {depth})") from None
+        if size > limit:
             raise CommandError(f"settings would be over the limit of {limit} bytes")
         return await self.store.change_settings(name, change)
 

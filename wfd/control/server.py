@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from sandbox import codec
 from wfd import logs
 from wfd.config import ConfigError
 from wfd.control.protocol import MAX_REQUEST_BYTES, CommandError
@@ -72,7 +71,7 @@ class ControlServer:
                 answer = await self._answer(line)
                 if isinstance(answer.get("result"), AsyncIterator):
                     answer = await self._stream(answer["id"], answer["result"], reader, writer)
-                writer.write(orjson.dumps(answer) + b"\n")
+                writer.write(codec.dumps(answer) + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass  # a client that hung up or sent a line over the limit
@@ -98,8 +97,8 @@ class ControlServer:
                     item.cancel()
                     await asyncio.wait({item})  # the generator must stop before aclose
                     raise ConnectionResetError("the client hung up")
-                writer.write(orjson.dumps({"id": request_id, "ok": True,
-                                           "item": item.result()}) + b"\n")
+                writer.write(codec.dumps({"id": request_id, "ok": True,
+                                          "item": item.result()}) + b"\n")
                 await writer.drain()
         except StopAsyncIteration:
             return {"id": request_id, "ok": True, "result": None}
@@ -112,7 +111,7 @@ class ControlServer:
     async def _answer(self, line: bytes) -> dict[str, Any]:
         request_id = None
         try:
-            request = orjson.loads(line)
+            request = codec.loads(line)
             request_id = request.get("id")
             handler = self.commands.get(request.get("command"))
             if handler is None:
@@ -125,7 +124,7 @@ class ControlServer:
             return {"id": request_id, "ok": True, "result": result}
         except (CommandError, StoreError, ConfigError) as exc:
             return {"id": request_id, "ok": False, "error": str(exc)}
-        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+        except (codec.CodecError, AttributeError, TypeError) as exc:
             return {"id": request_id, "ok": False, "error": f"malformed request: {exc}"}
         except Exception as exc:
             logs.logger.exception("control command failed")
