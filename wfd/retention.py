@@ -1,9 +1,10 @@
 """Pruning of old execution records, off the request path.
 
 A background task deletes records past `retention.max_age_days` and beyond
-`retention.max_per_workflow` per workflow, `BATCH` rows per transaction and
-yielding to the event loop between batches, so catch requests never wait
-behind a long delete. A pass runs every `interval_s`, and sooner once
+`retention.max_per_workflow` per workflow (and code versions beyond
+`retention.versions_per_workflow`, which a deploy also applies at once),
+`BATCH` rows per transaction and yielding to the event loop between batches,
+so catch requests never wait behind a long delete. A pass runs every `interval_s`, and sooner once
 `BATCH` executions have finished since the last one: under a flood the
 table overshoots its bound by about one batch, not by a minute of traffic.
 
@@ -74,9 +75,11 @@ class Pruner:
                                                          self.batch):
             deleted += batch
             await asyncio.sleep(0)
-        if deleted:
+        versions = await self.store.prune_versions(retention.versions_per_workflow)
+        if deleted or versions:
             reclaimed = await self._reclaim()
-            logs.event("pruned", executions=deleted, bytes_reclaimed=reclaimed)
+            logs.event("pruned", executions=deleted, versions=versions,
+                       bytes_reclaimed=reclaimed)
         return deleted
 
     async def _reclaim(self) -> int:

@@ -74,6 +74,7 @@ class Commands:
         check_name(name)
         if kind not in ("catch", "pull"):
             raise CommandError(f"kind must be catch or pull, got {kind!r}")
+        self._check_code_size(code)
         overrides = {k: v for k, v in (limits or {}).items() if v is not None}
         unknown = sorted(set(overrides) - set(LIMIT_FLAGS))
         if unknown:
@@ -92,12 +93,22 @@ class Commands:
             raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
                                f" stays in place: {problem}")
         workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key())
+        await self.store.prune_versions(self.config.retention.versions_per_workflow)
         await self.scheduler.refresh(name)
         logs.event("deployed", workflow=name, version=workflow.version, kind=kind)
         result = {"name": name, "kind": kind, "version": workflow.version}
         if kind == "catch":
             result["url"] = self._url(workflow)
         return result
+
+    def _check_code_size(self, code: Any) -> None:
+        """Refuse a file over `max_code_kb`: every version is kept in memory and stored."""
+        if not isinstance(code, str):
+            raise CommandError("code must be the text of a Python file")
+        size, limit = len(code.encode("utf-8", "surrogatepass")), self.config.max_code_kb
+        if size > limit * 1024:
+            raise CommandError(f"deploy refused: the file is {size / 1024:.0f} KiB, over the "
+                               f"limit of {limit} KiB (max_code_kb)")
 
     @staticmethod
     def parse_schedule(kind: str, schedule: dict[str, Any] | None) -> dict[str, Any] | None:
