@@ -17,12 +17,14 @@ freed. systemd/README.md states the VACUUM policy.
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from wfd import logs
 from wfd.config import Retention
-from wfd.store import ExecutionRecord, Store, utc_iso
+from wfd.metrics import Metrics
+from wfd.store import ExecutionRecord, Store, WriteFailed, utc_iso
 
 BATCH = 500
 # Given back per incremental_vacuum step, so no one transaction is long.
@@ -36,8 +38,10 @@ class Pruner:
     """Keeps the executions table within the retention settings."""
 
     def __init__(self, store: Store, retention: Callable[[], Retention],
-                 interval_s: float = INTERVAL_S, batch: int = BATCH) -> None:
+                 interval_s: float = INTERVAL_S, batch: int = BATCH,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.retention = retention  # read at each pass, so SIGHUP applies at once
         self.interval_s = interval_s
         self.batch = batch
@@ -61,6 +65,10 @@ class Pruner:
             self._due.clear()
             try:
                 await self.prune()
+            except WriteFailed as exc:
+                self.metrics.store_error("retention")
+                logs.event("store-error", level=logging.ERROR, operation="retention",
+                           error=str(exc), retry="at the next pass")
             except Exception:
                 logs.logger.exception("retention pass failed; retrying at the next one")
             with contextlib.suppress(TimeoutError):

@@ -35,6 +35,7 @@ from wfd.metrics import Metrics
 from wfd.retention import Pruner
 from wfd.scheduler import Scheduler
 from wfd.store import ExecutionRecord, Store
+from wfd.storewatch import StoreWatch
 
 # Keys a SIGHUP cannot apply: they are bound to open sockets, files,
 # semaphores or the kind of executor. A changed value is logged as needing a
@@ -67,12 +68,13 @@ class Daemon:
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission,
                                      self.metrics)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
-        self.pruner = Pruner(self.store, lambda: self.config.retention)
+        self.pruner = Pruner(self.store, lambda: self.config.retention, metrics=self.metrics)
+        self.storewatch = StoreWatch(self.store, self.metrics)
         self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,
                                  self.status)
         self.dispatcher.listeners += [self._count, self.pruner.note, self.commands.publish]
         self.control = ControlServer(config.socket_path, self.commands.table(),
-                                     config.socket_group)
+                                     config.socket_group, self.metrics)
         self.state = "starting"
         self.started = time.monotonic()
         self._runners: list[web.AppRunner] = []
@@ -81,11 +83,19 @@ class Daemon:
         self._reload = asyncio.Event()
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        """/healthz: 200 while serving, 503 while starting or draining; active layers."""
+        """/healthz: 200 while serving; 503 while starting, draining, or `degraded`.
+
+        Degraded: serving, but the store cannot write (a full disk, a lock
+        held too long), so executions would lose their records. It clears by
+        itself at the first write that succeeds (wfd/storewatch.py).
+        """
         layers = self.isolation.layers(self.executor.status()["executor"])
         active = [name for name, layer in layers.items() if layer["active"]]
-        return (200 if self.state == "serving" else 503), {
-            "status": self.state,
+        error = self.store.write_error
+        state = "degraded" if self.state == "serving" and error else self.state
+        return (200 if state == "serving" else 503), {
+            "status": state,
+            "store": {"writable": error is None, "error": error},
             "isolation": {"mode": self.isolation.mode, "active": active,
                           "self_test": "failed" if selftest.failures(self.self_test)
                           else "passed"},
@@ -180,6 +190,7 @@ class Daemon:
         try:
             await self.start()
             self._spawn(self.pruner.run())
+            self._spawn(self.storewatch.run())
             self._spawn(self._reloads())
             await self._stop.wait()
         finally:

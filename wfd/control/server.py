@@ -8,6 +8,7 @@ connect is an administrator, so the socket is created mode 0600 (0660 with
 import asyncio
 import contextlib
 import grp
+import logging
 import os
 import socket
 import time
@@ -19,17 +20,19 @@ from sandbox import codec
 from wfd import logs
 from wfd.config import ConfigError
 from wfd.control.protocol import MAX_REQUEST_BYTES, CommandError
-from wfd.store import StoreError
+from wfd.metrics import Metrics
+from wfd.store import StoreError, WriteFailed
 
 
 class ControlServer:
     """Serves a table of command handlers on a unix socket, one JSON line per request."""
 
     def __init__(self, path: Path, commands: Mapping[str, Callable[..., Awaitable[Any]]],
-                 group: str = "") -> None:
+                 group: str = "", metrics: Metrics | None = None) -> None:
         self.path = path
         self.commands = commands
         self.group = group
+        self.metrics = metrics or Metrics()
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -124,6 +127,13 @@ class ControlServer:
             return {"id": request_id, "ok": True, "result": result}
         except (CommandError, StoreError, ConfigError) as exc:
             return {"id": request_id, "ok": False, "error": str(exc)}
+        except WriteFailed as exc:
+            self.metrics.store_error("ctl")
+            logs.event("store-error", level=logging.ERROR, operation="ctl",
+                       command=request.get("command"), error=str(exc))
+            return {"id": request_id, "ok": False,
+                    "error": f"the store cannot write now ({exc}); nothing was changed, "
+                             "try again"}
         except (codec.CodecError, AttributeError, TypeError) as exc:
             return {"id": request_id, "ok": False, "error": f"malformed request: {exc}"}
         except Exception as exc:
