@@ -13,6 +13,7 @@ and applies what can change without a restart.
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -77,6 +78,9 @@ class Daemon:
                                      config.socket_group, self.metrics)
         self.state = "starting"
         self.started = time.monotonic()
+        # Says which start of which daemon answers: `make run` compares the one
+        # /healthz gives with the one its own daemon's socket gives.
+        self.instance = secrets.token_hex(8)
         self._runners: list[web.AppRunner] = []
         self._background: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -95,6 +99,7 @@ class Daemon:
         state = "degraded" if self.state == "serving" and error else self.state
         return (200 if state == "serving" else 503), {
             "status": state,
+            "instance": self.instance,
             "store": {"writable": error is None, "error": error},
             "isolation": {"mode": self.isolation.mode, "active": active,
                           "self_test": "failed" if selftest.failures(self.self_test)
@@ -108,6 +113,7 @@ class Daemon:
         return {
             "state": self.state,
             "pid": os.getpid(),
+            "instance": self.instance,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "listen": config.listen,
             "admin_listen": config.admin_listen or None,
@@ -170,7 +176,10 @@ class Daemon:
                                shutdown_timeout=RESPONSE_FLUSH_S)
         await runner.setup()
         self._runners.append(runner)
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as exc:  # taken, or not an address of this machine
+            raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
     def request_stop(self, signum: int) -> None:
         """Signal handler: only records the request; the loop does the work."""
