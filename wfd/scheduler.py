@@ -109,6 +109,9 @@ class Scheduler:
         due = _parse_time(workflow.next_due)
         if reset or due is None:
             due = next_due(_schedule(workflow), utc_now())
+            # Armed first: if the store cannot take the due time now, the
+            # timer runs anyway (the tick stores the next one).
+            self.timers.set(name, due)
             await self.store.set_next_due(name, utc_iso(due))
         self.timers.set(name, due)
 

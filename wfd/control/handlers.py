@@ -12,6 +12,7 @@ from wfd.config import Config, ConfigError
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.dispatch import Dispatcher
+from wfd.executor import JobError
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
 from wfd.store import ExecutionRecord, Store, Workflow, merge_settings
@@ -93,8 +94,8 @@ class Commands:
             raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
                                f" stays in place: {problem}")
         workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key())
-        await self.store.prune_versions(self.config.retention.versions_per_workflow)
         await self.scheduler.refresh(name)
+        await self.store.prune_versions(self.config.retention.versions_per_workflow)
         logs.event("deployed", workflow=name, version=workflow.version, kind=kind)
         result = {"name": name, "kind": kind, "version": workflow.version}
         if kind == "catch":
@@ -200,6 +201,12 @@ class Commands:
             raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
         except Busy as exc:
             raise CommandError(str(exc)) from None
+        except JobError as exc:
+            raise CommandError(f"--data cannot be handed to the workflow: {exc}") from None
+        if not executed.recorded:
+            raise CommandError(f"execution {executed.record.id} ran "
+                               f"({executed.record.status}) but the store could not record "
+                               "it: nothing it changed was kept")
         out: dict[str, Any] = executed.record.summary()
         if workflow.kind == "catch":
             response = executed.response

@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,32 @@ from wfd.executor.pipes import Pipes
 from wfd.executor.supervise import supervise
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
+
+
+@contextlib.asynccontextmanager
+async def execution_cgroup(isolation: Isolation, job: Job
+                           ) -> AsyncIterator[ExecutionCgroup | None]:
+    """The execution's cgroup (None without one), removed on every way out.
+
+    It is made in a thread; a cancellation while it is being made (the
+    daemon interrupting executions at shutdown) still waits for it and
+    removes it, rather than leaving a group nobody knows about.
+    """
+    making = asyncio.ensure_future(asyncio.to_thread(isolation.cgroup_for, job.limits,
+                                                     job.execution_id))
+    try:
+        cgroup = await asyncio.shield(making)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            late = await making
+            if late is not None:
+                await asyncio.to_thread(late.close)
+        raise
+    try:
+        yield cgroup
+    finally:
+        if cgroup is not None:
+            await asyncio.to_thread(cgroup.close)
 
 
 def _kill_group(pid: int) -> None:
@@ -78,14 +105,9 @@ class SpawnExecutor:
     async def _run_with_cgroup(self, job: Job, cwd: str, env: dict[str, str],
                                sandboxed: bool) -> Outcome:
         """Make the execution's cgroup, run the child in it, and always remove it."""
-        cgroup = await asyncio.to_thread(self.isolation.cgroup_for, job.limits,
-                                         job.execution_id)
-        try:
+        async with execution_cgroup(self.isolation, job) as cgroup:
             argv = self.isolation.argv(job.limits, cgroup)
             return await self._spawn(job, _Launch(argv, cwd, env, cgroup, sandboxed))
-        finally:
-            if cgroup is not None:
-                await asyncio.to_thread(cgroup.close)
 
     async def _spawn(self, job: Job, launch: "_Launch") -> Outcome:
         with Pipes() as pipes:

@@ -25,7 +25,7 @@ import orjson
 from wfd import logs
 from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
 from wfd.executor.pipes import Pipes
-from wfd.executor.spawn import SpawnExecutor
+from wfd.executor.spawn import SpawnExecutor, execution_cgroup
 from wfd.executor.supervise import supervise
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
@@ -234,13 +234,8 @@ class ZygoteExecutor:
         zygote = await self._ready_zygote()
         if zygote is None:
             return await self.fallback.run(job)
-        cgroup = await asyncio.to_thread(self.isolation.cgroup_for, job.limits,
-                                         job.execution_id)
-        try:
+        async with execution_cgroup(self.isolation, job) as cgroup:
             return await self._run_in(zygote, job, cgroup)
-        finally:
-            if cgroup is not None:
-                await asyncio.to_thread(cgroup.close)
 
     async def _run_in(self, zygote: ZygoteProcess, job: Job,
                       cgroup: ExecutionCgroup | None) -> Outcome:
