@@ -90,6 +90,9 @@ KINDS = {
     "json-300-deep": Kind(NOOP, post_json(nested(300)), 400),
     "json-65-deep": Kind(NOOP, post_json(nested(65)), 400),
     "multipart-name-not-utf8": Kind(NOOP, post_multipart(b"\xff\xfename"), 400),
+    "form-value-not-utf8": Kind(NOOP, post(b"a=%ff%fe", "application/x-www-form-urlencoded"),
+                                400),
+    "query-not-utf8": Kind(NOOP, lambda url: post_json(b"{}")(url + "?k%ff=%fe"), 400),
     # Results the child forges or mangles on its result pipe.
     "result-not-json": Kind(forger(b'{"outcome": "succ'), post_json(b"{}"), 500, "error",
                             "malformed result: not JSON"),

@@ -100,7 +100,8 @@ async def body_fields(request: web.Request, content_type: str,
             raise BadRequest(f"malformed JSON body: {exc}") from None
     try:
         text = body.decode(request.charset or "utf-8")
-        return _grouped(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text)))
+        return _grouped(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
+                                  errors="strict"))
     except (UnicodeDecodeError, LookupError, ValueError) as exc:
         raise BadRequest(f"malformed form body: {exc}") from None
 
@@ -194,9 +195,12 @@ class CatchHandler:
 
     @staticmethod
     def _query(request: web.Request) -> dict[str, Any]:
-        query = request.query
-        return {name: values[0] if len(values) == 1 else values
-                for name in query for values in [query.getall(name)]}
+        """Query parameters; percent-escapes that are not UTF-8 are refused, not replaced."""
+        try:
+            return _grouped(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True,
+                                      errors="strict"))
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"query string is not UTF-8: {exc}") from None
 
 
 def executed_reply(executed: Executed) -> web.Response:
