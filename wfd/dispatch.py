@@ -100,14 +100,7 @@ class Dispatcher:
         """
         reservation = reservation or self.reserve(workflow)
         execution_id = execution_id or ids.execution_id()
-        try:
-            job: Job | str = self.job(workflow, execution_id, request)
-        except JobError as exc:
-            if exc.part == "request":
-                reservation.cancel()
-                raise
-            job = str(exc)
-        task = asyncio.create_task(self._execute(workflow, execution_id, job, trigger,
+        task = asyncio.create_task(self._execute(workflow, execution_id, request, trigger,
                                                  reservation))
         self._inflight.add(task)
         self._interruptible.add(task)
@@ -115,32 +108,42 @@ class Dispatcher:
         task.add_done_callback(self._interruptible.discard)
         return await task
 
-    async def _execute(self, workflow: Workflow, execution_id: str, job: Job | str,
-                       trigger: str, reservation: Reservation) -> Executed:
-        started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
-        if isinstance(job, str):  # not encodable: nothing to start
+    async def _execute(self, workflow: Workflow, execution_id: str,
+                       request: dict[str, Any] | None, trigger: str,
+                       reservation: Reservation) -> Executed:
+        started_at = datetime.now(UTC)
+        try:
+            job = self.job(workflow, execution_id, request)  # before anything is acquired
+        except JobError as exc:
             reservation.cancel()
-            outcome = Outcome("error", 0.0, error=job)
+            if exc.part == "request":
+                raise  # the caller's to refuse: nothing was started
+            outcome = Outcome("error", 0.0, error=str(exc))
         else:
-            try:
-                async with reservation:
-                    started_at, started = datetime.now(UTC), time.perf_counter()
-                    outcome = await self.executor.run(job)
-            except asyncio.CancelledError:
-                if not self._interrupting:
-                    raise
-                asyncio.current_task().uncancel()
-                outcome = Outcome("interrupted", (time.perf_counter() - started) * 1000,
-                                  error=f"the daemon stopped and the {self.config.grace_s:g} s "
-                                        "grace period ran out; nothing it changed was kept")
-            except Exception as exc:  # a daemon bug must still end in a record
-                logs.logger.exception("execution %s failed in the daemon", execution_id)
-                outcome = Outcome("error", (time.perf_counter() - started) * 1000,
-                                  error=f"the daemon could not run it: {exc!r}")
+            outcome, started_at = await self._run(job, reservation)
         self._interruptible.discard(asyncio.current_task())
         limits = self.limits(workflow)
         record = _record(execution_id, workflow, trigger, started_at, outcome, limits)
         return await self._store(record, outcome, limits)
+
+    async def _run(self, job: Job, reservation: Reservation) -> tuple[Outcome, datetime]:
+        """Wait for a slot and run the job; whatever happens, an Outcome and its start."""
+        started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
+        try:
+            async with reservation:
+                started_at, started = datetime.now(UTC), time.perf_counter()
+                return await self.executor.run(job), started_at
+        except asyncio.CancelledError:
+            if not self._interrupting:
+                raise
+            asyncio.current_task().uncancel()
+            return Outcome("interrupted", (time.perf_counter() - started) * 1000,
+                           error=f"the daemon stopped and the {self.config.grace_s:g} s "
+                                 "grace period ran out; nothing it changed was kept"), started_at
+        except Exception as exc:  # a daemon bug must still end in a record
+            logs.logger.exception("execution %s failed in the daemon", job.execution_id)
+            return Outcome("error", (time.perf_counter() - started) * 1000,
+                           error=f"the daemon could not run it: {exc!r}"), started_at
 
     async def _store(self, record: ExecutionRecord, outcome: Outcome,
                      limits: Limits) -> Executed:
