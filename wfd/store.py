@@ -83,6 +83,8 @@ MIGRATIONS = [
 
 
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
+# How long a write waits for another process's lock before it fails.
+BUSY_TIMEOUT_MS = 5000
 # Pages after which a commit checkpoints the WAL back into the database
 # (SQLite's default, stated so that it is a decision).
 WAL_AUTOCHECKPOINT_PAGES = 1000
@@ -239,7 +241,7 @@ class Store:
         # has no tables yet (retention and VACUUM policy: systemd/README.md).
         # journal_size_limit truncates the WAL after a checkpoint past 64 MiB.
         for pragma in ("auto_vacuum=INCREMENTAL", "journal_mode=WAL", "synchronous=NORMAL",
-                       "busy_timeout=5000", "foreign_keys=ON",
+                       f"busy_timeout={BUSY_TIMEOUT_MS}", "foreign_keys=ON",
                        f"journal_size_limit={WAL_LIMIT_BYTES}",
                        f"wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}"):
             await self._db.execute(f"PRAGMA {pragma}")
@@ -547,14 +549,20 @@ class Store:
         """Copy the whole WAL into the database and truncate it to zero bytes.
 
         Returns (frames in the WAL, frames checkpointed). Cheap when the
-        WAL is empty; a reader in the middle of a query makes it a partial
-        checkpoint, retried the next time.
+        WAL is empty. It never waits for another process (a backup reading
+        the file): without the busy timeout it is then partial, and done
+        the next time, rather than holding the store for seconds.
         """
         async with self._lock:
-            if self._db is None:
+            db = self._db
+            if db is None:
                 raise StoreError("the store is closed")
-            async with self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
-                _, frames, done = await cursor.fetchone()
+            await db.execute("PRAGMA busy_timeout = 0")
+            try:
+                async with db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                    _, frames, done = await cursor.fetchone()
+            finally:
+                await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         return frames, done
 
     # -- export and import ------------------------------------------------------
