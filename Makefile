@@ -57,7 +57,7 @@ bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_scheduler.py
 	$(DEV_VENV)/bin/python bench/bench_retention.py
 	$(DEV_VENV)/bin/python bench/bench_executors.py
-	$(DEV_VENV)/bin/python bench/bench_leaks.py 200
+	$(DEV_VENV)/bin/python bench/bench_leaks.py -n 200
 
 # -- installing as a service -----------------------------------------------------
 

@@ -1,6 +1,7 @@
 """What a daemon holds before and after 1,000 hostile requests of each kind (SPEC 8).
 
-    .venv/bin/python bench/bench_leaks.py [REQUESTS]      (or: make bench)
+    .venv/bin/python bench/bench_leaks.py [-n REQUESTS] [--executor E] [--kind K]...
+    (make bench: -n 200)
 
 For each executor ("zygote", then "spawn") a strict daemon is started on
 loopback; for each kind in tests/leaks.py (bodies it must refuse, results a
@@ -12,6 +13,7 @@ processes below it and its execution cgroups before and after (each
 measured once the daemon is quiet). Any difference is a leak.
 """
 
+import argparse
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,16 +73,20 @@ def measure(daemon: Daemon, kind: str, requests: int) -> dict[str, object]:
 
 
 def main() -> int:
-    requests = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    leaked = False
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--requests", type=int, default=1000)
+    parser.add_argument("--executor", action="append", choices=("zygote", "spawn"))
+    parser.add_argument("--kind", action="append", choices=sorted(KINDS))
+    args = parser.parse_args()
+    requests, leaked = args.requests, False
     header = (f"{'executor':8} {'kind':26} {'answered':>9} {'recorded':>9} "
               f"{'fds':>9} {'processes':>9} {'cgroups':>9} {'req/s':>6}")
     print(f"{requests} requests of each kind, {CLIENTS} clients; before -> after\n{header}")
-    for executor in ("zygote", "spawn"):
+    for executor in args.executor or ("zygote", "spawn"):
         with TemporaryDirectory() as scratch:
             daemon = Daemon(Path(scratch) / "data", CONFIG.format(executor=executor)).start()
             try:
-                for kind in KINDS:
+                for kind in args.kind or KINDS:
                     row = measure(daemon, kind, requests)
                     b, a = row["before"], row["after"]
                     leaked |= b != a
