@@ -6,7 +6,6 @@ See PROTOCOL.md beside this file for the contract with the daemon.
 import contextlib
 import inspect
 import io
-import json
 import linecache
 import os
 import sys
@@ -14,9 +13,7 @@ import traceback
 import types
 from typing import Any
 
-import orjson
-
-from sandbox import limits, protocol, rules, seccomp
+from sandbox import codec, limits, protocol, rules, seccomp
 from sandbox.request import RequestDict
 
 ARGUMENTS = {"catch": ("_request", "settings"), "pull": ("settings",)}
@@ -38,7 +35,7 @@ def main() -> int:
 
 def read_job() -> dict[str, Any]:
     """The job the daemon wrote on stdin (fd 0), read to EOF."""
-    job: dict[str, Any] = orjson.loads(sys.stdin.buffer.read())
+    job: dict[str, Any] = codec.loads(sys.stdin.buffer.read())
     return job
 
 
@@ -118,15 +115,16 @@ def check(job: dict[str, Any]) -> dict[str, Any]:
 def run(job: dict[str, Any]) -> dict[str, Any]:
     """Call the workflow and turn what it did into a result."""
     given = job["settings"]
-    settings = orjson.loads(orjson.dumps(given))  # the workflow's own copy
+    settings = codec.loads(codec.dumps(given))  # the workflow's own copy
     try:
         function = entry_point(load(job), job["kind"])
         if job["kind"] == "catch":
             value = function(RequestDict(job["request"]), settings)
         else:
             value = function(settings)
-        response = rules.response(value, job["limits"]["response_bytes"])
-        change = rules.settings_change(given, settings)
+        caps = job["limits"]
+        response = rules.response(value, caps["response_bytes"])
+        change = rules.settings_change(given, settings, caps["json_depth"])
     except (WorkflowError, rules.RuleError) as exc:
         return {"outcome": "error", "error": str(exc), "traceback": ""}
     except MemoryError as exc:
@@ -152,10 +150,10 @@ def report(result: dict[str, Any], fd: int) -> None:
         with contextlib.suppress(Exception):  # the workflow may have closed it
             stream.flush()
     try:
-        data = orjson.dumps(result)
-    except TypeError:
-        # A response or settings value orjson cannot encode (ints over 64 bits).
-        data = json.dumps(result).encode()
+        data = codec.dumps(result)
+    except codec.CodecError as exc:  # a response body that is not valid UTF-8, say
+        data = codec.dumps({"outcome": "error", "traceback": "",
+                            "error": f"the result cannot be sent to the daemon: {exc}"})
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

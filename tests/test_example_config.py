@@ -7,12 +7,12 @@ EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "systemd" / "wfd.toml"
 KEYS = {
     "listen", "admin_listen", "public_url", "team", "data_dir", "socket", "socket_group",
     "log_format", "log_level", "max_body_mb", "global_concurrency", "queue_max", "grace_s",
-    "isolation.mode", "isolation.require_cgroups",
+    "isolation.mode", "isolation.require_cgroups", "max_json_depth", "max_code_kb",
     "limits.timeout_s", "limits.memory_mb", "limits.cpu_s", "limits.processes",
     "limits.open_files", "limits.file_size_mb", "limits.tmp_mb", "limits.concurrency",
     "limits.output_kb",
     "limits.settings_kb",
-    "retention.max_per_workflow", "retention.max_age_days",
+    "retention.max_per_workflow", "retention.max_age_days", "retention.versions_per_workflow",
     "network.allow", "network.resolv_conf",
 }  # fmt: skip
 

@@ -17,12 +17,14 @@ import orjson
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from multidict import CIMultiDictProxy
 
+from sandbox import codec
 from wfd import domain, idempotency, ids, logs, signatures
 from wfd.admission import Overloaded, Reservation
 from wfd.config import Config
 from wfd.delivery import Deliveries
-from wfd.dispatch import Dispatcher
+from wfd.dispatch import Dispatcher, Executed
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
+from wfd.executor import JobError
 from wfd.idempotency import Idempotency
 from wfd.metrics import Metrics
 from wfd.store import DeliveryPolicy, Store, Workflow
@@ -31,6 +33,10 @@ ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-
 # Framing is the server's business, not the workflow's: these would corrupt the response.
 DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 EXECUTION_HEADER = "X-Wfd-Execution-Id"
+# The status of a catch execution whose record the store could not write.
+STORE_UNAVAILABLE = "store_unavailable"
+# `max_json_depth`'s default (wfd/config.py), for callers without a config.
+DEFAULT_JSON_DEPTH = 64
 CATCH_ROUTE = r"/teams/{team}/{name}/{runtime:python3\.\d+}/{key}"
 # Compared against when a workflow is unknown, so both paths do the same work.
 _NO_KEY = ids.catch_key()
@@ -78,13 +84,15 @@ def json_fields(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"body": value}
 
 
-async def body_fields(request: web.Request, content_type: str,
-                      raw: bytes | None = None) -> dict[str, Any]:
+async def body_fields(request: web.Request, content_type: str, raw: bytes | None = None,
+                      max_depth: int = DEFAULT_JSON_DEPTH) -> dict[str, Any]:
     """The body's fields, read within the app's size limit.
 
     aiohttp stops reading with HTTPRequestEntityTooLarge as soon as the body
     passes `client_max_size`, so an oversized body is never held whole.
-    `raw` is the body already read whole (for a signature over it).
+    `raw` is the body already read whole (for a signature over it). JSON
+    nested deeper than `max_depth` is refused as it is parsed; integers keep
+    their exact value whatever their size (sandbox/codec.py).
     """
     if content_type == "multipart/form-data" and raw is not None:
         try:
@@ -103,12 +111,13 @@ async def body_fields(request: web.Request, content_type: str,
     body = await request.read()
     if content_type == "application/json":
         try:
-            return json_fields(orjson.loads(body))
-        except orjson.JSONDecodeError as exc:
+            return json_fields(codec.loads(body, max_depth))
+        except codec.CodecError as exc:
             raise BadRequest(f"malformed JSON body: {exc}") from None
     try:
         text = body.decode(request.charset or "utf-8")
-        return _grouped(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text)))
+        return _grouped(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
+                                  errors="strict"))
     except (UnicodeDecodeError, LookupError, ValueError) as exc:
         raise BadRequest(f"malformed form body: {exc}") from None
 
@@ -220,7 +229,8 @@ class CatchHandler:
             key = idempotency.request_key(request.headers, policy.scheme)
             fields = header_fields(request.raw_headers)
             fields.update(self._query(request))
-            fields.update(await body_fields(request, content_type, raw))
+            fields.update(await body_fields(request, content_type, raw,
+                                            self.config.max_json_depth))
         except web.HTTPRequestEntityTooLarge:
             reservation.cancel()
             return json_reply(413, "payload_too_large", execution_id)
@@ -247,7 +257,7 @@ class CatchHandler:
                 return idempotency.replayed(slot.first)
             response, status = await self._deliver(workflow, policy, fields, reservation,
                                                    execution_id, run_async, key)
-            if status not in ("accepted", "interrupted"):
+            if status not in ("accepted", "interrupted", STORE_UNAVAILABLE, "bad_request"):
                 slot.answer = idempotency.stored(response)
             return response
 
@@ -266,10 +276,14 @@ class CatchHandler:
             await self.deliveries.accept(workflow, fields, execution_id, key,
                                          idempotency.stored(response) if key else None)
             return response, "accepted"
-        executed = await self.deliveries.run(workflow, policy, Trigger.CATCH, fields,
-                                             reservation, execution_id)
-        return reply(executed.record.status, executed.response, execution_id), \
-            executed.record.status
+        try:
+            executed = await self.deliveries.run(workflow, policy, Trigger.CATCH, fields,
+                                                 reservation, execution_id)
+        except JobError:  # not valid UTF-8, say: nothing was started
+            return json_reply(400, "bad_request", execution_id), "bad_request"
+        if not executed.recorded:
+            return executed_reply(executed), STORE_UNAVAILABLE
+        return executed_reply(executed), executed.record.status
 
     def _signed(self, workflow: Workflow, scheme: str, secret: str | None,
                 request: web.Request, raw: bytes | None, execution_id: str) -> bool:
@@ -296,9 +310,25 @@ class CatchHandler:
 
     @staticmethod
     def _query(request: web.Request) -> dict[str, Any]:
-        query = request.query
-        return {name: values[0] if len(values) == 1 else values
-                for name in query for values in [query.getall(name)]}
+        """Query parameters; percent-escapes that are not UTF-8 are refused, not replaced."""
+        try:
+            return _grouped(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True,
+                                      errors="strict"))
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"query string is not UTF-8: {exc}") from None
+
+
+def executed_reply(executed: Executed) -> web.Response:
+    """The caller's response for a catch execution that ran.
+
+    One whose record the store could not write answers 503: whatever the
+    workflow did, nothing of it (record, settings) was kept, so the caller
+    should send it again once the daemon is healthy.
+    """
+    record = executed.record
+    if not executed.recorded:
+        return json_reply(503, STORE_UNAVAILABLE, record.id, {"Retry-After": "5"})
+    return reply(record.status, executed.response, record.id)
 
 
 def prefers_async(headers: CIMultiDictProxy[str]) -> bool:

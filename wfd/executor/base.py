@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from sandbox import protocol
+from sandbox import codec, protocol
 from wfd.config import MIB, Limits
 from wfd.domain import Kind, SettingsChange, Status, WorkflowResponse
 from wfd.isolation.network import Policy
@@ -19,9 +19,24 @@ from wfd.isolation.network import Policy
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
+class JobError(Exception):
+    """The job cannot be handed to a child; `part` says which part, the message why."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(message)
+        self.part = part
+
+
 @dataclass(frozen=True)
 class Job:
-    """What one child is asked to do: run (or, at deploy, check) a workflow."""
+    """What one child is asked to do: run (or, at deploy, check) a workflow.
+
+    Encoded once, when it is made: a Job that exists can be handed to a
+    child, so nothing (a pipe, a spare, a cgroup) is ever acquired for one
+    that cannot. Only the two fields that depend on how the child starts
+    (`result_fd`, and `processes` under RLIMIT_NPROC) are added by
+    `payload`, in front of the encoded body.
+    """
 
     execution_id: str
     name: str
@@ -35,17 +50,13 @@ class Job:
     response_bytes: int = 10 * MIB
     # Where it may connect, under the network layer (an execution gets a namespace of it).
     network: Policy = field(default_factory=Policy)
+    json_depth: int = 64
+    body: bytes = field(default=b"", init=False, repr=False, compare=False)
 
-    def payload(self, result_fd: int, rlimit_nproc: bool = True,
-                sandboxed: bool = False) -> bytes:
-        """The JSON document the child reads on stdin.
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "body", self._encode())
 
-        Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
-        cgroup bounds the execution instead, and RLIMIT_NPROC would count
-        every execution's processes together (they share one sandbox uid).
-        `sandboxed` has the child forbid itself new namespaces (sandbox/seccomp.py).
-        """
-        limits = self.limits
+    def _encode(self) -> bytes:
         job: dict[str, Any] = {
             "protocol": protocol.VERSION,
             "mode": self.mode,
@@ -53,7 +64,24 @@ class Job:
             "name": self.name,
             "version": self.version,
             "code": self.code,
-            "settings": self.settings,
+        }
+        parts = [_encoded("code", job)[:-1]]
+        for key, value in (("settings", self.settings), ("request", self.request)):
+            if value is not None:
+                parts.append(b',"%s":%s' % (key.encode(), _encoded(key, value)))
+        return b"".join(parts) + b"}"
+
+    def payload(self, result_fd: int, rlimit_nproc: bool = True,
+                sandboxed: bool = False) -> bytes:
+        """The JSON document the child reads on stdin: `body` with the start-up fields.
+
+        Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
+        cgroup bounds the execution instead, and RLIMIT_NPROC would count
+        every execution's processes together (they share one sandbox uid).
+        `sandboxed` has the child forbid itself new namespaces (sandbox/seccomp.py).
+        """
+        limits = self.limits
+        head = orjson.dumps({
             "result_fd": result_fd,
             "forbid_namespaces": sandboxed,
             "limits": {
@@ -64,11 +92,17 @@ class Job:
                 "file_size_bytes": limits.file_size_mb * MIB,
                 "tmp_bytes": limits.tmp_mb * MIB,
                 "response_bytes": self.response_bytes,
+                "json_depth": self.json_depth,
             },
-        }
-        if self.request is not None:
-            job["request"] = self.request
-        return orjson.dumps(job)
+        })
+        return head[:-1] + b"," + self.body[1:]
+
+
+def _encoded(what: str, value: Any) -> bytes:
+    try:
+        return codec.dumps(value)
+    except codec.CodecError as exc:
+        raise JobError(what, f"the {what} cannot be handed to the child: {exc}") from None
 
 
 @dataclass
