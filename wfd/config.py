@@ -295,7 +295,7 @@ def _flatten_isolation(raw: dict[str, Any]) -> None:
         return
     unknown = sorted(set(table) - {"mode", "require_cgroups"})
     if unknown:
-        raise ConfigError(f"unknown key [isolation] {unknown[0]}")
+        raise ConfigError(f"unknown [isolation] key(s): {', '.join(unknown)}")
     raw["isolation"] = table.get("mode", "strict")
     if "require_cgroups" in table:
         raw["require_cgroups"] = table["require_cgroups"]
