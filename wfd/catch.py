@@ -5,25 +5,37 @@ dispatcher lives here: the route, the key check, the refusals, turning
 headers, query and body into fields, and the reply.
 """
 
+import asyncio
 import base64
+import functools
 import hmac
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from wfd import ids, logs
-from wfd.admission import Overloaded
+from wfd.admission import BodyHold, Overloaded
 from wfd.config import Config
 from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher
-from wfd.store import Store
+from wfd.metrics import Metrics
+from wfd.store import Store, Workflow
 
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
 # Framing is the server's business, not the workflow's: these would corrupt the response.
 DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 EXECUTION_HEADER = "X-Wfd-Execution-Id"
 CATCH_ROUTE = r"/teams/{team}/{name}/{runtime:python3\.\d+}/{key}"
+# Bodies from this size on are parsed in a thread, so the event loop keeps
+# answering other requests: 10 MiB of urlencoded form takes ~2 s to parse.
+PARSE_IN_THREAD_BYTES = 256 * 1024
+# Large bodies parsed at once. Parsing costs ~5x the body's size in Python
+# objects, so this bounds that memory; and the event loop keeps a fair share
+# of the GIL against two busy threads.
+PARSE_THREADS = 2
 # Compared against when a workflow is unknown, so both paths do the same work.
 _NO_KEY = ids.catch_key()
 
@@ -70,29 +82,60 @@ def json_fields(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"body": value}
 
 
-async def body_fields(request: web.Request, content_type: str) -> dict[str, Any]:
-    """The body's fields, read within the app's size limit.
+class PayloadTooLarge(Exception):
+    """The body passed `max_body_mb` while being read (HTTP 413)."""
 
-    aiohttp stops reading with HTTPRequestEntityTooLarge as soon as the body
-    passes `client_max_size`, so an oversized body is never held whole.
+
+async def read_body(request: web.Request, content_type: str,
+                    limit: int) -> bytearray | MultiDictProxy:
+    """The raw body (a parsed form for multipart), read no further than `limit` bytes.
+
+    Read chunk by chunk rather than with `request.read()`, which would keep a
+    second copy of the body alive for as long as the request lives.
     """
     if content_type == "multipart/form-data":
         try:
-            form = await request.post()
+            return await request.post()  # streams files to temporary files
         except web.HTTPRequestEntityTooLarge:
-            raise
-        except Exception as exc:
+            raise PayloadTooLarge from None
+        except (ValueError, AssertionError, UnicodeDecodeError) as exc:
             raise BadRequest(f"malformed multipart body: {exc}") from None
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge
+    return body
+
+
+def request_json(fields: dict[str, Any], content_type: str,
+                 body: bytearray | MultiDictProxy, charset: str | None) -> bytes:
+    """`_request` as the JSON the child reads: `fields` updated with the body's.
+
+    Serialized as soon as it is parsed so that what waits for a slot is one
+    compact copy, not Python objects five times the body's size. CPU-bound:
+    the caller runs it in a thread for a large body.
+    """
+    fields.update(parse_body(content_type, body, charset))
+    try:
+        return orjson.dumps(fields)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise BadRequest(f"body cannot be handed to the workflow: {exc}") from None
+
+
+def parse_body(content_type: str, body: bytearray | MultiDictProxy,
+               charset: str | None) -> dict[str, Any]:
+    """The body's fields (SPEC 2): a JSON object's keys, form fields, files."""
+    if isinstance(body, MultiDictProxy):
         return _grouped([(name, _file_field(value) if isinstance(value, web.FileField)
-                          else value) for name, value in form.items()])
-    body = await request.read()
+                          else value) for name, value in body.items()])
     if content_type == "application/json":
         try:
             return json_fields(orjson.loads(body))
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"malformed JSON body: {exc}") from None
     try:
-        text = body.decode(request.charset or "utf-8")
+        text = body.decode(charset or "utf-8")
         return _grouped(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text)))
     except (UnicodeDecodeError, LookupError, ValueError) as exc:
         raise BadRequest(f"malformed form body: {exc}") from None
@@ -128,18 +171,31 @@ def workflow_reply(response: dict[str, Any], execution_id: str) -> web.Response:
 
 
 class CatchHandler:
-    """Answers `POST /teams/{team}/{name}/python3.{minor}/{key}`."""
+    """Answers `POST /teams/{team}/{name}/python3.{minor}/{key}`.
 
-    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+    After the cheap refusals (405, 404, 415, 413 by Content-Length), the
+    body's declared size is held against the pending-bytes budget (503 past
+    it) and the body is read within `body_timeout_s` (408 and close past
+    it), holding no execution slot. It is then parsed, in a thread when
+    large, and only then does the execution queue for a slot.
+    """
+
+    def __init__(self, store: Store, dispatcher: Dispatcher, metrics: Metrics) -> None:
         self.store = store
         self.dispatcher = dispatcher
+        self.metrics = metrics
+        self._parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="wfd-parse")
 
     @property
     def config(self) -> Config:
         """The dispatcher's, so that a SIGHUP reload reaches the catch routes too."""
         return self.dispatcher.config
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    def close(self) -> None:
+        """Stop the parsing threads (the listener is closed)."""
+        self._parsers.shutdown(wait=False, cancel_futures=True)
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
         execution_id = ids.execution_id()
         if request.method != "POST":
             return json_reply(405, "method_not_allowed", execution_id, {"Allow": "POST"})
@@ -153,30 +209,57 @@ class CatchHandler:
         content_type = self._content_type(request)
         if content_type not in ACCEPTED_TYPES:
             return json_reply(415, "unsupported_media_type", execution_id)
-        if (request.content_length or 0) > self.config.max_body_bytes:
+        limit = self.config.max_body_bytes
+        declared = request.content_length
+        if (declared or 0) > limit:
             return json_reply(413, "payload_too_large", execution_id)
         try:
-            reservation = self.dispatcher.reserve(workflow)
-        except Overloaded:
-            logs.event("overloaded", workflow=workflow.name, id=execution_id)
-            return json_reply(503, "overloaded", execution_id, {"Retry-After": "1"})
+            # A body without Content-Length (chunked) may be as large as the limit.
+            hold = self.dispatcher.hold_body(limit if declared is None else declared)
+        except Overloaded as exc:
+            return self._overloaded(workflow, execution_id, exc)
         try:
+            return await self._admit(request, workflow, content_type, hold, execution_id)
+        finally:
+            hold.release()
+
+    async def _admit(self, request: web.Request, workflow: Workflow, content_type: str,
+                     hold: BodyHold, execution_id: str) -> web.StreamResponse:
+        """Read and parse the body, then queue for a slot and run."""
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                body = await read_body(request, content_type, self.config.max_body_bytes)
             fields = header_fields(request.raw_headers)
             fields.update(self._query(request))
-            fields.update(await body_fields(request, content_type))
-        except web.HTTPRequestEntityTooLarge:
-            reservation.cancel()
+            work = functools.partial(request_json, fields, content_type, body, request.charset)
+            if (request.content_length or PARSE_IN_THREAD_BYTES) >= PARSE_IN_THREAD_BYTES:
+                serialized = await asyncio.get_running_loop().run_in_executor(
+                    self._parsers, work)
+            else:
+                serialized = work()
+        except TimeoutError:
+            self.metrics.client_timeout("body")
+            return await send_and_close(request, json_reply(408, "request_timeout",
+                                                            execution_id))
+        except PayloadTooLarge:
             return json_reply(413, "payload_too_large", execution_id)
         except BadRequest:
-            reservation.cancel()
             return json_reply(400, "bad_request", execution_id)
-        except BaseException:
-            reservation.cancel()
-            raise
-        executed = await self.dispatcher.execute(workflow, "catch", fields, reservation,
-                                                 execution_id)
+        del work, body  # only the serialized copy waits
+        hold.resize(len(serialized))
+        try:
+            reservation = self.dispatcher.reserve(workflow, body=hold)
+        except Overloaded as exc:
+            return self._overloaded(workflow, execution_id, exc)
+        executed = await self.dispatcher.execute(workflow, "catch", orjson.Fragment(serialized),
+                                                 reservation, execution_id)
         return reply(executed.record.status, executed.record.http_status, executed.response,
                      execution_id)
+
+    @staticmethod
+    def _overloaded(workflow: Workflow, execution_id: str, exc: Overloaded) -> web.Response:
+        logs.event("overloaded", workflow=workflow.name, id=execution_id, reason=str(exc))
+        return json_reply(503, "overloaded", execution_id, {"Retry-After": "1"})
 
     @staticmethod
     def _content_type(request: web.Request) -> str:
@@ -188,6 +271,20 @@ class CatchHandler:
         query = request.query
         return {name: values[0] if len(values) == 1 else values
                 for name in query for values in [query.getall(name)]}
+
+
+async def send_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response`, then close the connection: the rest of the body is not awaited.
+
+    aiohttp would otherwise keep reading what is left of the body for its
+    lingering time before closing.
+    """
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 def reply(status: str, http_status: int | None, response: dict[str, Any] | None,

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from wfd import ids, logs
-from wfd.admission import Admission, Overloaded, Reservation
+from wfd.admission import Admission, BodyHold, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.executor import Executor, Job, Outcome
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
@@ -58,14 +60,22 @@ class Dispatcher:
     def limits(self, workflow: Workflow) -> Limits:
         return self.config.limits.merged(workflow.limits)
 
-    def reserve(self, workflow: Workflow, bounded: bool = True) -> Reservation:
+    def hold_body(self, size: int) -> BodyHold:
+        """Count a request body about to be read; raises Overloaded past the budget or stopping."""
+        if self.draining:
+            raise Overloaded("the daemon is stopping")
+        return self.admission.hold_body(size)
+
+    def reserve(self, workflow: Workflow, bounded: bool = True,
+                body: BodyHold | None = None) -> Reservation:
         """Queue an execution of `workflow`; raises Overloaded when full or stopping."""
         if self.draining:
             raise Overloaded("the daemon is stopping")
-        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded)
+        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded,
+                                      body)
 
     async def execute(self, workflow: Workflow, trigger: str,
-                      request: dict[str, Any] | None = None,
+                      request: dict[str, Any] | orjson.Fragment | None = None,
                       reservation: Reservation | None = None,
                       execution_id: str | None = None) -> Executed:
         """Run `workflow` once and store what happened."""

@@ -7,6 +7,7 @@ from aiohttp import web
 from wfd import metrics as metrics_module
 from wfd.catch import CATCH_ROUTE, CatchHandler
 from wfd.config import Config
+from wfd.connections import ConnectionGuard
 from wfd.dispatch import Dispatcher
 from wfd.metrics import Metrics
 from wfd.store import Store
@@ -45,14 +46,25 @@ def counted(metrics: Metrics) -> Callable:
 
 
 def catch_app(config: Config, store: Store, dispatcher: Dispatcher,
-              health: Callable[[], tuple[int, dict]], metrics: Metrics) -> web.Application:
-    """The public listener: catch routes, plus /healthz and /metrics unless on admin_listen."""
+              health: Callable[[], tuple[int, dict]], metrics: Metrics,
+              guard: ConnectionGuard) -> web.Application:
+    """The public listener: catch routes, plus /healthz and /metrics unless on admin_listen.
+
+    Serve it on a `GuardedSite` with the same `guard`: its middleware tells
+    the guard when a request's headers are complete.
+    """
     app = web.Application(client_max_size=config.max_body_bytes,
-                          middlewares=[counted(metrics)])
-    app.router.add_route("*", CATCH_ROUTE, CatchHandler(store, dispatcher), name="catch")
+                          middlewares=[guard.middleware, counted(metrics)])
+    catch = CatchHandler(store, dispatcher, metrics)
+    app.router.add_route("*", CATCH_ROUTE, catch, name="catch")
+    app.on_cleanup.append(lambda _: _closed(catch))
     if not config.admin_listen:
         add_admin_routes(app, health, metrics)
     return app
+
+
+async def _closed(catch: CatchHandler) -> None:
+    catch.close()
 
 
 def add_admin_routes(app: web.Application, health: Callable[[], tuple[int, dict]],

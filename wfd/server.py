@@ -25,6 +25,7 @@ from aiohttp import web
 from wfd import http, logs, sdnotify
 from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
+from wfd.connections import ConnectionGuard, GuardedSite
 from wfd.control.handlers import Commands
 from wfd.control.server import ControlServer
 from wfd.dispatch import Dispatcher
@@ -40,7 +41,7 @@ from wfd.store import ExecutionRecord, Store
 # semaphores or the kind of executor. A changed value is logged as needing a
 # restart and ignored.
 RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
-                "max_body_mb", "global_concurrency", "executor")
+                "max_body_mb", "global_concurrency", "executor", "keepalive_s")
 # After the drain, how long the listeners give handlers to send their responses.
 RESPONSE_FLUSH_S = 5.0
 
@@ -60,10 +61,14 @@ class Daemon:
         self.self_test: dict[str, selftest.Check] = {}
         self.store = Store(config.db_path)
         self.executor = make_executor(config, isolation)
-        self.admission = Admission(config.concurrency, config.queue_max)
+        self.admission = Admission(config.concurrency, config.queue_max,
+                                   config.max_pending_bytes)
         self.metrics = Metrics()
         self.metrics.watch_admission(lambda: self.admission.waiting,
                                      lambda: self.admission.running)
+        self.guard = ConnectionGuard(lambda: self.config, self.metrics)
+        self.metrics.watch_clients(lambda: self.guard.open,
+                                   lambda: self.admission.pending_bytes)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
         self.pruner = Pruner(self.store, lambda: self.config.retention)
@@ -106,6 +111,9 @@ class Daemon:
             "running": self.admission.running,
             "waiting": self.admission.waiting,
             "concurrency": self.admission.concurrency,
+            "connections": self.guard.open,
+            "max_connections": config.connection_limit,
+            "pending_body_bytes": self.admission.pending_bytes,
             **executor,
             "isolation": {"mode": self.isolation.mode,
                           "executor": executor["executor"],
@@ -127,8 +135,8 @@ class Daemon:
         await self.control.start()
         await self.scheduler.start()
         catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health,
-                                   self.metrics)
-        await self._listen(catch_app, self.config.listen)
+                                   self.metrics, self.guard)
+        await self._listen(catch_app, self.config.listen, self.guard)
         if self.config.admin_listen:
             await self._listen(http.admin_app(self.health, self.metrics),
                                self.config.admin_listen)
@@ -153,13 +161,19 @@ class Daemon:
         logs.logger.error("ISOLATION SELF-TEST FAILED (isolation = %r, serving anyway): %s",
                           self.isolation.mode, detail)
 
-    async def _listen(self, app: web.Application, address: str) -> None:
+    async def _listen(self, app: web.Application, address: str,
+                      guard: ConnectionGuard | None = None) -> None:
+        """Serve `app` on `address`; with `guard`, bounded connections and header deadline."""
         host, port = split_host_port(address)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=RESPONSE_FLUSH_S)
+                               shutdown_timeout=RESPONSE_FLUSH_S,
+                               keepalive_timeout=self.config.keepalive_s)
         await runner.setup()
         self._runners.append(runner)
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        if guard is None:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        else:
+            await GuardedSite(runner, host, port, guard, reuse_address=True).start()
 
     def request_stop(self, signum: int) -> None:
         """Signal handler: only records the request; the loop does the work."""
@@ -248,6 +262,7 @@ class Daemon:
         self.dispatcher.config = config  # limits, and the catch routes' team
         self.commands.config = config
         self.admission.queue_max = config.queue_max
+        self.admission.max_pending_bytes = config.max_pending_bytes
         if isinstance(self.executor, ZygoteExecutor):  # restarts the zygote if they changed
             self.executor.configure(config.preload, config.spares_min, config.spares_max)
         logs.setup(config.log_format, config.log_level)
