@@ -8,11 +8,12 @@ before the next costs anything:
    the body arrives, so slow senders cannot starve other workflows.
 2. `reserve` takes a place in the bounded wait queue (`queue_max`).
 3. Entering the reservation waits for a slot. Waiting executions sit in one
-   FIFO queue per workflow; each free slot goes to the next workflow in a
-   round-robin ring that has a waiter and is under its own concurrency
-   limit. A workflow with a thousand waiters therefore gets one slot in
-   turn like a workflow with one, and delays it by at most one execution
-   per slot. The body's bytes are released when the slot is granted.
+   FIFO queue per workflow; each free slot goes to the waiting workflow
+   (under its own concurrency limit) with the fewest executions running,
+   ties taken round-robin. A workflow with a thousand waiters therefore
+   holds no more slots than one with a few, and a newcomer gets the very
+   next free slot: a flood delays it by at most one execution per slot.
+   The body's bytes are released when the slot is granted.
 
 Timer runs and async deliveries go through the same queues (`reserve` by
 workflow name), so every trigger shares slots the same way.
@@ -125,26 +126,31 @@ class Admission:
         self._grant()
 
     def _grant(self) -> None:
-        """Hand free slots round-robin to the workflows in the ring."""
-        while self.running < self.concurrency and self._ring:
-            for _ in range(len(self._ring)):
-                workflow = self._ring.popleft()
+        """Hand each free slot to the waiting workflow with the fewest executions running.
+
+        Ties go in turn order: the chosen workflow moves to the end of the
+        ring. Counting running executions, not only turns, keeps a workflow
+        of quick executions from waiting behind a flood of slow ones for
+        every slot: each gets its share of the slots, not of the grants.
+        """
+        while self.running < self.concurrency:
+            chosen = None
+            for workflow in self._ring:
                 waiters = workflow.waiters
                 while waiters and waiters[0].done():  # cancelled while waiting
                     waiters.popleft()
-                if not waiters:
-                    continue
-                if workflow.running >= workflow.limit:
-                    self._ring.append(workflow)
-                    continue
-                waiters.popleft().set_result(None)
-                workflow.running += 1
-                self.running += 1
-                if waiters:
-                    self._ring.append(workflow)
-                break
-            else:
-                return  # a whole turn of the ring found nobody who may start
+                if (waiters and workflow.running < workflow.limit
+                        and (chosen is None or workflow.running < chosen.running)):
+                    chosen = workflow
+            self._ring = deque(workflow for workflow in self._ring if workflow.waiters)
+            if chosen is None:
+                return  # nobody waits, or every waiter's workflow is at its limit
+            self._ring.remove(chosen)
+            chosen.waiters.popleft().set_result(None)
+            chosen.running += 1
+            self.running += 1
+            if chosen.waiters:
+                self._ring.append(chosen)
 
 
 class Reservation:
