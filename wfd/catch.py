@@ -32,10 +32,10 @@ CATCH_ROUTE = r"/teams/{team}/{name}/{runtime:python3\.\d+}/{key}"
 # Bodies from this size on are parsed in a thread, so the event loop keeps
 # answering other requests: 10 MiB of urlencoded form takes ~2 s to parse.
 PARSE_IN_THREAD_BYTES = 256 * 1024
-# Large bodies parsed at once. Parsing costs ~5x the body's size in Python
-# objects, so this bounds that memory; and the event loop keeps a fair share
-# of the GIL against two busy threads.
-PARSE_THREADS = 2
+# Large bodies parsed at once. As Python objects a body costs 5x (JSON) to 20x
+# (a form of tiny fields) its size, so this bounds that memory; and the
+# event loop keeps most of the GIL against one busy thread.
+PARSE_THREADS = 1
 # Compared against when a workflow is unknown, so both paths do the same work.
 _NO_KEY = ids.catch_key()
 
@@ -244,6 +244,8 @@ class CatchHandler:
         except PayloadTooLarge:
             return json_reply(413, "payload_too_large", execution_id)
         except BadRequest:
+            return json_reply(400, "bad_request", execution_id)
+        except ConnectionError:  # the client went away mid-body: nobody to answer
             return json_reply(400, "bad_request", execution_id)
         del work, body  # only the serialized copy waits
         hold.resize(len(serialized))
