@@ -110,15 +110,16 @@ async def read_body(request: web.Request, content_type: str,
 
 def request_json(fields: dict[str, Any], content_type: str,
                  body: bytearray | MultiDictProxy, charset: str | None) -> bytes:
-    """`_request` as the JSON the child reads: `fields` updated with the body's.
+    """`_request` as the JSON the child reads: `fields`, then the body's.
 
     Serialized as soon as it is parsed so that what waits for a slot is one
-    compact copy, not Python objects five times the body's size. CPU-bound:
-    the caller runs it in a thread for a large body.
+    compact copy, not Python objects 5 to 20 times the body's size (nothing
+    may keep a reference to them). CPU-bound: the caller runs it in a thread
+    for a large body.
     """
-    fields.update(parse_body(content_type, body, charset))
+    request = {**fields, **parse_body(content_type, body, charset)}
     try:
-        return orjson.dumps(fields)
+        return orjson.dumps(request)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise BadRequest(f"body cannot be handed to the workflow: {exc}") from None
 
@@ -211,13 +212,16 @@ class CatchHandler:
             return json_reply(415, "unsupported_media_type", execution_id)
         limit = self.config.max_body_bytes
         declared = request.content_length
+        # Refused before the body is read: closing then spares the daemon
+        # reading and discarding what is left of it (aiohttp's lingering).
         if (declared or 0) > limit:
-            return json_reply(413, "payload_too_large", execution_id)
+            return await send_and_close(request, json_reply(413, "payload_too_large",
+                                                            execution_id))
         try:
             # A body without Content-Length (chunked) may be as large as the limit.
             hold = self.dispatcher.hold_body(limit if declared is None else declared)
         except Overloaded as exc:
-            return self._overloaded(workflow, execution_id, exc)
+            return await send_and_close(request, self._overloaded(workflow, execution_id, exc))
         try:
             return await self._admit(request, workflow, content_type, hold, execution_id)
         finally:
@@ -278,8 +282,12 @@ class CatchHandler:
 async def send_and_close(request: web.Request, response: web.Response) -> web.Response:
     """Send `response`, then close the connection: the rest of the body is not awaited.
 
-    aiohttp would otherwise keep reading what is left of the body for its
-    lingering time before closing.
+    aiohttp would otherwise keep reading what is left of the body, up to its
+    lingering time (10 s), before closing: under a flood of refused 10 MiB
+    bodies that reading costs more than everything else. A client that reads
+    the answer while it sends (curl, aiohttp) sees it; one that only reads
+    once its body is sent may see the connection reset instead, which means
+    the same: try again later.
     """
     response.force_close()
     await response.prepare(request)
