@@ -180,6 +180,8 @@ def test_pending_body_bytes_are_bounded(make_daemon) -> None:
             answer.begin()
             assert (answer.status, answer.getheader("Retry-After")) == (503, "1")
             assert b'"status":"overloaded"' in answer.read()
+            third.settimeout(2)
+            assert third.recv(1) == b""  # closed: the refused body is not read
         assert requests.post(url, json={"small": 1}, timeout=5).text == "fast"
     wait_for(lambda: metric(daemon, "wfd_pending_body_bytes") == 0, what="budget released")
 
