@@ -236,6 +236,17 @@ def test_a_flood_on_one_workflow_delays_another_by_about_one_execution(make_daem
     assert 1 <= took < 2.8, took
 
 
+def test_a_flood_that_fills_the_queue_does_not_shut_out_another_workflow(make_daemon) -> None:
+    daemon = make_daemon("global_concurrency = 1\nqueue_max = 4\n")
+    flooded, other = daemon.deploy("flooded", SLEEPY), daemon.deploy("other", FAST)
+    with ThreadPoolExecutor(8) as pool:
+        flood = [pool.submit(requests.post, flooded, json={}, timeout=60) for _ in range(8)]
+        wait_for(lambda: daemon.ctl_json("status")["waiting"] == 4, what="a full queue")
+        assert requests.post(other, json={}, timeout=30).text == "fast"
+        codes = sorted(f.result().status_code for f in flood)
+    assert codes == [200] * 5 + [503] * 3  # one running, four queued, the rest refused
+
+
 def test_timer_runs_take_their_turn_during_a_flood(make_daemon) -> None:
     daemon = make_daemon("global_concurrency = 1\n")
     flooded = daemon.deploy("flooded", SLEEPY)

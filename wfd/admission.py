@@ -6,7 +6,8 @@ before the next costs anything:
    `max_pending_bytes` before a byte is read, so a flood of large bodies is
    bounded in memory, not merely in number. No execution slot is held while
    the body arrives, so slow senders cannot starve other workflows.
-2. `reserve` takes a place in the bounded wait queue (`queue_max`).
+2. `reserve` takes a place in the bounded wait queue (`queue_max`); a full
+   queue still takes a workflow below its share of it (`_under_share`).
 3. Entering the reservation waits for a slot. Waiting executions sit in one
    FIFO queue per workflow; each free slot goes to the waiting workflow
    (under its own concurrency limit) with the fewest executions running,
@@ -52,10 +53,11 @@ class BodyHold:
 class _Workflow:
     """One workflow's share of the slots: its limit, what runs, who waits (FIFO)."""
 
-    __slots__ = ("limit", "running", "waiters")
+    __slots__ = ("limit", "queued", "running", "waiters")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.queued = 0  # reserved, not yet running
         self.running = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
 
@@ -91,14 +93,28 @@ class Admission:
         `body`, if given, is released when the execution gets its slot (or
         leaves the queue). A changed `limit` applies from now on.
         """
-        if bounded and self.waiting >= self.queue_max:
-            raise Overloaded(f"{self.waiting} executions are already waiting")
         workflow = self._workflows.get(name)
         if workflow is None:
             workflow = self._workflows[name] = _Workflow(limit)
+        if bounded and self.waiting >= self.queue_max and not self._under_share(workflow):
+            raise Overloaded(f"{self.waiting} executions are already waiting")
         workflow.limit = limit
+        workflow.queued += 1
         self.waiting += 1
         return Reservation(self, workflow, body)
+
+    def _under_share(self, workflow: _Workflow) -> bool:
+        """Whether `workflow` holds less than its share of a full queue.
+
+        A full queue still takes a workflow with fewer waiting than
+        queue_max divided among the workflows waiting (itself included), so
+        one workflow's flood cannot fill the queue and shut the others out.
+        The queue then grows to at most twice queue_max.
+        """
+        sharing = sum(1 for other in self._workflows.values() if other.queued)
+        if not workflow.queued:
+            sharing += 1
+        return workflow.queued < self.queue_max / sharing
 
     def forget(self, name: str) -> None:
         """Drop the gate of a deleted workflow (its running executions keep theirs)."""
@@ -168,6 +184,7 @@ class Reservation:
         if self._queued:
             self._queued = False
             self._admission.waiting -= 1
+            self._workflow.queued -= 1
             if self._body is not None:
                 self._body.release()
 
