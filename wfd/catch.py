@@ -246,7 +246,8 @@ class CatchHandler:
             return await send_and_close(request, json_reply(408, "request_timeout",
                                                             execution_id))
         except PayloadTooLarge:
-            return json_reply(413, "payload_too_large", execution_id)
+            return await send_and_close(request, json_reply(413, "payload_too_large",
+                                                            execution_id))
         except BadRequest:
             return json_reply(400, "bad_request", execution_id)
         except ConnectionError:  # the client went away mid-body: nobody to answer
