@@ -14,11 +14,12 @@ VENV := $(PREFIX)/venv
 # systemd is the running init system: the same test as sd_booted(3).
 SYSTEMD := $(wildcard /run/systemd/system)
 
-.PHONY: install uninstall verify-unit system-deps run stop test lint bench
+.PHONY: install uninstall verify-unit system-deps run stop test test-fast lint bench
 
 # -- development ---------------------------------------------------------------
 # `make run` sets up .venv and starts a local daemon with an example workflow;
-# `make test` runs the whole suite (what CI runs).
+# `make test` runs the whole suite (what CI runs); `make test-fast` only the
+# unit layer (tests/unit: no daemon, no child process), in seconds.
 
 DEV_VENV := .venv
 
@@ -28,16 +29,18 @@ $(DEV_VENV)/.installed: pyproject.toml
 	$(DEV_VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-# Executions run under bubblewrap (isolation = "strict"); setpriv is util-linux.
+# Executions run under bubblewrap (isolation = "strict"); setpriv and nsenter are
+# util-linux; pasta (passt) and ip (iproute2) give each its network namespace.
 system-deps:
 	@command -v bwrap >/dev/null && command -v setpriv >/dev/null && command -v curl >/dev/null \
+	&& command -v pasta >/dev/null && command -v ip >/dev/null && command -v nsenter >/dev/null \
 	|| if [ "$$(id -u)" = 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux curl \
-			>/dev/null; \
+			passt iproute2 >/dev/null; \
 	else \
-		echo "wfd needs bubblewrap, util-linux and curl:" \
-			"sudo apt-get install bubblewrap util-linux curl" >&2; exit 1; \
+		echo "wfd needs bubblewrap, util-linux, passt, iproute2 and curl:" \
+			"sudo apt-get install bubblewrap util-linux passt iproute2 curl" >&2; exit 1; \
 	fi
 
 run: system-deps $(DEV_VENV)/.installed
@@ -49,14 +52,19 @@ stop:
 test: system-deps $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python -m pytest -q
 
+test-fast: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python -m pytest -q tests/unit
+
 lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .
+	$(DEV_VENV)/bin/mypy
 
 bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_timers.py
 	$(DEV_VENV)/bin/python bench/bench_scheduler.py
 	$(DEV_VENV)/bin/python bench/bench_retention.py
 	$(DEV_VENV)/bin/python bench/bench_executors.py
+	$(DEV_VENV)/bin/python bench/bench_delivery.py
 	$(DEV_VENV)/bin/python bench/bench_hostile.py
 
 # -- installing as a service -----------------------------------------------------

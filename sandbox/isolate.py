@@ -39,9 +39,6 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 WORKDIR = "/tmp"
 SCRATCH = ("/tmp", "/dev/shm")
-# Exit code of an execution that could not join its cgroup (the daemon's
-# JOIN_FAILED_EXIT): reported as a boot failure, never as the workflow's.
-JOIN_FAILED_EXIT = 125
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

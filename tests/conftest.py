@@ -228,6 +228,9 @@ class StandIn:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        # What a workflow calling it must be deployed with (executions do not
+        # reach the host's loopback otherwise): `deploy(..., *server.allow_net)`.
+        self.allow_net = ("--allow-net", f"127.0.0.1/32:{self.server.server_address[1]}")
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ KEYS = {
     "limits.output_kb",
     "limits.settings_kb",
     "retention.max_per_workflow", "retention.max_age_days",
+    "network.allow", "network.resolv_conf",
 }  # fmt: skip
 
 

@@ -24,6 +24,9 @@ import asyncio
 from collections import deque
 from types import TracebackType
 
+# `max_pending_mb`'s default (wfd/config.py), for callers without a config.
+DEFAULT_PENDING_BYTES = 256 * 1024 * 1024
+
 
 class Overloaded(Exception):
     """A budget is spent (queue, body bytes) or the daemon is stopping: retry later (503)."""
@@ -65,7 +68,8 @@ class _Workflow:
 class Admission:
     """Concurrency gates shared by catch requests, timers, manual runs and deliveries."""
 
-    def __init__(self, concurrency: int, queue_max: int, max_pending_bytes: int) -> None:
+    def __init__(self, concurrency: int, queue_max: int,
+                 max_pending_bytes: int = DEFAULT_PENDING_BYTES) -> None:
         self.concurrency = concurrency
         self.queue_max = queue_max
         self.max_pending_bytes = max_pending_bytes

@@ -9,20 +9,25 @@ import asyncio
 import base64
 import functools
 import hmac
+import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from aiohttp import web
-from multidict import MultiDictProxy
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from multidict import CIMultiDictProxy, MultiDictProxy
 
-from wfd import ids, logs
-from wfd.admission import BodyHold, Overloaded
+from wfd import domain, idempotency, ids, logs, signatures
+from wfd.admission import BodyHold, Overloaded, Reservation
 from wfd.config import Config
-from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher
+from wfd.delivery import Deliveries
+from wfd.dispatch import Dispatcher
+from wfd.domain import Kind, Status, Trigger, WorkflowResponse
+from wfd.idempotency import Idempotency
 from wfd.metrics import Metrics
-from wfd.store import Store, Workflow
+from wfd.store import DeliveryPolicy, RequestFields, Store, Workflow
 
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
 # Framing is the server's business, not the workflow's: these would corrupt the response.
@@ -44,7 +49,7 @@ class BadRequest(Exception):
     """The body does not parse as its declared content type (HTTP 400)."""
 
 
-def header_fields(raw_headers: list[tuple[bytes, bytes]] | tuple) -> dict[str, str]:
+def header_fields(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """Headers under the name the client sent; repeats joined with `, `.
 
     A header repeated with different capitalisation is one header: it keeps
@@ -86,14 +91,15 @@ class PayloadTooLarge(Exception):
     """The body passed `max_body_mb` while being read (HTTP 413)."""
 
 
-async def read_body(request: web.Request, content_type: str,
-                    limit: int) -> bytearray | MultiDictProxy:
+async def read_body(request: web.Request, content_type: str, limit: int,
+                    whole: bool) -> bytearray | MultiDictProxy[Any]:
     """The raw body (a parsed form for multipart), read no further than `limit` bytes.
 
     Read chunk by chunk rather than with `request.read()`, which would keep a
-    second copy of the body alive for as long as the request lives.
+    second copy of the body alive for as long as the request lives. `whole`:
+    the raw bytes even of a multipart body (a signature covers them).
     """
-    if content_type == "multipart/form-data":
+    if content_type == "multipart/form-data" and not whole:
         try:
             return await request.post()  # streams files to temporary files
         except web.HTTPRequestEntityTooLarge:
@@ -109,22 +115,24 @@ async def read_body(request: web.Request, content_type: str,
 
 
 def request_json(fields: dict[str, Any], content_type: str,
-                 body: bytearray | MultiDictProxy, charset: str | None) -> bytes:
+                 body: bytearray | MultiDictProxy[Any] | dict[str, Any],
+                 charset: str | None) -> bytes:
     """`_request` as the JSON the child reads: `fields`, then the body's.
 
     Serialized as soon as it is parsed so that what waits for a slot is one
     compact copy, not Python objects 5 to 20 times the body's size (nothing
     may keep a reference to them). CPU-bound: the caller runs it in a thread
-    for a large body.
+    for a large body. `body` may be fields parsed already (signed multipart).
     """
-    request = {**fields, **parse_body(content_type, body, charset)}
+    parsed = body if isinstance(body, dict) else parse_body(content_type, body, charset)
+    request = {**fields, **parsed}
     try:
         return orjson.dumps(request)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise BadRequest(f"body cannot be handed to the workflow: {exc}") from None
 
 
-def parse_body(content_type: str, body: bytearray | MultiDictProxy,
+def parse_body(content_type: str, body: bytearray | MultiDictProxy[Any],
                charset: str | None) -> dict[str, Any]:
     """The body's fields (SPEC 2): a JSON object's keys, form fields, files."""
     if isinstance(body, MultiDictProxy):
@@ -142,10 +150,41 @@ def parse_body(content_type: str, body: bytearray | MultiDictProxy,
         raise BadRequest(f"malformed form body: {exc}") from None
 
 
+async def _multipart_from_bytes(request: web.Request, raw: bytes) -> dict[str, Any]:
+    """The fields of a multipart body read earlier, as `request.post()` would give them."""
+    stream = StreamReader(request.protocol, limit=len(raw) + 1, loop=asyncio.get_running_loop())
+    stream.feed_data(raw)
+    stream.feed_eof()
+    pairs: list[tuple[str, Any]] = []
+    async for part in MultipartReader(request.headers, stream):
+        if not isinstance(part, BodyPartReader) or part.name is None:
+            raise ValueError("nested or unnamed multipart part")
+        content = bytes(await part.read(decode=True))
+        if part.filename:
+            pairs.append((part.name, {
+                "filename": part.filename,
+                "content_type": part.headers.get("Content-Type", "application/octet-stream"),
+                "size": len(content), "content": base64.b64encode(content).decode()}))
+        else:
+            pairs.append((part.name, content.decode(part.get_charset(default="utf-8"))))
+    return _grouped(pairs)
+
+
 def _file_field(field: web.FileField) -> dict[str, Any]:
     content = field.file.read()
     return {"filename": field.filename, "content_type": field.content_type,
             "size": len(content), "content": base64.b64encode(content).decode()}
+
+
+def status_response(status: Status, execution_id: str) -> WorkflowResponse:
+    """The response of a catch execution whose workflow did not write one itself.
+
+    What the caller gets (`reply`) and what `wfd ctl run` shows: the status
+    the execution ended with, as JSON, under its HTTP status.
+    """
+    return {"status_code": domain.http_status(status, None),
+            "body": status_body(status, execution_id).decode(),
+            "headers": {"Content-Type": "application/json"}}
 
 
 def status_body(status: str, execution_id: str) -> bytes:
@@ -160,7 +199,7 @@ def json_reply(http_status: int, status: str, execution_id: str,
                         headers={EXECUTION_HEADER: execution_id, **(headers or {})})
 
 
-def workflow_reply(response: dict[str, Any], execution_id: str) -> web.Response:
+def workflow_reply(response: WorkflowResponse, execution_id: str) -> web.Response:
     """Exactly the response the workflow returned (already validated)."""
     headers = {k: v for k, v in response["headers"].items()
                if k.lower() not in DROPPED_RESPONSE_HEADERS}
@@ -181,10 +220,13 @@ class CatchHandler:
     large, and only then does the execution queue for a slot.
     """
 
-    def __init__(self, store: Store, dispatcher: Dispatcher, metrics: Metrics) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, metrics: Metrics,
+                 deliveries: Deliveries) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self.deliveries = deliveries
+        self.idempotency = Idempotency(store)
         self._parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="wfd-parse")
 
     @property
@@ -204,7 +246,7 @@ class CatchHandler:
         workflow = await self.store.workflow(info["name"])
         key_ok = hmac.compare_digest(info["key"].encode(),
                                      (workflow.catch_key if workflow else _NO_KEY).encode())
-        if not (key_ok and workflow and workflow.enabled and workflow.kind == "catch"
+        if not (key_ok and workflow and workflow.enabled and workflow.kind == Kind.CATCH
                 and info["team"] == self.config.team):
             return json_reply(404, "not_found", execution_id)
         content_type = self._content_type(request)
@@ -229,10 +271,24 @@ class CatchHandler:
 
     async def _admit(self, request: web.Request, workflow: Workflow, content_type: str,
                      hold: BodyHold, execution_id: str) -> web.StreamResponse:
-        """Read and parse the body, then queue for a slot and run."""
+        """Read, check and parse the body, then queue for a slot and deliver."""
+        policy = await self.store.delivery_policy(workflow.name)
+        whole = policy.scheme in signatures.SIGNS_BODY
         try:
             async with asyncio.timeout(self.config.body_timeout_s):
-                body = await read_body(request, content_type, self.config.max_body_bytes)
+                body: bytearray | MultiDictProxy[Any] | dict[str, Any] = await read_body(
+                    request, content_type, self.config.max_body_bytes, whole)
+            raw = bytes(body) if whole and isinstance(body, bytearray) else None
+            if policy.scheme and not self._signed(workflow, policy.scheme, policy.secret,
+                                                  request, raw, execution_id):
+                return json_reply(401, "invalid_signature", execution_id)
+            key = idempotency.request_key(request.headers, policy.scheme)
+            if content_type == "multipart/form-data" and raw is not None:
+                try:
+                    body = await _multipart_from_bytes(request, raw)
+                except Exception as exc:
+                    raise BadRequest(f"malformed multipart body: {exc}") from None
+            del raw
             fields = header_fields(request.raw_headers)
             fields.update(self._query(request))
             work = functools.partial(request_json, fields, content_type, body, request.charset)
@@ -248,25 +304,80 @@ class CatchHandler:
         except PayloadTooLarge:
             return await send_and_close(request, json_reply(413, "payload_too_large",
                                                             execution_id))
-        except BadRequest:
+        except (BadRequest, idempotency.BadKey):
             return json_reply(400, "bad_request", execution_id)
         except ConnectionError:  # the client went away mid-body: nobody to answer
             return json_reply(400, "bad_request", execution_id)
         del work, body  # only the serialized copy waits
         hold.resize(len(serialized))
+        request_fields = orjson.Fragment(serialized)
         try:
             reservation = self.dispatcher.reserve(workflow, body=hold)
         except Overloaded as exc:
             return self._overloaded(workflow, execution_id, exc)
-        executed = await self.dispatcher.execute(workflow, "catch", orjson.Fragment(serialized),
-                                                 reservation, execution_id)
-        return reply(executed.record.status, executed.record.http_status, executed.response,
-                     execution_id)
+        run_async = policy.async_ or prefers_async(request.headers)
+        if key is not None:
+            return await self._once(key, workflow, policy, request_fields, reservation,
+                                    execution_id, run_async)
+        return (await self._deliver(workflow, policy, request_fields, reservation,
+                                    execution_id, run_async))[0]
 
     @staticmethod
     def _overloaded(workflow: Workflow, execution_id: str, exc: Overloaded) -> web.Response:
         logs.event("overloaded", workflow=workflow.name, id=execution_id, reason=str(exc))
         return json_reply(503, "overloaded", execution_id, {"Retry-After": "1"})
+
+    async def _once(self, key: str, workflow: Workflow, policy: DeliveryPolicy,
+                    fields: RequestFields, reservation: Reservation, execution_id: str,
+                    run_async: bool) -> web.Response:
+        """A request with an idempotency key: the first response again, or deliver it."""
+        async with self.idempotency.hold(workflow.name, key, execution_id) as slot:
+            if slot.first is not None:
+                reservation.cancel()
+                return idempotency.replayed(slot.first)
+            response, status = await self._deliver(workflow, policy, fields, reservation,
+                                                   execution_id, run_async, key)
+            if status not in ("accepted", "interrupted"):
+                slot.answer = idempotency.stored(response)
+            return response
+
+    async def _deliver(self, workflow: Workflow, policy: DeliveryPolicy, fields: RequestFields,
+                       reservation: Reservation, execution_id: str, run_async: bool,
+                       key: str | None = None) -> tuple[web.Response, str]:
+        """Run the request now, or queue it durably and answer 202; the reply and a status.
+
+        The 202 of an async request with an idempotency key is stored with
+        the delivery, in the commit that makes the delivery durable.
+        """
+        if run_async:
+            reservation.cancel()
+            response = json_reply(202, "accepted", execution_id,
+                                  {"Preference-Applied": "respond-async"})
+            await self.deliveries.accept(workflow, fields, execution_id, key,
+                                         idempotency.stored(response) if key else None)
+            return response, "accepted"
+        executed = await self.deliveries.run(workflow, policy, Trigger.CATCH, fields,
+                                             reservation, execution_id)
+        return reply(executed.record.status, executed.response, execution_id), \
+            executed.record.status
+
+    def _signed(self, workflow: Workflow, scheme: str, secret: str | None,
+                request: web.Request, raw: bytes | None, execution_id: str) -> bool:
+        """Whether the request passes the workflow's signature check; counts and logs if not.
+
+        A scheme without a secret (imported without `--with-secrets`) refuses
+        everything until `wfd ctl verify` gives it one.
+        """
+        try:
+            if not secret:
+                raise signatures.InvalidSignature("no secret is set: run wfd ctl verify")
+            signatures.verify(scheme, secret, request.headers, raw or b"", time.time())
+        except signatures.InvalidSignature as exc:
+            self.metrics.signature_rejected(workflow.name, scheme)
+            logs.event("invalid-signature", workflow=workflow.name, scheme=scheme,
+                       id=execution_id, reason=str(exc))
+            return False
+        return True
 
     @staticmethod
     def _content_type(request: web.Request) -> str:
@@ -298,10 +409,15 @@ async def send_and_close(request: web.Request, response: web.Response) -> web.Re
     return response
 
 
-def reply(status: str, http_status: int | None, response: dict[str, Any] | None,
-          execution_id: str) -> web.Response:
+def prefers_async(headers: CIMultiDictProxy[str]) -> bool:
+    """`Prefer: respond-async` (RFC 7240), among other preferences or not."""
+    return any(token.split(";", 1)[0].strip().lower() == "respond-async"
+               for value in headers.getall("Prefer", []) for token in value.split(","))
+
+
+def reply(status: Status, response: WorkflowResponse | None, execution_id: str
+          ) -> web.Response:
     """The caller's response for a finished catch execution."""
-    if response is not None:
-        return workflow_reply(response, execution_id)
-    code = http_status or FAILURE_HTTP_STATUS.get(status, 500)
-    return json_reply(code, status, execution_id)
+    if response is None:
+        response = status_response(status, execution_id)
+    return workflow_reply(response, execution_id)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from wfd.isolation.network import Allow
+
 MIB = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODULE_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
@@ -45,7 +47,11 @@ class Limits:
     settings_kb: int = 1024
 
     def merged(self, overrides: dict[str, Any]) -> "Limits":
-        """These limits with a workflow's overrides applied (None means inherit)."""
+        """These limits with a workflow's overrides applied (None means inherit).
+
+        The one place a workflow's effective limits are made: the daemon's
+        defaults, under the overrides the workflow was deployed with.
+        """
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self) -> "Limits":
@@ -55,6 +61,14 @@ class Limits:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"limit {item.name} must be a positive number, got {value!r}")
         return self
+
+
+def redeployed_overrides(previous: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A workflow's limit overrides after a deploy: those given replace, the rest stay.
+
+    None in `given` means "not named on this deploy", not "back to the default".
+    """
+    return {**previous, **{k: v for k, v in given.items() if v is not None}}
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,33 @@ class Retention:
                 raise ConfigError(f"retention {item.name} must be a positive number, "
                                   f"got {value!r}")
         return self
+
+
+@dataclass(frozen=True)
+class Network:
+    """Where every execution may connect beyond the default (docs/isolation.md, "The network")."""
+
+    # CIDR or CIDR:PORT entries (127.0.0.1/32:PORT for one port of the host's loopback).
+    allow: tuple[str, ...] = ()
+    # Bound into the sandbox as /etc/resolv.conf; its nameservers are allowed on port 53.
+    resolv_conf: Path = Path("/etc/resolv.conf")
+
+
+def check_allowances(entries: Any, own_ports: set[int], where: str) -> tuple[str, ...]:
+    """Canonical allowances, or ConfigError naming the bad one; the daemon's ports never."""
+    if isinstance(entries, str) or not isinstance(entries, list | tuple):
+        raise ConfigError(f"{where} must be a list of CIDR[:PORT] strings, got {entries!r}")
+    allowed = []
+    for entry in entries:
+        try:
+            allow = Allow.parse(entry)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if allow.loopback and allow.port in own_ports:
+            raise ConfigError(f"{where}: {entry} is the daemon's own port; executions never "
+                              "reach the daemon's listeners")
+        allowed.append(str(allow))
+    return tuple(allowed)
 
 
 @dataclass(frozen=True)
@@ -111,6 +152,12 @@ class Config:
     isolation: str = "strict"
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
+    network: Network = field(default_factory=Network)
+
+    @property
+    def own_ports(self) -> set[int]:
+        """The ports of the daemon's listeners, which no allowance may open."""
+        return {split_host_port(a)[1] for a in (self.listen, self.admin_listen) if a}
 
     @property
     def socket_path(self) -> Path:
@@ -164,7 +211,7 @@ def _typed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"unknown {where}key(s): {', '.join(unknown)}")
     out = {}
     for key, value in values.items():
-        if key in ("data_dir", "socket") and value:
+        if key in ("data_dir", "socket", "resolv_conf") and value:
             value = Path(value)
         if key == "preload" and isinstance(value, list):
             value = tuple(value)
@@ -183,11 +230,15 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
     limits = Limits(**_typed(Limits, raw.pop("limits", {}), "[limits] ")).validate()
     retention = Retention(**_typed(Retention, raw.pop("retention", {}),
                                    "[retention] ")).validate()
+    network = Network(**_typed(Network, raw.pop("network", {}), "[network] "))
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    config = Config(limits=limits, retention=retention, **_typed(Config, raw, ""))
+    config = Config(limits=limits, retention=retention, network=network,
+                    **_typed(Config, raw, ""))
     split_host_port(config.listen)
     if config.admin_listen:
         split_host_port(config.admin_listen)
+    config = replace(config, network=replace(network, allow=check_allowances(
+        network.allow, config.own_ports, "[network] allow")))
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, "
                           f"got {config.log_level!r}")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 
 from wfd.config import Config
@@ -45,13 +46,13 @@ class ConnectionGuard:
         return _Guarded(self, make_handler)
 
     @property
-    def middleware(self) -> Callable:
+    def middleware(self) -> Middleware:
         """Marks a connection busy while its request is handled: its headers are in."""
 
         @web.middleware
-        async def headers_complete(request: web.Request, handler: Callable
+        async def headers_complete(request: web.Request, handler: Handler
                                    ) -> web.StreamResponse:
-            connection = self._by_handler.get(request.protocol)  # type: ignore[call-overload]
+            connection = self._by_handler.get(request.protocol)
             if connection is None:
                 return await handler(request)
             connection.busy = True
@@ -97,8 +98,9 @@ class _Guarded(asyncio.Protocol):
             self._arm()  # the first bytes of a next request
         self._inner.data_received(data)
 
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._inner is not None else None
+    def eof_received(self) -> None:
+        if self._inner is not None:
+            self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._inner is None:

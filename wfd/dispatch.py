@@ -7,23 +7,20 @@ that transaction commits, so an acknowledged change survives a crash.
 """
 
 import asyncio
+import functools
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
-from wfd import ids, logs
+from wfd import domain, ids, logs
 from wfd.admission import Admission, BodyHold, Overloaded, Reservation
 from wfd.config import Config, Limits
+from wfd.domain import Kind, Status, Trigger, WorkflowResponse
 from wfd.executor import Executor, Job, Outcome
-from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
-
-# The HTTP status a caller gets when the function did not decide it.
-FAILURE_HTTP_STATUS = {"error": 500, "memory": 500, "cpu": 500, "timeout": 504,
-                       "interrupted": 503}
+from wfd.isolation.network import Policy
+from wfd.store import ExecutionRecord, RequestFields, Store, Workflow, utc_iso
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,7 @@ class Executed:
     """A finished execution: its stored record and, for catch, the response."""
 
     record: ExecutionRecord
-    response: dict[str, Any] | None
+    response: WorkflowResponse | None
 
 
 class Dispatcher:
@@ -60,6 +57,10 @@ class Dispatcher:
     def limits(self, workflow: Workflow) -> Limits:
         return self.config.limits.merged(workflow.limits)
 
+    def network(self, workflow: Workflow | None = None) -> Policy:
+        """Where its executions may connect: the daemon's allowances and the workflow's own."""
+        return Policy.of(*self.config.network.allow, *(workflow.allow_net if workflow else ()))
+
     def hold_body(self, size: int) -> BodyHold:
         """Count a request body about to be read; raises Overloaded past the budget or stopping."""
         if self.draining:
@@ -74,48 +75,63 @@ class Dispatcher:
         return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded,
                                       body)
 
-    async def execute(self, workflow: Workflow, trigger: str,
-                      request: dict[str, Any] | orjson.Fragment | None = None,
+    async def execute(self, workflow: Workflow, trigger: Trigger,
+                      request: RequestFields | None = None,
                       reservation: Reservation | None = None,
-                      execution_id: str | None = None) -> Executed:
-        """Run `workflow` once and store what happened."""
+                      execution_id: str | None = None,
+                      lineage: dict[str, Any] | None = None,
+                      on_start: Callable[[], Awaitable[None]] | None = None) -> Executed:
+        """Run `workflow` once and store what happened.
+
+        `lineage` is copied into the record: an async delivery's `attempt` and
+        `first_attempt_id`, a replay's `replay_of`, the stored `request_id`.
+        `on_start` is awaited once the execution holds its slot, before it
+        starts (an async delivery is marked running then, not while it waits).
+        """
         reservation = reservation or self.reserve(workflow)
         limits = self.limits(workflow)
         job = Job(execution_id=execution_id or ids.execution_id(), name=workflow.name,
                   kind=workflow.kind, version=workflow.version, code=workflow.code,
                   limits=limits, settings=workflow.settings,
-                  request=request if workflow.kind == "catch" else None,
-                  response_bytes=self.config.max_body_bytes)
-        task = asyncio.create_task(self._execute(job, trigger, reservation))
+                  request=request if workflow.kind == Kind.CATCH else None,
+                  response_bytes=self.config.max_body_bytes, network=self.network(workflow))
+        task = asyncio.create_task(self._execute(job, trigger, reservation, lineage or {},
+                                                 on_start))
         self._inflight.add(task)
         self._interruptible.add(task)
         task.add_done_callback(self._inflight.discard)
         task.add_done_callback(self._interruptible.discard)
         return await task
 
-    async def _execute(self, job: Job, trigger: str, reservation: Reservation) -> Executed:
+    async def _execute(self, job: Job, trigger: Trigger, reservation: Reservation,
+                       lineage: dict[str, Any],
+                       on_start: Callable[[], Awaitable[None]] | None) -> Executed:
         started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
         try:
             async with reservation:
+                if on_start is not None:
+                    await on_start()
                 started_at, started = datetime.now(UTC), time.perf_counter()
                 outcome = await self.executor.run(job)
         except asyncio.CancelledError:
-            if not self._interrupting:
+            task = asyncio.current_task()
+            if not self._interrupting or task is None:
                 raise
-            asyncio.current_task().uncancel()
-            outcome = Outcome("interrupted", (time.perf_counter() - started) * 1000,
+            task.uncancel()
+            outcome = Outcome(Status.INTERRUPTED, (time.perf_counter() - started) * 1000,
                               error=f"the daemon stopped and the {self.config.grace_s:g} s "
                                     "grace period ran out; nothing it changed was kept")
         self._interruptible.discard(asyncio.current_task())
-        record = _record(job, trigger, started_at, outcome)
-        record = await self.store.finish(record, outcome.settings_change,
-                                         job.limits.settings_kb * 1024)
+        record = await self.store.finish(job.name, outcome.settings_change, job.settings,
+                                         job.limits.settings_kb * 1024,
+                                         functools.partial(_record, job, trigger, started_at,
+                                                           outcome, lineage))
         logs.event("execution", id=record.id, workflow=record.workflow,
                    version=record.version, trigger=trigger, status=record.status,
                    duration_ms=round(record.duration_ms, 1), http=record.http_status)
         for listener in self.listeners:
             listener(record)
-        response = outcome.response if record.status == "success" else None
+        response = outcome.response if record.status == Status.SUCCESS else None
         return Executed(record, response)
 
     async def drain(self, grace_s: float) -> int:
@@ -143,29 +159,39 @@ class Dispatcher:
             await asyncio.wait(set(self._inflight))
         return interrupted
 
-    async def check(self, name: str, kind: str, code: str, limits: Limits) -> str | None:
-        """Deploy-time check of new code in a child; the problem, or None if fine."""
+    async def check(self, name: str, kind: Kind, code: str, limits: Limits,
+                    allow_net: list[str] | None = None) -> str | None:
+        """Deploy-time check of new code in a child; the problem, or None if fine.
+
+        It runs under the workflow's egress policy, so a zygote for that policy
+        is on its way before the first execution.
+        """
+        network = Policy.of(*self.config.network.allow, *(allow_net or ()))
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
-                  code=code, limits=limits, mode="check")
+                  code=code, limits=limits, mode="check", network=network)
         started = time.perf_counter()
         outcome = await self.executor.run(job)
-        if outcome.status == "success":
+        if outcome.status == Status.SUCCESS:
             return None
         logs.event("deploy-check-failed", workflow=name, status=outcome.status,
                    duration_ms=round((time.perf_counter() - started) * 1000, 1))
         return outcome.error or outcome.status
 
 
-def _record(job: Job, trigger: str, started_at: datetime, outcome: Outcome) -> ExecutionRecord:
-    http_status = None
-    if job.kind == "catch":
-        if outcome.status == "success":
-            http_status = outcome.response["status_code"] if outcome.response else 200
-        else:
-            http_status = FAILURE_HTTP_STATUS.get(outcome.status, 500)
+def _record(job: Job, trigger: Trigger, started_at: datetime, outcome: Outcome,
+            lineage: dict[str, Any], refused: str | None = None) -> ExecutionRecord:
+    """The execution's record; `refused` says why the store refused its settings change.
+
+    A refused change fails the execution: nothing it changed was kept, and a
+    catch caller gets the failure's response, not the workflow's.
+    """
+    if refused is not None:
+        outcome = replace(outcome, status=Status.ERROR, error=refused, response=None)
+    http_status = domain.http_status(outcome.status, outcome.response) \
+        if job.kind == Kind.CATCH else None
     return ExecutionRecord(
         id=job.execution_id, workflow=job.name, version=job.version, trigger=trigger,
         status=outcome.status, started_at=utc_iso(started_at),
         duration_ms=outcome.duration_ms, http_status=http_status, error=outcome.error,
         traceback=outcome.traceback, output=outcome.output,
-        output_truncated=outcome.output_truncated)
+        output_truncated=outcome.output_truncated, **lineage)

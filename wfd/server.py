@@ -28,8 +28,9 @@ from wfd.config import Config, ConfigError, split_host_port
 from wfd.connections import ConnectionGuard, GuardedSite
 from wfd.control.handlers import Commands
 from wfd.control.server import ControlServer
+from wfd.delivery import Deliveries
 from wfd.dispatch import Dispatcher
-from wfd.executor import ZygoteExecutor, make_executor
+from wfd.executor import ZygoteExecutor, ZygotesByPolicy, make_executor
 from wfd.isolation import selftest
 from wfd.isolation.layers import Isolation, IsolationError
 from wfd.metrics import Metrics
@@ -41,7 +42,7 @@ from wfd.store import ExecutionRecord, Store
 # semaphores or the kind of executor. A changed value is logged as needing a
 # restart and ignored.
 RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
-                "max_body_mb", "global_concurrency", "executor", "keepalive_s")
+                "max_body_mb", "global_concurrency", "executor", "network", "keepalive_s")
 # After the drain, how long the listeners give handlers to send their responses.
 RESPONSE_FLUSH_S = 5.0
 
@@ -71,9 +72,11 @@ class Daemon:
                                    lambda: self.admission.pending_bytes)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
+        self.deliveries = Deliveries(self.store, self.dispatcher, self.metrics)
+        self.metrics.watch_deliveries(self.deliveries.depth)
         self.pruner = Pruner(self.store, lambda: self.config.retention)
         self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,
-                                 self.status)
+                                 self.status, self.deliveries)
         self.dispatcher.listeners += [self._count, self.pruner.note, self.commands.publish]
         self.control = ControlServer(config.socket_path, self.commands.table(),
                                      config.socket_group)
@@ -134,8 +137,9 @@ class Daemon:
         await self.check_isolation()
         await self.control.start()
         await self.scheduler.start()
+        await self.deliveries.start()
         catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health,
-                                   self.metrics, self.guard)
+                                   self.metrics, self.deliveries, self.guard)
         await self._listen(catch_app, self.config.listen, self.guard)
         if self.config.admin_listen:
             await self._listen(http.admin_app(self.health, self.metrics),
@@ -158,8 +162,8 @@ class Daemon:
         detail = "; ".join(f"{name}: saw {self.self_test[name].seen!r}" for name in failed)
         if self.isolation.mode == "strict":
             raise IsolationError(f"isolation self-test failed, refusing to serve: {detail}")
-        logs.logger.error("ISOLATION SELF-TEST FAILED (isolation = %r, serving anyway): %s",
-                          self.isolation.mode, detail)
+        logs.event("isolation-self-test-failed", level=logging.ERROR, mode=self.isolation.mode,
+                   serving="anyway", failed=detail)
 
     async def _listen(self, app: web.Application, address: str,
                       guard: ConnectionGuard | None = None) -> None:
@@ -214,7 +218,9 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._stop_accepting()
         await self.scheduler.close()
+        self.deliveries.stop_taking()
         interrupted = await self.dispatcher.drain(self.config.grace_s)
+        await self.deliveries.close()
         self.commands.end_streams()
         await self.control.close()
         for runner in reversed(self._runners):
@@ -263,7 +269,7 @@ class Daemon:
         self.commands.config = config
         self.admission.queue_max = config.queue_max
         self.admission.max_pending_bytes = config.max_pending_bytes
-        if isinstance(self.executor, ZygoteExecutor):  # restarts the zygote if they changed
+        if isinstance(self.executor, ZygoteExecutor | ZygotesByPolicy):  # restarts if changed
             self.executor.configure(config.preload, config.spares_min, config.spares_max)
         logs.setup(config.log_format, config.log_level)
         self.pruner.wake()
@@ -275,10 +281,12 @@ def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
     try:
         # Before the loop: detection may move this process between cgroups,
         # which must happen before any thread (aiosqlite) exists.
-        daemon = Daemon(config, Isolation.detect(config.isolation), loader)
+        daemon = Daemon(config, Isolation.detect(config.isolation,
+                                                 resolv_conf=config.network.resolv_conf),
+                        loader)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
     except (ConfigError, OSError, IsolationError) as exc:
-        logs.logger.error("cannot start: %s", exc)
+        logs.event("cannot-start", level=logging.ERROR, error=str(exc))
         return 1
     return 0

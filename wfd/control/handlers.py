@@ -1,21 +1,22 @@
 """The handlers behind each `wfd ctl` command: plain data in, plain data out."""
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
-from wfd import catch, ids, logs
+from wfd import catch, ids, logs, signatures
 from wfd.admission import Overloaded
-from wfd.config import Config, ConfigError
+from wfd.config import Config, ConfigError, check_allowances, redeployed_overrides
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
-from wfd.dispatch import Dispatcher
+from wfd.delivery import MAX_BACKOFF_S, Deliveries
+from wfd.dispatch import Dispatcher, Executed
+from wfd.domain import Kind, SettingsChange, Trigger
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
-from wfd.store import ExecutionRecord, Store, Workflow, merge_settings
+from wfd.store import POLICY_KEYS, ExecutionRecord, Store, Workflow, check_kind
 
 LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
 
@@ -24,11 +25,13 @@ class Commands:
     """The handlers behind each `wfd ctl` command."""
 
     def __init__(self, config: Config, store: Store, dispatcher: Dispatcher,
-                 scheduler: Scheduler, status: Callable[[], dict[str, Any]]) -> None:
+                 scheduler: Scheduler, status: Callable[[], dict[str, Any]],
+                 deliveries: Deliveries) -> None:
         self.config = config
         self.store = store
         self.dispatcher = dispatcher
         self.scheduler = scheduler
+        self.deliveries = deliveries
         self._status = status
         self._followers: dict[str, set[Follower]] = {}
 
@@ -42,6 +45,8 @@ class Commands:
             "follow": self.follow,
             "versions": self.versions, "rollback": self.rollback,
             "rotate-key": self.rotate_key, "export": self.export, "import": self.import_,
+            "verify": self.verify, "replay": self.replay, "replay-dead": self.replay_dead,
+            "dead": self.dead,
         }
 
     async def _workflow(self, name: Any) -> Workflow:
@@ -70,40 +75,53 @@ class Commands:
         return [self._listing(w) for w in await self.store.workflows()]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any] | None = None,
-                     schedule: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Check the code in a child, then store it as the workflow's next version."""
+                     schedule: dict[str, Any] | None = None,
+                     delivery: dict[str, Any] | None = None,
+                     allow_net: list[str] | None = None) -> dict[str, Any]:
+        """Check the code in a child, then store it as the workflow's next version.
+
+        `allow_net` replaces the workflow's network allowances; None keeps them.
+        """
         check_name(name)
-        if kind not in ("catch", "pull"):
-            raise CommandError(f"kind must be catch or pull, got {kind!r}")
-        overrides = {k: v for k, v in (limits or {}).items() if v is not None}
-        unknown = sorted(set(overrides) - set(LIMIT_FLAGS))
+        kind = _kind(kind)
+        delivery = _delivery_changes(kind, delivery or {})
+        unknown = sorted({k for k, v in (limits or {}).items() if v is not None}
+                         - set(LIMIT_FLAGS))
         if unknown:
             raise CommandError(f"unknown limit(s): {', '.join(unknown)}")
         existing = await self.store.workflow(name)
-        if existing and existing.kind != kind:
-            raise CommandError(f"{name} is a {existing.kind} workflow; its kind cannot change")
+        if existing:
+            check_kind(name, existing.kind, kind)
+        overrides = redeployed_overrides(existing.limits if existing else {}, limits or {})
         schedule = self.parse_schedule(kind, schedule)
         try:
-            effective = self.config.limits.merged({**(existing.limits if existing else {}),
-                                                   **overrides}).validate()
+            if allow_net is not None:
+                allow_net = list(check_allowances(allow_net, self.config.own_ports,
+                                                  "--allow-net"))
+            effective = self.config.limits.merged(overrides).validate()
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
-        problem = await self.dispatcher.check(name, kind, code, effective)
+        problem = await self.dispatcher.check(
+            name, kind, code, effective,
+            allow_net if allow_net is not None else existing.allow_net if existing else [])
         if problem:
             raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
                                f" stays in place: {problem}")
-        workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key())
+        workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key(),
+                                           allow_net)
+        if delivery:
+            await self.store.set_delivery_policy(name, delivery)
         await self.scheduler.refresh(name)
         logs.event("deployed", workflow=name, version=workflow.version, kind=kind)
         result = {"name": name, "kind": kind, "version": workflow.version}
-        if kind == "catch":
+        if kind == Kind.CATCH:
             result["url"] = self._url(workflow)
         return result
 
     @staticmethod
-    def parse_schedule(kind: str, schedule: dict[str, Any] | None) -> dict[str, Any] | None:
+    def parse_schedule(kind: Kind, schedule: dict[str, Any] | None) -> dict[str, Any] | None:
         """The stored form of `--every`/`--cron`/`--tz`, refused with a clear message."""
-        if kind == "catch":
+        if kind == Kind.CATCH:
             if schedule and any(schedule.values()):
                 raise CommandError("a catch workflow takes no schedule (--every, --cron, --tz)")
             return None
@@ -119,14 +137,17 @@ class Commands:
         workflow = await self._workflow(name)
         limits = self.dispatcher.limits(workflow)
         recent = await self.store.executions(workflow.name, 1)
+        delivery = await self.store.delivery_policy(workflow.name)
         return {**self._listing(workflow),
                 "effective_limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
+                **({"delivery": delivery.public()} if workflow.kind == "catch" else {}),
+                "network": self.dispatcher.network(workflow).describe(),
                 "settings_keys": sorted(workflow.settings),
                 "last_execution": recent[0].summary() if recent else None}
 
     async def url(self, name: str) -> str:
         workflow = await self._workflow(name)
-        if workflow.kind != "catch":
+        if workflow.kind != Kind.CATCH:
             raise CommandError(f"{name} is a pull workflow; only catch workflows have a URL")
         return self._url(workflow)
 
@@ -139,6 +160,8 @@ class Commands:
     async def _set_enabled(self, name: str, enabled: bool) -> dict[str, Any]:
         await self.store.set_enabled(check_name(name), enabled)
         await self.scheduler.refresh(name)
+        if enabled:
+            await self.deliveries.resume(name)
         logs.event("enabled" if enabled else "disabled", workflow=name)
         return self._listing(await self._workflow(name))
 
@@ -159,38 +182,85 @@ class Commands:
     async def settings_unset(self, name: str, keys: list[str]) -> dict[str, Any]:
         return await self._change_settings(name, {"set": {}, "unset": keys})
 
-    async def _change_settings(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
+    async def _change_settings(self, name: str, change: SettingsChange) -> dict[str, Any]:
         workflow = await self._workflow(name)
         limit = self.dispatcher.limits(workflow).settings_kb * 1024
-        if len(orjson.dumps(merge_settings(workflow.settings, change))) > limit:
-            raise CommandError(f"settings would be over the limit of {limit} bytes")
-        return await self.store.change_settings(name, change)
+        return await self.store.change_settings(name, change, limit)
 
     async def run(self, name: str, data: Any = None) -> dict[str, Any]:
         """Execute now with the trigger `manual`, and say how it went."""
         workflow = await self._workflow(name)
-        request = None
-        if workflow.kind == "catch":
-            request = {"Content-Type": "application/json",
-                       **catch.json_fields({} if data is None else data)}
         try:
-            if workflow.kind == "pull":
+            if workflow.kind == Kind.PULL:
                 executed = await self.scheduler.run_now(workflow)
             else:
-                executed = await self.dispatcher.execute(workflow, "manual", request)
+                request = {"Content-Type": "application/json",
+                           **catch.json_fields({} if data is None else data)}
+                executed = await self.deliveries.run(
+                    workflow, await self.store.delivery_policy(name), Trigger.MANUAL, request)
         except Overloaded as exc:
             raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
         except Busy as exc:
             raise CommandError(str(exc)) from None
+        return self._ran(workflow, executed)
+
+    @staticmethod
+    def _ran(workflow: Workflow, executed: Executed) -> dict[str, Any]:
+        """How `run` and `replay` report an execution: its record, and for catch the response."""
         out: dict[str, Any] = executed.record.summary()
-        if workflow.kind == "catch":
+        if workflow.kind == Kind.CATCH:
             response = executed.response
             if response is None:
-                body = catch.status_body(executed.record.status, executed.record.id).decode()
-                response = {"status_code": executed.record.http_status, "body": body,
-                            "headers": {"Content-Type": "application/json"}}
+                response = catch.status_response(executed.record.status, executed.record.id)
             out["response"] = response
         return out
+
+    async def replay(self, execution_id: str) -> dict[str, Any]:
+        """Run a past execution's request (pull: the run) again, as trigger `replay`."""
+        record = await self.store.execution(str(execution_id))
+        if record is None:
+            raise CommandError(f"no execution with id {execution_id}")
+        workflow = await self._workflow(record.workflow)
+        return self._ran(workflow, await self._replay(workflow, record.id, record.request_id))
+
+    async def _replay(self, workflow: Workflow, original: str, request_id: str | None
+                      ) -> Executed:
+        lineage = {"replay_of": original, "request_id": request_id}
+        try:
+            if workflow.kind == "pull":
+                return await self.scheduler.run_now(workflow, Trigger.REPLAY, lineage)
+            request = await self.store.stored_request(request_id) if request_id else None
+            if request is None:
+                policy = await self.store.delivery_policy(workflow.name)
+                why = ("it is deployed with --no-store-requests, so its requests are not kept"
+                       if not policy.store_requests else
+                       "its request is no longer stored (retention removed it with its record"
+                       " or it ran before requests were kept)")
+                raise CommandError(f"cannot replay {original} of {workflow.name}: {why}")
+            return await self.dispatcher.execute(workflow, Trigger.REPLAY, request,
+                                                 lineage=lineage)
+        except Overloaded as exc:
+            raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
+        except Busy as exc:
+            raise CommandError(str(exc)) from None
+
+    async def replay_dead(self, name: str) -> list[dict[str, Any]]:
+        """Replay every dead delivery of `name`; each one that succeeds is done."""
+        workflow = await self._workflow(name)
+        dead = await self.store.dead_deliveries(workflow.name)
+        if dead and not (await self.store.delivery_policy(name)).store_requests:
+            raise CommandError(f"cannot replay the dead deliveries of {name}: it is deployed "
+                               "with --no-store-requests, so their requests were not kept")
+        replays = await asyncio.gather(*(self._replay(workflow, item["last_attempt_id"],
+                                                      item["id"]) for item in dead))
+        for item, executed in zip(dead, replays, strict=True):
+            if executed.record.status == "success":
+                await self.store.revive_delivery(item["id"])
+        logs.event("replayed-dead", workflow=name, deliveries=len(dead))
+        return [executed.record.summary() for executed in replays]
+
+    async def dead(self, name: str) -> list[dict[str, Any]]:
+        return await self.store.dead_deliveries((await self._workflow(name)).name)
 
     async def executions(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
         workflow = await self._workflow(name)
@@ -247,14 +317,36 @@ class Commands:
 
     async def rotate_key(self, name: str) -> dict[str, Any]:
         workflow = await self._workflow(name)
-        if workflow.kind != "catch":
+        if workflow.kind != Kind.CATCH:
             raise CommandError(f"{name} is a pull workflow; only catch workflows have a key")
         workflow = await self.store.set_catch_key(name, ids.catch_key())
         logs.event("key-rotated", workflow=name)
         return {"name": name, "url": self._url(workflow)}
 
-    async def export(self) -> dict[str, Any]:
-        return {"format": EXPORT_FORMAT, "workflows": await self.store.export()}
+    async def verify(self, name: str, scheme: str, secret: str | None = None) -> dict[str, Any]:
+        """Check the signature of every catch request under `scheme`, or with `off` stop.
+
+        The secret is stored, never returned, listed or logged.
+        """
+        workflow = await self._workflow(name)
+        if workflow.kind != "catch":
+            raise CommandError(f"{name} is a pull workflow; only catch requests are signed")
+        if scheme == "off":
+            if secret:
+                raise CommandError("verify off takes no secret")
+            await self.store.set_verification(name, None, None)
+        else:
+            try:
+                signatures.check_secret(scheme, secret or "")
+            except ValueError as exc:
+                raise CommandError(f"verify {scheme}: {exc}") from None
+            await self.store.set_verification(name, scheme, secret)
+        logs.event("verification", workflow=name, scheme=scheme)
+        return {"name": name, "verify": scheme}
+
+    async def export(self, with_secrets: bool = False) -> dict[str, Any]:
+        return {"format": EXPORT_FORMAT,
+                "workflows": await self.store.export(with_secrets=bool(with_secrets))}
 
     async def import_(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
@@ -275,6 +367,30 @@ class Commands:
         return {"imported": names}
 
 
+def _delivery_changes(kind: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The delivery flags of a deploy, checked; refused with a clear message."""
+    if not given:
+        return {}
+    if kind != "catch":
+        raise CommandError("--async, --retries, --retry-backoff-s and --store-requests are "
+                           "for catch workflows")
+    unknown = sorted(set(given) - set(POLICY_KEYS))
+    if unknown:
+        raise CommandError(f"unknown delivery option(s): {', '.join(unknown)}")
+    for flag in ("async", "store_requests"):
+        if flag in given and not isinstance(given[flag], bool):
+            raise CommandError(f"{flag} must be true or false")
+    retries = given.get("retries", 0)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
+        raise CommandError(f"--retries must be an integer from 0 to 100, got {retries!r}")
+    backoff = given.get("retry_backoff_s", 1)
+    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or not (
+            0 < backoff <= MAX_BACKOFF_S):
+        raise CommandError(f"--retry-backoff-s must be over 0 and at most {MAX_BACKOFF_S:g},"
+                           f" got {backoff!r}")
+    return given
+
+
 def _check_exported(item: dict[str, Any]) -> None:
     """Refuse what the store would accept but could not serve.
 
@@ -282,13 +398,26 @@ def _check_exported(item: dict[str, Any]) -> None:
     stored and then be invisible (its code is joined on that version).
     """
     name, versions = item["name"], item.get("versions")
-    if item.get("kind") not in ("catch", "pull"):
-        raise CommandError(f"{name}: kind must be catch or pull, got {item.get('kind')!r}")
+    _kind(item.get("kind"), f"{name}: ")
     if not isinstance(versions, list) or not all(isinstance(v, dict) for v in versions):
         raise CommandError(f"{name}: versions must be a list of objects")
     if item.get("version") not in {v.get("version") for v in versions}:
         raise CommandError(f"{name}: current version {item.get('version')} is not among "
                            "its versions")
+    delivery = item.get("delivery") or {}
+    if not isinstance(delivery, dict) or delivery.get("verify", "off") not in (
+            "off", *signatures.SCHEMES):
+        raise CommandError(f"{name}: delivery.verify must be off or one of "
+                           f"{', '.join(signatures.SCHEMES)}")
+
+
+def _kind(value: Any, where: str = "") -> Kind:
+    """The kind a deploy or an import names, refused with a clear message."""
+    try:
+        return Kind(value)
+    except ValueError:
+        kinds = " or ".join(Kind)
+        raise CommandError(f"{where}kind must be {kinds}, got {value!r}") from None
 
 
 def _full(record: ExecutionRecord) -> dict[str, Any]:

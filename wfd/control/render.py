@@ -45,9 +45,12 @@ def render(command: str, result: Any) -> str:
     """The human-readable text for a command's result."""
     if command == "list":
         return table(result, ["name", "kind", "enabled", "version", "schedule", "next_due"])
-    if command == "executions":
-        return table(result, ["id", "started_at", "trigger", "status", "http_status",
-                              "duration_ms", "version"])
+    if command in ("executions", "replay-dead"):
+        return table(result, ["id", "started_at", "trigger", "attempt", "status", "delivery",
+                              "http_status", "duration_ms", "version"])
+    if command == "dead":
+        return table(result, ["id", "accepted_at", "attempts", "last_status",
+                              "last_attempt_id"])
     if command == "versions":
         return table([{**r, "current": "*" if r["current"] else ""} for r in result],
                      ["version", "created_at", "size", "current"])
@@ -60,13 +63,17 @@ def render(command: str, result: Any) -> str:
         return json.dumps(result, indent=2, sort_keys=True)
     if command in ("enable", "disable"):
         return f"{result['name']} {command}d"
+    if command == "verify":
+        if result["verify"] == "off":
+            return f"{result['name']}: signatures are no longer checked"
+        return f"{result['name']}: every request must be signed ({result['verify']})"
     if command == "delete":
         return f"deleted {result['deleted']}"
     if command == "rollback":
         return f"{result['name']} now runs version {result['version']}"
     if command == "import":
         return f"imported {len(result['imported'])} workflow(s): {', '.join(result['imported'])}"
-    if command == "run":
+    if command in ("run", "replay"):
         text = (f"execution {result['id']}: {result['status']} "
                 f"({result['duration_ms']:.0f} ms)")
         if result.get("error"):

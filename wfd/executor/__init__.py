@@ -8,17 +8,28 @@ from collections.abc import Callable
 
 from wfd.config import Config
 from wfd.executor.base import ChildLost, Executor, Job, Outcome
+from wfd.executor.by_policy import ZygotesByPolicy
 from wfd.executor.spawn import SpawnExecutor
 from wfd.executor.zygote import ZygoteExecutor
 from wfd.isolation.layers import Isolation
+from wfd.isolation.network import Policy
 
 __all__ = ["EXECUTORS", "ChildLost", "Executor", "Job", "Outcome", "SpawnExecutor",
-           "ZygoteExecutor", "make_executor"]
+           "ZygoteExecutor", "ZygotesByPolicy", "make_executor"]
+
+
+def _zygotes(config: Config, isolation: Isolation) -> Executor:
+    """One zygote, or one per egress policy when executions get a network namespace."""
+    if isolation.network is None:
+        return ZygoteExecutor(config.preload, config.spares_min, config.spares_max, isolation)
+    return ZygotesByPolicy(
+        lambda policy, preload, low, high: ZygoteExecutor(preload, low, high, isolation, policy),
+        Policy.of(*config.network.allow), config.preload, config.spares_min, config.spares_max)
+
 
 EXECUTORS: dict[str, Callable[[Config, Isolation], Executor]] = {
     "spawn": lambda config, isolation: SpawnExecutor(isolation),
-    "zygote": lambda config, isolation: ZygoteExecutor(
-        config.preload, config.spares_min, config.spares_max, isolation),
+    "zygote": _zygotes,
 }
 
 

@@ -11,7 +11,10 @@ from typing import Any, Protocol
 
 import orjson
 
+from sandbox import protocol
 from wfd.config import MIB, Limits
+from wfd.domain import Kind, SettingsChange, Status, WorkflowResponse
+from wfd.isolation.network import Policy
 
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -22,7 +25,7 @@ class Job:
 
     execution_id: str
     name: str
-    kind: str
+    kind: Kind
     version: int
     code: str
     limits: Limits
@@ -32,17 +35,21 @@ class Job:
     request: dict[str, Any] | orjson.Fragment | None = None
     mode: str = "run"
     response_bytes: int = 10 * MIB
+    # Where it may connect, under the network layer (an execution gets a namespace of it).
+    network: Policy = field(default_factory=Policy)
 
-    def payload(self, result_fd: int, rlimit_nproc: bool = True) -> bytes:
+    def payload(self, result_fd: int, rlimit_nproc: bool = True,
+                sandboxed: bool = False) -> bytes:
         """The JSON document the child reads on stdin.
 
         Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
         cgroup bounds the execution instead, and RLIMIT_NPROC would count
         every execution's processes together (they share one sandbox uid).
+        `sandboxed` has the child forbid itself new namespaces (sandbox/seccomp.py).
         """
         limits = self.limits
         job: dict[str, Any] = {
-            "protocol": 1,
+            "protocol": protocol.VERSION,
             "mode": self.mode,
             "kind": self.kind,
             "name": self.name,
@@ -50,6 +57,7 @@ class Job:
             "code": self.code,
             "settings": self.settings,
             "result_fd": result_fd,
+            "forbid_namespaces": sandboxed,
             "limits": {
                 "memory_bytes": limits.memory_mb * MIB,
                 "cpu_s": int(limits.cpu_s),
@@ -57,7 +65,6 @@ class Job:
                 "open_files": limits.open_files,
                 "file_size_bytes": limits.file_size_mb * MIB,
                 "tmp_bytes": limits.tmp_mb * MIB,
-                "settings_bytes": limits.settings_kb * 1024,
                 "response_bytes": self.response_bytes,
             },
         }
@@ -70,10 +77,10 @@ class Job:
 class Outcome:
     """How an execution ended, in the daemon's terms (SPEC 5 statuses)."""
 
-    status: str
+    status: Status
     duration_ms: float
-    response: dict[str, Any] | None = None
-    settings_change: dict[str, Any] | None = None
+    response: WorkflowResponse | None = None
+    settings_change: SettingsChange | None = None
     error: str | None = None
     traceback: str | None = None
     output: str = ""

@@ -3,8 +3,10 @@
 The sandbox sees a read-only /usr, the Python runtime and the sandbox package,
 the few /etc files DNS and TLS need, its own /proc, a minimal /dev and a
 size-capped private tmpfs as /tmp and working directory.  The daemon's data
-directory, config and socket are simply not mounted.  Network is shared:
-workflows call HTTP APIs.
+directory, config and socket are simply not mounted.  With the network layer
+bwrap also makes a network namespace (`--unshare-net`), reports its child's
+pid on an info fd, and (cold spawn) waits on a block fd until the daemon has
+given that namespace its network (network.py).
 
 Identity.  When the daemon is not root, bwrap makes a user namespace and maps
 uid 65534 inside to the daemon's own (unprivileged) uid.  When the daemon runs
@@ -45,6 +47,25 @@ PROBE_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
+class NetOptions:
+    """The network namespace's part of a bwrap command line (network.py gives it its network).
+
+    `info_fd` is where bwrap writes its child's pid; with `block_fd` the
+    sandboxed program starts only once something is written there.
+    """
+
+    info_fd: int
+    block_fd: int | None = None
+    resolv_conf: str = "/etc/resolv.conf"
+
+    def args(self) -> list[str]:
+        args = ["--unshare-net", "--info-fd", str(self.info_fd)]
+        if self.block_fd is not None:
+            args += ["--block-fd", str(self.block_fd)]
+        return args
+
+
+@dataclass(frozen=True)
 class BwrapSupport:
     """Whether strict isolation can run here, and if not, why (for logs and /healthz)."""
 
@@ -62,15 +83,15 @@ def _within(path: Path, roots: list[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
-def runtime_roots(python: str, extra_ro: list[Path]) -> list[Path]:
+def runtime_roots(python: str) -> list[Path]:
     """Directories to bind read-only so `python -I -m sandbox` works inside.
 
     Our own interpreter's prefixes (venv and its base) when `python` is ours,
-    the sandbox package, and extra_ro; /usr is bound anyway.  Nested paths are
-    dropped so each tree is mounted once.
+    and the sandbox package; /usr is bound anyway.  Nested paths are dropped
+    so each tree is mounted once.
     """
     exe = Path(python)
-    candidates = [Path(p) for p in extra_ro]
+    candidates: list[Path] = []
     prefixes = _prefixes()
     if _within(exe, prefixes) or _within(exe.resolve(), prefixes):
         candidates += prefixes
@@ -82,11 +103,13 @@ def runtime_roots(python: str, extra_ro: list[Path]) -> list[Path]:
         if not _within(path, [Path("/usr"), *roots]):
             roots.append(path)
     if not _within(exe.resolve(), [Path("/usr"), *roots]):
-        raise ValueError(f"{python} is outside every bound path; add its prefix to extra_ro")
+        bound = ", ".join(str(p) for p in [Path("/usr"), *roots])
+        raise ValueError(f"{python} is outside every path the sandbox binds ({bound}): run wfd "
+                         "with the Python it is installed in, or one under /usr")
     return roots
 
 
-def _system_view() -> list[str]:
+def _system_view(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
     args = ["--ro-bind", "/usr", "/usr"]
     for name in USR_LINKS:
         host = Path("/") / name
@@ -94,8 +117,10 @@ def _system_view() -> list[str]:
             args += ["--symlink", os.readlink(host), str(host)]
         elif host.is_dir():
             args += ["--ro-bind", str(host), str(host)]
+    args += ["--perms", "0755", "--dir", "/etc"]  # else made 0700 when resolv.conf is elsewhere
     for name in ETC_FILES:
-        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        source = resolv_conf if name == "resolv.conf" else f"/etc/{name}"
+        args += ["--ro-bind-try", source, f"/etc/{name}"]
     return args
 
 
@@ -147,25 +172,27 @@ def _identity(uid: int, privileged: bool) -> list[str]:
 def command(
     python: str,
     workdir_size_bytes: int,
-    extra_ro: list[Path] | None = None,
     *,
     uid: int = SANDBOX_UID,
     privileged: bool | None = None,
+    net: NetOptions | None = None,
 ) -> list[str]:
     """Argv prefix; append `[python, "-I", "-m", "sandbox"]` (or any command) to it.
 
     `privileged` defaults to "the daemon is root" and selects how the
-    unprivileged identity is obtained (see the module docstring).
+    unprivileged identity is obtained (see the module docstring); `net`
+    adds a network namespace.
     """
     if privileged is None:
         privileged = os.geteuid() == 0
-    roots = runtime_roots(python, extra_ro or [])
+    roots = runtime_roots(python)
     return [
         shutil.which("bwrap") or "bwrap",
         "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        *(net.args() if net else []),
         "--new-session", "--die-with-parent",
         *_environment(roots),
-        *_system_view(),
+        *_system_view(*([net.resolv_conf] if net else [])),
         # The private dirs first: a runtime under /tmp (a checkout or venv
         # there) must be bound over the sandbox's /tmp, not hidden under it.
         *_private_dirs(workdir_size_bytes),
@@ -182,8 +209,9 @@ _MOUNT_PROC_SH = 'mount -t proc -o nosuid,nodev,noexec proc /proc && exec "$@"'
 ZYGOTE_SCRATCH_BYTES = 1 << 20
 
 
-def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
-                   uid: int = SANDBOX_UID, privileged: bool | None = None) -> list[str]:
+def zygote_command(python: str, *, uid: int = SANDBOX_UID,
+                   privileged: bool | None = None,
+                   net: NetOptions | None = None) -> list[str]:
     """Argv prefix for the zygote: the same view as an execution's, but shared, so read-only.
 
     The zygote and every execution forked from it see this one bwrap's
@@ -192,11 +220,12 @@ def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
     own /tmp, /dev/shm and /proc over the zygote's (sandbox/isolate.py). The
     zygote runs as uid 65534 without capabilities, exactly like an execution
     of the spawn path; it builds each execution's namespaces through an
-    unprivileged user namespace of the execution's own.
+    unprivileged user namespace of the execution's own. With `net`, the
+    zygote and its children share one network namespace.
     """
     if privileged is None:
         privileged = os.geteuid() == 0
-    roots = runtime_roots(python, extra_ro or [])
+    roots = runtime_roots(python)
     size = str(ZYGOTE_SCRATCH_BYTES)
     if privileged:
         proc = ["--dir", "/proc"]
@@ -208,9 +237,10 @@ def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
     return [
         shutil.which("bwrap") or "bwrap",
         "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        *(net.args() if net else []),
         "--new-session", "--die-with-parent",
         *_environment(roots),
-        *_system_view(),
+        *_system_view(*([net.resolv_conf] if net else [])),
         *proc, "--dev", "/dev",
         "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm",
         "--perms", "1777", "--size", size, "--tmpfs", WORKDIR,

@@ -11,12 +11,15 @@ only. `layers()` says which are active, for `wfd ctl status` and /healthz.
 """
 
 import contextlib
+import logging
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from sandbox import protocol
 from wfd import logs
 from wfd.config import MIB, Limits
-from wfd.isolation import bwrap, cgroups
+from wfd.isolation import bwrap, cgroups, network
 
 # One CPU per execution: a workflow spinning threads on every core would
 # otherwise delay every other workflow (SPEC 5), which RLIMIT_CPU cannot stop.
@@ -47,32 +50,59 @@ def strict_advice(reason: str | None) -> str:
     )
 
 
+def network_advice(reason: str | None) -> str:
+    """The start-up error of strict mode when executions cannot have a network of their own."""
+    return (f'isolation = "strict" gives each execution a network namespace of its own, and '
+            f"this host cannot: {reason}. Install passt (Debian/Ubuntu: apt-get install "
+            'passt iproute2), or set isolation = "best-effort" to run executions on the '
+            "host's network.")
+
+
 class Isolation:
     """The layers detected at start-up, and the per-execution plumbing they need."""
 
     def __init__(self, mode: str, python: str, support: bwrap.BwrapSupport | None,
-                 backend: cgroups.CgroupBackend | None) -> None:
+                 backend: cgroups.CgroupBackend | None,
+                 net: network.Network | None = None, net_missing: str | None = None) -> None:
         self.mode = mode
         self.python = python
         self.support = support
         self.backend = backend
+        self.network = net if support is not None and support.available else None
+        self.net_missing = net_missing
 
     @classmethod
-    def detect(cls, mode: str, python: str = sys.executable) -> "Isolation":
-        """Probe bwrap and cgroups (blocking; call before the loop starts threads)."""
+    def detect(cls, mode: str, python: str = sys.executable,
+               resolv_conf: Path = Path("/etc/resolv.conf")) -> "Isolation":
+        """Probe bwrap, pasta and cgroups (blocking; call before the loop starts threads)."""
         if mode == "none":
             return cls(mode, python, None, None)
         support = bwrap.probe(python)
         if not support.available:
             if mode == "strict":
                 raise IsolationError(strict_advice(support.reason))
-            logs.logger.error("isolation best-effort: NO namespaces, unprivileged identity "
-                              "or filesystem view: %s", support.reason)
+            logs.event("isolation-degraded", level=logging.ERROR, mode=mode,
+                       off="namespaces, unprivileged identity, filesystem view",
+                       reason=support.reason)
+        net, net_missing = None, None
+        if support.available:
+            found = network.detect()
+            if found.available:
+                net = network.Network(found, resolv_conf)
+            elif mode == "strict":
+                raise IsolationError(network_advice(found.reason))
+            else:
+                net_missing = found.reason
+                logs.event("isolation-degraded", level=logging.ERROR, mode=mode,
+                           off="network namespace: executions share the HOST'S NETWORK "
+                               "(its loopback, metadata service, private ranges)",
+                           reason=found.reason)
         backend = _detect_cgroups()
         if backend is None:
-            logs.logger.warning("no writable cgroup tree: limits are rlimits only; a fork bomb "
-                                "is bounded per uid by RLIMIT_NPROC, not per execution")
-        return cls(mode, python, support, backend)
+            logs.event("no-cgroups", level=logging.WARNING,
+                       effect="limits are rlimits only; a fork bomb is bounded per uid by "
+                              "RLIMIT_NPROC, not per execution")
+        return cls(mode, python, support, backend, net, net_missing)
 
     @property
     def sandboxed(self) -> bool:
@@ -85,13 +115,17 @@ class Isolation:
         The zygote's children have the same layers as a cold spawn, built
         differently (docs/isolation.md, "The zygote"); the details say how.
         """
-        missing = self.support.reason if self.support else 'isolation = "none"'
+        support = self.support
+        missing = (support.reason or "unavailable") if support else 'isolation = "none"'
         sandbox = self.sandboxed
+        mode = support.mode if support else None
         forked = executor == "zygote"
-        version = self.support.version if self.support else None
+        version = support.version if support else None
         survivors = [name for name, on in (("pid namespace", sandbox),
                                            ("cgroup kill", self.backend is not None)) if on]
-        namespaces = (f"{version}: pid, ipc, uts, mount; network shared"
+        namespaces = (f"{version}: pid, ipc, uts, mount"
+                      + (", network" if self.network else "; network shared")
+                      + "; none of its own (seccomp)"
                       + ("; per execution its own user, mount, pid and ipc namespaces "
                          "inside the zygote's" if forked else ""))
         filesystem = ("read-only /usr and Python runtime, private /tmp tmpfs; data dir, "
@@ -101,10 +135,13 @@ class Isolation:
             "rlimits": Layer(True, "memory, CPU, file size, open files, processes, no core; "
                                    "PR_SET_PDEATHSIG, no_new_privs"),
             "namespaces": Layer(sandbox, namespaces if sandbox else missing),
-            "identity": Layer(sandbox, f"uid {bwrap.SANDBOX_UID} via {self.support.mode}"
+            "identity": Layer(sandbox, f"uid {bwrap.SANDBOX_UID} via {mode}"
                               + (", zygote included; no capabilities" if forked else "")
                               if sandbox else missing),
             "filesystem": Layer(sandbox, filesystem if sandbox else missing),
+            "network": Layer(self.network is not None,
+                             self.network.describe() if self.network
+                             else self.net_missing or missing),
             "cgroup": Layer(self.backend is not None, self._cgroup_detail()),
             "no_survivors": Layer(bool(survivors), " + ".join(survivors)
                                   or "process group kill only: setsid escapes it"),
@@ -116,7 +153,8 @@ class Isolation:
             return "no writable cgroup v2 subtree nor v1 pids+memory: rlimits only"
         described = self.backend.describe()
         paths = described.get("paths") or {"": described.get("path")}
-        return f"{described['cgroup']} at {', '.join(map(str, paths.values()))}"
+        where = paths.values() if isinstance(paths, dict) else [paths]
+        return f"{described['cgroup']} at {', '.join(map(str, where))}"
 
     def cgroup_for(self, limits: Limits, execution_id: str) -> cgroups.ExecutionCgroup | None:
         """A fresh cgroup for one execution, or None where the host has none.
@@ -129,23 +167,30 @@ class Isolation:
         memory = (limits.memory_mb + limits.tmp_mb) * MIB
         return self.backend.create(execution_id, memory, limits.processes, CPU_QUOTA)
 
-    def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None) -> list[str]:
+    def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None,
+             net: bwrap.NetOptions | None = None) -> list[str]:
         """The whole command line of one execution: cgroup join, bwrap, interpreter."""
-        command = [self.python, "-I", "-m", "sandbox"]
+        command = [self.python, "-I", "-m", protocol.CHILD_MODULE]
         if self.sandboxed:
-            command = [*bwrap.command(self.python, limits.tmp_mb * MIB), *command]
+            command = [*bwrap.command(self.python, limits.tmp_mb * MIB, net=net), *command]
         return cgroup.join_argv(command) if cgroup else command
 
-    def zygote_argv(self) -> list[str]:
-        """The zygote's command line up to its arguments: bwrap when sandboxed, and its mode.
+    def zygote_command(self, net: bwrap.NetOptions | None = None) -> list[str]:
+        """The zygote's command line up to its arguments (`protocol.ZygoteArgs`).
 
         Its children join their cgroup and build their namespaces themselves
-        (sandbox/isolate.py), so nothing per execution appears here.
+        (sandbox/isolate.py), so nothing per execution appears here; the
+        network namespace (`net`) is the zygote's, shared by its children.
         """
-        command = [self.python, "-I", "-m", "sandbox.zygote"]
+        command = [self.python, "-I", "-m", protocol.ZYGOTE_MODULE]
         if self.sandboxed:
-            return [*bwrap.zygote_command(self.python), *command, "sandbox"]
-        return [*command, "plain"]
+            return [*bwrap.zygote_command(self.python, net=net), *command]
+        return command
+
+    @property
+    def zygote_mode(self) -> str:
+        """Sandbox mode under bwrap: each execution builds namespaces of its own."""
+        return protocol.MODE_SANDBOX if self.sandboxed else protocol.MODE_PLAIN
 
     def close(self) -> None:
         """Remove the daemon's own cgroup parents (at shutdown)."""
@@ -158,5 +203,5 @@ def _detect_cgroups() -> cgroups.CgroupBackend | None:
     try:
         return cgroups.detect()
     except OSError as exc:
-        logs.logger.warning("cgroup detection failed: %s", exc)
+        logs.event("cgroup-detection-failed", level=logging.WARNING, error=str(exc))
         return None
