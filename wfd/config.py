@@ -7,6 +7,7 @@ flag. Unknown keys are errors rather than silently ignored, so a typo in
 
 import os
 import re
+import resource
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -18,6 +19,12 @@ MIB = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODULE_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 ISOLATION_MODES = ("strict", "best-effort", "none")
+# Descriptors the daemon keeps for itself when `max_connections` is derived
+# from RLIMIT_NOFILE: the store, the zygote and its spares, the control
+# socket and its clients, logs; and each running execution's pipes and pidfd.
+RESERVED_FDS = 128
+FDS_PER_EXECUTION = 8
+MIN_CONNECTIONS = 16
 
 
 class ConfigError(Exception):
@@ -125,6 +132,15 @@ class Config:
     global_concurrency: int = 0
     queue_max: int = 100
     grace_s: float = 30.0
+    # -- Hostile clients (SPEC 8): how long a client may take, how many may be
+    # connected, how many body bytes may wait. README "Slow and hostile clients".
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_s: float = 15.0
+    # 0: derived from the descriptor limit (`connection_limit`).
+    max_connections: int = 0
+    max_pending_mb: float = 256.0
+    # -- end of hostile clients
     # How executions start (README "The zygote"): "zygote" forks them from a
     # preloaded process, "spawn" starts a fresh interpreter for each one.
     executor: str = "zygote"
@@ -167,6 +183,19 @@ class Config:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * MIB)
+
+    @property
+    def max_pending_bytes(self) -> int:
+        return int(self.max_pending_mb * MIB)
+
+    @property
+    def connection_limit(self) -> int:
+        """`max_connections`, or what the descriptor limit leaves after the daemon's own."""
+        if self.max_connections:
+            return self.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        reserved = RESERVED_FDS + FDS_PER_EXECUTION * self.concurrency
+        return max(MIN_CONNECTIONS, soft - reserved)
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -220,6 +249,7 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format must be 'text' or 'json', got {config.log_format!r}")
     _check_executor(config)
+    _check_clients(config)
     if config.isolation not in ISOLATION_MODES:
         raise ConfigError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, "
                           f"got {config.isolation!r}")
@@ -260,3 +290,18 @@ def _check_executor(config: Config) -> None:
     if not (type(low) is int and type(high) is int and 0 <= low <= high and high >= 1):
         raise ConfigError(f"spares_min and spares_max must be integers with "
                           f"0 <= spares_min <= spares_max, 1 <= spares_max; got {low}, {high}")
+
+
+def _check_clients(config: Config) -> None:
+    """The hostile-client keys: positive, and a budget that fits one whole body."""
+    for key in ("header_timeout_s", "body_timeout_s", "keepalive_s", "max_pending_mb"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{key} must be a positive number, got {value!r}")
+    if type(config.max_connections) is not int or config.max_connections < 0:
+        raise ConfigError(f"max_connections must be a positive integer or 0 (derived from "
+                          f"the descriptor limit), got {config.max_connections!r}")
+    if config.max_pending_mb < config.max_body_mb:
+        raise ConfigError(f"max_pending_mb ({config.max_pending_mb:g}) must be at least "
+                          f"max_body_mb ({config.max_body_mb:g}), or no body of the "
+                          "largest size could ever be read")

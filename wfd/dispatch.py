@@ -15,12 +15,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from wfd import domain, ids, logs
-from wfd.admission import Admission, Overloaded, Reservation
+from wfd.admission import Admission, BodyHold, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
 from wfd.executor import Executor, Job, Outcome
 from wfd.isolation.network import Policy
-from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
+from wfd.store import ExecutionRecord, RequestFields, Store, Workflow, utc_iso
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,22 @@ class Dispatcher:
         """Where its executions may connect: the daemon's allowances and the workflow's own."""
         return Policy.of(*self.config.network.allow, *(workflow.allow_net if workflow else ()))
 
-    def reserve(self, workflow: Workflow, bounded: bool = True) -> Reservation:
+    def hold_body(self, size: int) -> BodyHold:
+        """Count a request body about to be read; raises Overloaded past the budget or stopping."""
+        if self.draining:
+            raise Overloaded("the daemon is stopping")
+        return self.admission.hold_body(size)
+
+    def reserve(self, workflow: Workflow, bounded: bool = True,
+                body: BodyHold | None = None) -> Reservation:
         """Queue an execution of `workflow`; raises Overloaded when full or stopping."""
         if self.draining:
             raise Overloaded("the daemon is stopping")
-        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded)
+        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded,
+                                      body)
 
     async def execute(self, workflow: Workflow, trigger: Trigger,
-                      request: dict[str, Any] | None = None,
+                      request: RequestFields | None = None,
                       reservation: Reservation | None = None,
                       execution_id: str | None = None,
                       lineage: dict[str, Any] | None = None,
