@@ -7,6 +7,7 @@ resolver of the daemon's sandbox (`[network] resolv_conf`). Every case runs
 on both executors through a real strict daemon.
 """
 
+import contextlib
 import json
 import os
 import secrets
@@ -191,10 +192,8 @@ def _links(pid: int, what: str) -> set[str]:
         return set()
     found = set()
     for entry in entries:
-        try:
+        with contextlib.suppress(OSError):
             found.add(os.readlink(f"/proc/{pid}/{what}/{entry}"))
-        except OSError:
-            pass
     return found
 
 
