@@ -217,9 +217,10 @@ def test_big_bodies_parse_off_the_event_loop(make_daemon) -> None:
         assert [r.result() for r in results] == [200] * 6
     assert len(latencies) >= 3, "the big bodies parsed before the trivial requests ran"
     # The event loop answers at once; the trivial workflow's own child then
-    # competes for the CPU with six children decoding 10 MiB each.
+    # competes for two cores with six children decoding 10 MiB each (about
+    # 2 s here), where parsing on the loop delayed it by 11 s.
     assert max(loop for loop, _ in latencies) < 0.5, latencies
-    assert max(execution for _, execution in latencies) < 2.5, latencies
+    assert max(execution for _, execution in latencies) < 5.0, latencies
 
 
 def test_a_flood_on_one_workflow_delays_another_by_about_one_execution(make_daemon) -> None:
