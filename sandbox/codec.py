@@ -30,7 +30,7 @@ class CodecError(ValueError):
     """A document that cannot be read, or a value that cannot be written; the message says why."""
 
 
-def loads(data: bytes | str, max_depth: int | None = None) -> Any:
+def loads(data: bytes | bytearray | str, max_depth: int | None = None) -> Any:
     """Parse JSON (valid UTF-8, no NaN) with integers of any size kept exact.
 
     With `max_depth`, a document nested deeper is refused. orjson refuses

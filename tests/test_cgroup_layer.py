@@ -12,8 +12,8 @@ import requests
 # The daemon's own mount namespace, in which no cgroup tree is visible.
 NO_CGROUPS = ("unshare", "--mount", "sh", "-c",
               'mount -t tmpfs -o ro none /sys/fs/cgroup && exec "$@"', "no-cgroups")
-# The daemon as pid 1 of a PID namespace of its own, as in a container.
-OWN_PID_NAMESPACE = ("unshare", "--pid", "--fork", "--kill-child")
+# The daemon as pid 1 of a PID namespace of its own, with its own /proc, as in a container.
+OWN_PID_NAMESPACE = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc")
 
 SHOW_CGROUP = '''
 def workflow(_request, settings):

@@ -8,6 +8,7 @@ KEYS = {
     "listen", "admin_listen", "public_url", "team", "data_dir", "socket", "socket_group",
     "log_format", "log_level", "max_body_mb", "global_concurrency", "queue_max", "grace_s",
     "isolation.mode", "isolation.require_cgroups", "max_json_depth", "max_code_kb",
+    "header_timeout_s", "body_timeout_s", "keepalive_s", "max_connections", "max_pending_mb",
     "limits.timeout_s", "limits.memory_mb", "limits.cpu_s", "limits.processes",
     "limits.open_files", "limits.file_size_mb", "limits.tmp_mb", "limits.concurrency",
     "limits.output_kb",

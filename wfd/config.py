@@ -7,6 +7,7 @@ flag. Unknown keys are errors rather than silently ignored, so a typo in
 
 import os
 import re
+import resource
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,13 +19,17 @@ from pydantic import with_config as _with_config
 from wfd.isolation.network import Allow
 
 MIB = 1024 * 1024
-LOG_LEVELS = ("debug", "info", "warning", "error")
 MODULE_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-ISOLATION_MODES = ("strict", "best-effort", "none")
 # The {team} part of catch URLs: one path segment, nothing a proxy would rewrite.
 TEAM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 # orjson writes at most 254 levels; settings and requests must stay encodable.
 MAX_JSON_DEPTH = 254
+# Descriptors the daemon keeps for itself when `max_connections` is derived
+# from RLIMIT_NOFILE: the store, the zygote and its spares, the control
+# socket and its clients, logs; and each running execution's pipes and pidfd.
+RESERVED_FDS = 128
+FDS_PER_EXECUTION = 8
+MIN_CONNECTIONS = 16
 
 
 class ConfigError(Exception):
@@ -38,6 +43,7 @@ NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
 NonNegativeFloat = Annotated[float, Strict(), Field(ge=0)]
 Text = Annotated[str, Strict()]
+IsolationMode = Literal["strict", "best-effort", "none"]
 # Unknown keys are errors; values are checked again when a reload builds a new one.
 _STRICT_KEYS = ConfigDict(extra="forbid")
 
@@ -184,6 +190,15 @@ class Config:
     global_concurrency: NonNegativeInt = 0
     queue_max: NonNegativeInt = 100
     grace_s: NonNegativeFloat = 30.0
+    # -- Hostile clients (SPEC 8): how long a client may take, how many may be
+    # connected, how many body bytes may wait. README "Slow and hostile clients".
+    header_timeout_s: PositiveFloat = 10.0
+    body_timeout_s: PositiveFloat = 30.0
+    keepalive_s: PositiveFloat = 15.0
+    # 0: derived from the descriptor limit (`connection_limit`).
+    max_connections: NonNegativeInt = 0
+    max_pending_mb: PositiveFloat = 256.0
+    # -- end of hostile clients
     # How executions start (README "The zygote"): "zygote" forks them from a
     # preloaded process, "spawn" starts a fresh interpreter for each one.
     executor: Annotated[Text, AfterValidator(_executor)] = "zygote"
@@ -193,7 +208,7 @@ class Config:
     # Bounds of the pool of already-forked children waiting for work.
     spares_min: NonNegativeInt = 2
     spares_max: PositiveInt = 8
-    isolation: Literal["strict", "best-effort", "none"] = "strict"
+    isolation: IsolationMode = "strict"
     # Strict refuses to start without a cgroup per execution unless this is false
     # (`[isolation] require_cgroups`): rlimits alone cannot bound a fork bomb.
     require_cgroups: Annotated[bool, Strict()] = True
@@ -205,6 +220,10 @@ class Config:
         if self.spares_min > self.spares_max:
             raise ValueError(f"spares_min must be at most spares_max ({self.spares_max}), "
                              f"got {self.spares_min}")
+        if self.max_pending_mb < self.max_body_mb:
+            raise ValueError(f"max_pending_mb ({self.max_pending_mb:g}) must be at least "
+                             f"max_body_mb ({self.max_body_mb:g}), or no body of the "
+                             "largest size could ever be read")
 
     @property
     def own_ports(self) -> set[int]:
@@ -233,6 +252,28 @@ class Config:
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * MIB)
 
+    @property
+    def max_pending_bytes(self) -> int:
+        return int(self.max_pending_mb * MIB)
+
+    @property
+    def connection_limit(self) -> int:
+        """`max_connections`, or what the descriptor limit leaves after the daemon's own."""
+        if self.max_connections:
+            return self.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        reserved = RESERVED_FDS + FDS_PER_EXECUTION * self.concurrency
+        return max(MIN_CONNECTIONS, soft - reserved)
+
+
+@_with_config(_STRICT_KEYS)
+@dataclass(frozen=True)
+class IsolationTable:
+    """The long form of `isolation`: an `[isolation]` table (see `_flatten_isolation`)."""
+
+    mode: IsolationMode = "strict"
+    require_cgroups: Annotated[bool, Strict()] = True
+
 
 SECTIONS = ("limits", "retention", "network", "isolation")
 
@@ -251,7 +292,9 @@ def _message(error: dict[str, Any], prefix: str) -> str:
     if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"unknown key {key}"
     text = error["msg"].removeprefix("Value error, ")
-    if text.startswith("Input should be "):
+    if error["type"] == "bool_type":
+        text = "must be true or false"
+    elif text.startswith("Input should be "):
         text = "must be " + text.removeprefix("Input should be ")
     if "got " not in text and error["type"] != "missing":
         text += f", got {error['input']!r}"
@@ -293,9 +336,6 @@ def _flatten_isolation(raw: dict[str, Any]) -> None:
     table = raw.get("isolation")
     if not isinstance(table, dict):
         return
-    unknown = sorted(set(table) - {"mode", "require_cgroups"})
-    if unknown:
-        raise ConfigError(f"unknown [isolation] key(s): {', '.join(unknown)}")
-    raw["isolation"] = table.get("mode", "strict")
-    if "require_cgroups" in table:
-        raw["require_cgroups"] = table["require_cgroups"]
+    checked: IsolationTable = _validated(IsolationTable, table, "[isolation] ")
+    raw["isolation"] = checked.mode
+    raw["require_cgroups"] = checked.require_cgroups

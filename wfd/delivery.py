@@ -26,14 +26,13 @@ import random
 import time
 from collections import deque
 from datetime import UTC, datetime
-from typing import Any
 
 from wfd import ids, logs
 from wfd.admission import Overloaded, Reservation
 from wfd.dispatch import Dispatcher, Executed
 from wfd.domain import FAILURE_HTTP_STATUS, Status, Trigger
 from wfd.metrics import Metrics
-from wfd.store import DeliveryPolicy, ExecutionRecord, Store, Workflow, utc_iso
+from wfd.store import DeliveryPolicy, ExecutionRecord, RequestFields, Store, Workflow, utc_iso
 
 # Statuses of an attempt that make an async delivery try again (SPEC 11).
 RETRYABLE = frozenset({Status.ERROR, Status.TIMEOUT, Status.MEMORY, Status.CPU,
@@ -77,7 +76,7 @@ class Deliveries:
 
     # -- taking requests -------------------------------------------------------
 
-    async def accept(self, workflow: Workflow, request: dict[str, Any], delivery_id: str,
+    async def accept(self, workflow: Workflow, request: RequestFields, delivery_id: str,
                      idempotency_key: str | None = None,
                      response: tuple[int, dict[str, str], bytes] | None = None) -> None:
         """Commit an async request to the queue; returns once it survives a crash."""
@@ -87,7 +86,7 @@ class Deliveries:
         self._queue(delivery_id, workflow.name, _epoch(accepted_at))
 
     async def run(self, workflow: Workflow, policy: DeliveryPolicy, trigger: Trigger,
-                  request: dict[str, Any], reservation: Reservation | None = None,
+                  request: RequestFields, reservation: Reservation | None = None,
                   execution_id: str | None = None) -> Executed:
         """Run a request now (sync catch, `wfd ctl run`); kept for replay unless told not to."""
         execution_id = execution_id or ids.execution_id()

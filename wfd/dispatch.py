@@ -16,13 +16,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from wfd import domain, ids, logs
-from wfd.admission import Admission, Overloaded, Reservation
+from wfd.admission import Admission, BodyHold, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
 from wfd.executor import Executor, Job, JobError, Outcome
 from wfd.isolation.network import Policy
 from wfd.metrics import Metrics
-from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
+from wfd.store import ExecutionRecord, RequestFields, Store, Workflow, utc_iso
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,22 @@ class Dispatcher:
         """Where its executions may connect: the daemon's allowances and the workflow's own."""
         return Policy.of(*self.config.network.allow, *(workflow.allow_net if workflow else ()))
 
-    def reserve(self, workflow: Workflow, bounded: bool = True) -> Reservation:
+    def hold_body(self, size: int) -> BodyHold:
+        """Count a request body about to be read; raises Overloaded past the budget or stopping."""
+        if self.draining:
+            raise Overloaded("the daemon is stopping")
+        return self.admission.hold_body(size)
+
+    def reserve(self, workflow: Workflow, bounded: bool = True,
+                body: BodyHold | None = None) -> Reservation:
         """Queue an execution of `workflow`; raises Overloaded when full or stopping."""
         if self.draining:
             raise Overloaded("the daemon is stopping")
-        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded)
+        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded,
+                                      body)
 
     def job(self, workflow: Workflow, execution_id: str,
-            request: dict[str, Any] | None = None) -> Job:
+            request: RequestFields | None = None) -> Job:
         """The encoded job; raises JobError when its settings or request cannot be encoded."""
         return Job(execution_id=execution_id, name=workflow.name, kind=workflow.kind,
                    version=workflow.version, code=workflow.code,
@@ -92,7 +100,7 @@ class Dispatcher:
                    json_depth=self.config.max_json_depth)
 
     async def execute(self, workflow: Workflow, trigger: Trigger,
-                      request: dict[str, Any] | None = None,
+                      request: RequestFields | None = None,
                       reservation: Reservation | None = None,
                       execution_id: str | None = None,
                       lineage: dict[str, Any] | None = None,
@@ -119,7 +127,7 @@ class Dispatcher:
         return await task
 
     async def _execute(self, workflow: Workflow, execution_id: str,
-                       request: dict[str, Any] | None, trigger: Trigger,
+                       request: RequestFields | None, trigger: Trigger,
                        reservation: Reservation, lineage: dict[str, Any],
                        on_start: Callable[[], Awaitable[None]] | None) -> Executed:
         started_at = datetime.now(UTC)

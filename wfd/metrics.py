@@ -72,11 +72,37 @@ class Metrics:
         self.http_requests = Counter(
             "wfd_http_requests", "HTTP responses sent, by route and status code.",
             ["route", "code"], registry=registry)
+        # Hostile clients (SPEC 8).
+        self.open_connections = Gauge(
+            "wfd_open_connections", "Connections open on the catch listener.",
+            registry=registry)
+        self.connections_refused = Counter(
+            "wfd_connections_refused", "Connections refused (503) past max_connections.",
+            registry=registry)
+        self.client_timeouts = Counter(
+            "wfd_client_timeouts", "Requests answered 408: headers past header_timeout_s, "
+            "or a body past body_timeout_s.", ["phase"], registry=registry)
+        self.pending_body_bytes = Gauge(
+            "wfd_pending_body_bytes", "Bytes of request bodies being read or waiting for a "
+            "slot (bounded by max_pending_mb).", registry=registry)
 
     def watch_admission(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
         """Read queue depth and running children at scrape time, never stale."""
         self.queue_depth.set_function(waiting)
         self.running.set_function(running)
+
+    def watch_clients(self, open_connections: Callable[[], float],
+                      pending_body_bytes: Callable[[], float]) -> None:
+        """Read open connections and pending body bytes at scrape time."""
+        self.open_connections.set_function(open_connections)
+        self.pending_body_bytes.set_function(pending_body_bytes)
+
+    def connection_refused(self) -> None:
+        self.connections_refused.inc()
+
+    def client_timeout(self, phase: str) -> None:
+        """A client too slow with its headers ("header") or its body ("body")."""
+        self.client_timeouts.labels(phase).inc()
 
     def watch_deliveries(self, depth: Callable[[], tuple[int, float]]) -> None:
         """Read the delivery queue's depth and oldest age at scrape time."""

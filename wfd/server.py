@@ -26,6 +26,7 @@ from aiohttp import web
 from wfd import http, logs, sdnotify
 from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
+from wfd.connections import ConnectionGuard, GuardedSite
 from wfd.control.handlers import Commands
 from wfd.control.server import ControlServer
 from wfd.delivery import Deliveries
@@ -43,7 +44,8 @@ from wfd.storewatch import StoreWatch
 # semaphores or the kind of executor. A changed value is logged as needing a
 # restart and ignored.
 RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
-                "max_body_mb", "global_concurrency", "executor", "network", "require_cgroups")
+                "max_body_mb", "global_concurrency", "executor", "network", "require_cgroups",
+                "keepalive_s")
 # After the drain, how long the listeners give handlers to send their responses.
 RESPONSE_FLUSH_S = 5.0
 
@@ -63,10 +65,14 @@ class Daemon:
         self.self_test: dict[str, selftest.Check] = {}
         self.store = Store(config.db_path)
         self.executor = make_executor(config, isolation)
-        self.admission = Admission(config.concurrency, config.queue_max)
+        self.admission = Admission(config.concurrency, config.queue_max,
+                                   config.max_pending_bytes)
         self.metrics = Metrics()
         self.metrics.watch_admission(lambda: self.admission.waiting,
                                      lambda: self.admission.running)
+        self.guard = ConnectionGuard(lambda: self.config, self.metrics)
+        self.metrics.watch_clients(lambda: self.guard.open,
+                                   lambda: self.admission.pending_bytes)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission,
                                      self.metrics)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
@@ -126,6 +132,9 @@ class Daemon:
             "running": self.admission.running,
             "waiting": self.admission.waiting,
             "concurrency": self.admission.concurrency,
+            "connections": self.guard.open,
+            "max_connections": config.connection_limit,
+            "pending_body_bytes": self.admission.pending_bytes,
             **executor,
             "isolation": {"mode": self.isolation.mode,
                           "executor": executor["executor"],
@@ -148,8 +157,8 @@ class Daemon:
         await self.scheduler.start()
         await self.deliveries.start()
         catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health,
-                                   self.metrics, self.deliveries)
-        await self._listen(catch_app, self.config.listen)
+                                   self.metrics, self.deliveries, self.guard)
+        await self._listen(catch_app, self.config.listen, self.guard)
         if self.config.admin_listen:
             await self._listen(http.admin_app(self.health, self.metrics),
                                self.config.admin_listen)
@@ -174,14 +183,19 @@ class Daemon:
         logs.event("isolation-self-test-failed", level=logging.ERROR, mode=self.isolation.mode,
                    serving="anyway", failed=detail)
 
-    async def _listen(self, app: web.Application, address: str) -> None:
+    async def _listen(self, app: web.Application, address: str,
+                      guard: ConnectionGuard | None = None) -> None:
+        """Serve `app` on `address`; with `guard`, bounded connections and header deadline."""
         host, port = split_host_port(address)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=RESPONSE_FLUSH_S)
+                               shutdown_timeout=RESPONSE_FLUSH_S,
+                               keepalive_timeout=self.config.keepalive_s)
         await runner.setup()
         self._runners.append(runner)
+        site = (web.TCPSite(runner, host, port, reuse_address=True) if guard is None
+                else GuardedSite(runner, host, port, guard, reuse_address=True))
         try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            await site.start()
         except OSError as exc:  # taken, or not an address of this machine
             raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
@@ -275,6 +289,7 @@ class Daemon:
         self.dispatcher.config = config  # limits, and the catch routes' team
         self.commands.config = config
         self.admission.queue_max = config.queue_max
+        self.admission.max_pending_bytes = config.max_pending_bytes
         if isinstance(self.executor, ZygoteExecutor | ZygotesByPolicy):  # restarts if changed
             self.executor.configure(config.preload, config.spares_min, config.spares_max)
         logs.setup(config.log_format, config.log_level)

@@ -29,7 +29,7 @@ from wfd.control.client import (
     final,
     replies,
 )
-from wfd.control.render import render
+from wfd.control.render import escape_controls, render
 
 LIMIT_OPTIONS = (("--timeout", "timeout_s", float), ("--memory", "memory_mb", int),
                  ("--cpu", "cpu_s", int), ("--processes", "processes", int),
@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("target", metavar="EXECUTION_ID|NAME")
     logs.add_argument("--follow", "-f", action="store_true",
                       help="stream NAME's executions as they end, until Ctrl-C")
+    logs.add_argument("--raw", action="store_true",
+                      help="print output and errors as stored, control characters included "
+                           "(on a terminal they are otherwise shown escaped, as \\x1b)")
     replay = add("replay", "run a past execution's request again (trigger replay)")
     replay.add_argument("execution_id", nargs="?", metavar="EXECUTION_ID")
     replay.add_argument("--dead", metavar="NAME", help="replay every dead delivery of NAME")
@@ -219,7 +222,17 @@ def _read(path: str) -> str:
         raise CtlError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def follow(socket_path: str, name: str, as_json: bool) -> None:
+def for_terminal(text: str, raw: bool) -> str:
+    """Text as printed: a workflow's control characters escaped on a terminal (SPEC 8).
+
+    Output and errors come from workflows; written raw to a terminal they
+    could move the cursor, fake lines or set the clipboard. Piped output is
+    left as stored, like journalctl does, and `--raw` forces it.
+    """
+    return text if raw or not sys.stdout.isatty() else escape_controls(text)
+
+
+def follow(socket_path: str, name: str, as_json: bool, raw: bool = False) -> None:
     """Print each execution of `name` as it ends, until the daemon ends the stream."""
     for reply in replies(socket_path, "follow", name=name):
         if "item" not in reply:
@@ -231,7 +244,7 @@ def follow(socket_path: str, name: str, as_json: bool) -> None:
         elif as_json:
             print(json.dumps(item), flush=True)
         else:
-            print(render("logs", item) + "\n", flush=True)
+            print(for_terminal(render("logs", item), raw) + "\n", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, request = request_for(args)
         if command == "follow":
-            follow(socket_path, request["name"], as_json)
+            follow(socket_path, request["name"], as_json, getattr(args, "raw", False))
             return EXIT_OK
         result = call(socket_path, command, **request)
     except CtlError as exc:
@@ -263,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     elif as_json or command == "export":
         print(json.dumps(result, indent=2))
     else:
-        print(render(command, result))
+        print(for_terminal(render(command, result), getattr(args, "raw", False)))
     if command in ("run", "replay") and result["status"] != "success":
         return EXIT_EXECUTION_FAILED
     if command == "replay-dead" and any(r["status"] != "success" for r in result):

@@ -2,7 +2,18 @@
 """
 
 import json
+import re
 from typing import Any
+
+# C0 controls but newline and tab, DEL and C1 controls: what a terminal acts
+# on (cursor moves, colours, OSC 52 clipboard writes, a carriage return
+# overwriting a line) rather than prints.
+TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with each terminal control character shown as `\\xNN`, as journalctl does."""
+    return TERMINAL_CONTROLS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -45,7 +45,9 @@ class Job:
     code: str
     limits: Limits
     settings: dict[str, Any] = field(default_factory=dict)
-    request: dict[str, Any] | None = None
+    # A catch request arrives already serialized (an orjson.Fragment): the
+    # daemon keeps one compact copy while it waits (wfd/catch.py).
+    request: dict[str, Any] | orjson.Fragment | None = None
     mode: str = "run"
     response_bytes: int = 10 * MIB
     # Where it may connect, under the network layer (an execution gets a namespace of it).

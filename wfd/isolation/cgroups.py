@@ -159,13 +159,10 @@ class ExecutionCgroup(ABC):
     def _rmdir(path: Path, timeout_s: float) -> None:
         for _ in _deadline_loop(timeout_s):
             try:
-                path.rmdir()
-                return
-            except FileNotFoundError:
-                return
+                if _removed(path):
+                    return
             except OSError as e:
-                if e.errno != errno.EBUSY:
-                    raise CgroupError(f"cannot remove {path}: {e}") from e
+                raise CgroupError(f"cannot remove {path}: {e}") from e
         raise CgroupError(f"{path} still busy after {timeout_s}s")
 
     def _kill_loop(self, timeout_s: float) -> None:
@@ -371,16 +368,28 @@ def _remove_group(group: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         try:
-            group.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            if e.errno != errno.EBUSY:
-                logs.event("stale-cgroup-kept", level=logging.WARNING, path=group,
-                           error=str(e))
+            if _removed(group):
                 return
+        except OSError as e:
+            logs.event("stale-cgroup-kept", level=logging.WARNING, path=group, error=str(e))
+            return
     logs.event("stale-cgroup-kept", level=logging.WARNING, path=group, reason="still busy")
+
+
+def _removed(group: Path) -> bool:
+    """Try once to remove a cgroup: True once it is gone, False while it is busy.
+
+    A group is EBUSY until its last process has exited; any other error is raised.
+    """
+    try:
+        group.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        return False
+    return True
 
 
 def _stale_cleanup(parent: Path) -> None:
