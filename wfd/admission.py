@@ -18,11 +18,17 @@ before the next costs anything:
 
 Timer runs and async deliveries go through the same queues (`reserve` by
 workflow name), so every trigger shares slots the same way.
+
+An execution answered before it was over (its processes still being killed
+and reaped, `Reservation.hold_until`) keeps its slot until that ends: those
+executions count against both budgets, so a flood of them can never have
+more processes alive than the slots allow.
 """
 
 import asyncio
 from collections import deque
 from types import TracebackType
+from typing import Any
 
 # `max_pending_mb`'s default (wfd/config.py), for callers without a config.
 DEFAULT_PENDING_BYTES = 256 * 1024 * 1024
@@ -76,6 +82,7 @@ class Admission:
         self.pending_bytes = 0
         self.waiting = 0
         self.running = 0
+        self.cleaning = 0  # of `running`: answered, their processes still being cleaned up
         self._workflows: dict[str, _Workflow] = {}
         # Workflows with waiters, in the order they get the next free slot.
         self._ring: deque[_Workflow] = deque()
@@ -182,6 +189,7 @@ class Reservation:
         self._workflow = workflow
         self._body = body
         self._queued = True
+        self._cleanup: asyncio.Future[Any] | None = None
 
     def cancel(self) -> None:
         """Leave the queue without running (the request turned out bad)."""
@@ -199,6 +207,19 @@ class Reservation:
             self.cancel()
         return self
 
+    def hold_until(self, cleanup: "asyncio.Future[Any]") -> None:
+        """Keep the slot after leaving until `cleanup` ends: the execution's processes are gone."""
+        self._cleanup = cleanup
+
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        self._admission._release(self._workflow)
+        cleanup, admission = self._cleanup, self._admission
+        if cleanup is None or cleanup.done():
+            admission._release(self._workflow)
+            return
+        admission.cleaning += 1
+
+        def cleaned(_: "asyncio.Future[Any]") -> None:
+            admission.cleaning -= 1
+            admission._release(self._workflow)
+        cleanup.add_done_callback(cleaned)

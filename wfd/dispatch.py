@@ -67,6 +67,8 @@ class Dispatcher:
         # interrupted; one already recording its outcome is let finish.
         self._interruptible: set[asyncio.Task[Executed]] = set()
         self._interrupting = False
+        # Clean-ups of executions answered before their processes were gone.
+        self._cleaning: set[asyncio.Future[Any]] = set()
 
     def limits(self, workflow: Workflow) -> Limits:
         return self.config.limits.merged(workflow.limits)
@@ -155,7 +157,11 @@ class Dispatcher:
                 if on_start is not None:
                     await on_start()
                 started_at, started = datetime.now(UTC), time.perf_counter()
-                return await self.executor.run(job), started_at
+                outcome = await self.executor.run(job)
+                if outcome.cleanup is not None:
+                    reservation.hold_until(outcome.cleanup)
+                    self._track(job.execution_id, outcome.cleanup)
+                return outcome, started_at
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self._interrupting or task is None:
@@ -168,6 +174,18 @@ class Dispatcher:
             logs.logger.exception("execution %s failed in the daemon", job.execution_id)
             return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
                            error=f"the daemon could not run it: {exc!r}"), started_at
+
+    def _track(self, execution_id: str, cleanup: "asyncio.Future[Any]") -> None:
+        """Follow an answered execution's clean-up: `drain` waits for it, a failure is logged."""
+        self._cleaning.add(cleanup)
+
+        def cleaned(future: "asyncio.Future[Any]") -> None:
+            self._cleaning.discard(future)
+            problem = None if future.cancelled() else future.exception()
+            if problem is not None:
+                logs.event("execution-cleanup-failed", level=logging.ERROR, id=execution_id,
+                           error=str(problem))
+        cleanup.add_done_callback(cleaned)
 
     async def _store(self, workflow: Workflow, outcome: Outcome,
                      record_for: Callable[[str | None], ExecutionRecord]) -> Executed:
@@ -216,6 +234,8 @@ class Dispatcher:
                 task.cancel()
             self._interruptible.clear()
             await asyncio.wait(set(self._inflight))
+        if self._cleaning:  # bounded: each kills, waits at most seconds, and removes
+            await asyncio.wait(set(self._cleaning))
         return interrupted
 
     async def check(self, name: str, kind: Kind, code: str, limits: Limits,
@@ -231,6 +251,8 @@ class Dispatcher:
                   json_depth=self.config.max_json_depth)
         started = time.perf_counter()
         outcome = await self.executor.run(job)
+        if outcome.cleanup is not None:
+            self._track(job.execution_id, outcome.cleanup)
         if outcome.status == Status.SUCCESS:
             return None
         logs.event("deploy-check-failed", workflow=name, status=outcome.status,

@@ -7,7 +7,7 @@ implementation; the rest of the daemon sees only the `Executor` interface.
 from collections.abc import Callable
 
 from wfd.config import Config
-from wfd.executor.base import ChildLost, Executor, Job, JobError, Outcome
+from wfd.executor.base import ChildLost, Executor, Job, JobError, Outcome, settled
 from wfd.executor.by_policy import ZygotesByPolicy
 from wfd.executor.spawn import SpawnExecutor
 from wfd.executor.zygote import ZygoteExecutor
@@ -15,7 +15,7 @@ from wfd.isolation.layers import Isolation
 from wfd.isolation.network import Policy
 
 __all__ = ["EXECUTORS", "ChildLost", "Executor", "Job", "JobError", "Outcome", "SpawnExecutor",
-           "ZygoteExecutor", "ZygotesByPolicy", "make_executor"]
+           "ZygoteExecutor", "ZygotesByPolicy", "make_executor", "settled"]
 
 
 def _zygotes(config: Config, isolation: Isolation) -> Executor:

@@ -6,6 +6,7 @@ child is started (a fresh interpreter, or a fork of a preloaded zygote) can
 change without touching HTTP, the control socket or the scheduler.
 """
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -119,6 +120,20 @@ class Outcome:
     traceback: str | None = None
     output: str = ""
     output_truncated: bool = False
+    # Set when the outcome was known before the execution was over: it ends
+    # once every process of it is gone and what it held is released
+    # (`settled`). Until then its concurrency slot is not free.
+    cleanup: "asyncio.Future[Any] | None" = field(default=None, repr=False, compare=False)
+
+
+async def settled(outcome: Outcome) -> None:
+    """Wait until nothing of the execution is left: no process, no cgroup, no pipe.
+
+    A failure of the clean-up itself is the caller's to log; the outcome
+    stands (it was complete before the clean-up began).
+    """
+    if outcome.cleanup is not None:
+        await outcome.cleanup
 
 
 class Executor(Protocol):
@@ -127,6 +142,11 @@ class Executor(Protocol):
     `run` may be cancelled (the daemon interrupts executions still running
     at the end of its shutdown grace period): before re-raising the
     CancelledError it must have killed every process the job started.
+
+    It may return as soon as the outcome is final, while the execution's
+    processes are still being killed and reaped: the Outcome's `cleanup`
+    then says when they are gone, and whoever gave the execution its slot
+    keeps it until then, so no process of an execution outlives its slot.
     """
 
     async def start(self) -> None: ...

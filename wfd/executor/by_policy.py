@@ -57,14 +57,24 @@ class ZygotesByPolicy:
             self._starting[key] = asyncio.create_task(zygote.start())
             logs.event("zygote-for-policy", allow=",".join(key))
         self._running[key] = self._running.get(key, 0) + 1
+        outcome = None
         try:
             if zygote.state != "ready":  # booting: a cold spawn now beats waiting for it
-                return await zygote.fallback.run(job)
-            return await zygote.run(job)
+                outcome = await zygote.fallback.run(job)
+            else:
+                outcome = await zygote.run(job)
+            return outcome
         finally:
-            self._running[key] -= 1
-            self._used[key] = time.monotonic()
-            self._retire_idle()
+            if outcome is not None and outcome.cleanup is not None:
+                # Answered early: it runs until its processes are gone.
+                outcome.cleanup.add_done_callback(lambda _: self._ended(key))
+            else:
+                self._ended(key)
+
+    def _ended(self, key: tuple[str, ...]) -> None:
+        self._running[key] -= 1
+        self._used[key] = time.monotonic()
+        self._retire_idle()
 
     def _retire_idle(self) -> None:
         """Close the zygotes of policies nothing ran under for IDLE_S (never the default)."""

@@ -124,6 +124,23 @@ async def drain(fd: int, into: Captured) -> None:
         into.add(chunk)
 
 
+def drain_now(fd: int, into: Captured) -> None:
+    """Read what a raw pipe holds right now, without waiting for more.
+
+    Safe beside a `drain` task on the same fd: both run on the loop's
+    thread and add each chunk as soon as it is read, so order is kept.
+    """
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # BlockingIOError: nothing more for now
+            return
+        if not chunk:
+            return
+        into.add(chunk)
+
+
 async def ready(fd: int, watch: Callable[..., Any], unwatch: Callable[[int], Any]) -> None:
     """Wait until the loop reports `fd` ready (for reading or writing, by `watch`)."""
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -8,7 +8,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 from wfd.domain import Status
 from wfd.executor.base import CHILD_PATH, Job, Outcome
 from wfd.executor.pipes import Pipes
-from wfd.executor.supervise import supervise
+from wfd.executor.supervise import answered_early, supervise
 from wfd.isolation import network
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
@@ -71,6 +71,8 @@ class _Launch:
     # With the network layer: bwrap's info pipe and block pipe (ours, theirs).
     info: tuple[int, int] | None = None
     block: tuple[int, int] | None = None
+    # Told the Outcome once it is final (supervise), before the child is reaped.
+    answer: Callable[[Outcome], None] | None = None
 
 
 class SpawnExecutor:
@@ -98,21 +100,24 @@ class SpawnExecutor:
         return {"executor": "spawn"}
 
     async def run(self, job: Job) -> Outcome:
+        return await answered_early(lambda answer: self._run(job, answer))
+
+    async def _run(self, job: Job, answer: Callable[[Outcome], None]) -> Outcome:
         self.running += 1
         try:
             if self.isolation.sandboxed:
-                return await self._run_with_cgroup(job, "/", {"PATH": CHILD_PATH}, True)
+                return await self._run_with_cgroup(job, "/", {"PATH": CHILD_PATH}, True, answer)
             workdir = tempfile.mkdtemp(prefix=f"wfd-{job.execution_id}-", dir=self.tmp_root)
             try:
                 env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
-                return await self._run_with_cgroup(job, workdir, env, False)
+                return await self._run_with_cgroup(job, workdir, env, False, answer)
             finally:
                 await asyncio.to_thread(shutil.rmtree, workdir, True)
         finally:
             self.running -= 1
 
     async def _run_with_cgroup(self, job: Job, cwd: str, env: dict[str, str],
-                               sandboxed: bool) -> Outcome:
+                               sandboxed: bool, answer: Callable[[Outcome], None]) -> Outcome:
         """Make the execution's cgroup, run the child in it, and always remove it."""
         async with execution_cgroup(self.isolation, job) as cgroup:
             info = block = None
@@ -129,7 +134,7 @@ class SpawnExecutor:
                     raise
                 # _spawn closes the child's ends of info and block; ours are closed here.
                 return await self._spawn(job, _Launch(argv, cwd, env, cgroup, sandboxed,
-                                                      info, block))
+                                                      info, block, answer))
             finally:
                 for fd in (info[0], block[1]) if info and block else ():
                     os.close(fd)
@@ -168,7 +173,7 @@ class SpawnExecutor:
                                       sandboxed=launch.signal_exits)
                 return await supervise(job, payload, pipes, started, ended,
                                        lambda: _kill_group(process.pid), cgroup=launch.cgroup,
-                                       signal_exits=launch.signal_exits)
+                                       signal_exits=launch.signal_exits, answer=launch.answer)
             except _NoNetwork as exc:
                 pipes.close_all()
                 return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,

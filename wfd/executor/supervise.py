@@ -10,7 +10,7 @@ import contextlib
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,7 +19,7 @@ from sandbox.protocol import EXIT_JOIN_FAILED
 from wfd.config import MIB
 from wfd.domain import SettingsChange, Status, WorkflowResponse
 from wfd.executor.base import ChildLost, Job, Outcome
-from wfd.executor.pipes import Captured, Pipes, drain, feed
+from wfd.executor.pipes import Captured, Pipes, drain, drain_now, feed
 from wfd.isolation.cgroups import ExecutionCgroup
 
 # How long to keep reading a child's pipes after it exited: a process that
@@ -42,7 +42,8 @@ SHOWN_CHARS = 60
 async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
                     ended: "asyncio.Future[int]", kill: Callable[[], None], *,
                     cgroup: ExecutionCgroup | None = None,
-                    signal_exits: bool = False) -> Outcome:
+                    signal_exits: bool = False,
+                    answer: Callable[[Outcome], None] | None = None) -> Outcome:
     """Feed the job, drain output and result, enforce the timeout, judge.
 
     `ended` gives the child's return code (negative for a signal) or raises
@@ -50,6 +51,10 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
     there is one, everything else it started. `signal_exits`: the child is
     bwrap, which reports a signal death as exit 128 + N. The child's ends of
     `pipes` must be closed already; the caller's `with Pipes()` closes ours.
+
+    `answer`, when given, is called with the Outcome as soon as a complete
+    success result has arrived (`_answer_early`), before the kill and the
+    wait for the exit; this still returns only once everything is killed.
     """
     output = Captured(job.limits.output_kb * 1024)
     result = Captured(job.response_bytes + job.limits.settings_kb * 1024
@@ -63,6 +68,10 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
                                                  job.limits.timeout_s)
         if ended.done():
             returncode = ended.result()
+        if answer is not None and not timed_out and readers[1].done():
+            early = _answer_early(job, result, output, pipes.output_r, started)
+            if early is not None:
+                answer(early)
     except ChildLost as exc:
         lost = str(exc)
     finally:
@@ -86,6 +95,37 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
                      cgroup is not None and cgroup.memory_oom(),
                      cgroup is not None and returncode == EXIT_JOIN_FAILED)
         outcome = _judge(job, how, result, duration_ms)
+    return _with_output(outcome, output, job)
+
+
+def _answer_early(job: Job, result: Captured, output: Captured, output_r: int,
+                  started: float) -> Outcome | None:
+    """The Outcome of a complete success result, or None to judge after the exit.
+
+    The result pipe is at EOF: the workflow's process wrote its result and
+    closed it (sandbox/runner.py `report`), after flushing its output. What
+    it wrote before is in the output pipe already, so reading that pipe
+    until it would block gives the record every byte written before the
+    result; anything written after it (by processes the workflow left
+    running, about to be killed) is not the execution's.
+
+    Only a success is answered early: it stands whatever happens next (an
+    OOM kill while the execution is being killed changes nothing, as in
+    `_judge`), while a failure may still turn into `memory` once the
+    cgroup's OOM verdict is final, so it waits for the exit like before.
+    """
+    if not result.data or result.truncated:
+        return None
+    outcome = _judge(job, _Ended(None, None, False, False, False), result,
+                     (time.perf_counter() - started) * 1000)
+    if outcome.status != Status.SUCCESS:
+        return None
+    drain_now(output_r, output)
+    return _with_output(outcome, output, job)
+
+
+def _with_output(outcome: Outcome, output: Captured, job: Job) -> Outcome:
+    """The Outcome with the captured output, noting where a cap cut it."""
     outcome.output = output.data.decode("utf-8", "replace")
     outcome.output_truncated = output.truncated
     if output.truncated:
@@ -113,6 +153,36 @@ async def _reported_or_ended(ended: "asyncio.Future[int]", result_reader: "async
         if ended in done or result.data:
             return True
         waiting.discard(result_reader)  # closed without a result: wait for the exit
+
+
+async def answered_early(
+        execution: Callable[[Callable[[Outcome], None]], Coroutine[Any, Any, Outcome]]
+) -> Outcome:
+    """Run `execution(answer)` as a task; its early answer, or its Outcome if none came.
+
+    An early answer carries the task as its `cleanup`, so the caller can
+    respond while the execution is still being killed and reaped. Cancelled
+    (the daemon interrupting it at shutdown), it cancels the task and waits
+    for it: every process is killed before the cancellation goes on.
+    """
+    early: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+    def answer(outcome: Outcome) -> None:
+        if not early.done():
+            early.set_result(outcome)
+
+    task: asyncio.Task[Outcome] = asyncio.create_task(execution(answer))
+    try:
+        await asyncio.wait({early, task}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    if not early.done():
+        return task.result()
+    outcome = early.result()
+    outcome.cleanup = task
+    return outcome
 
 
 def _consume(future: "asyncio.Future[int]") -> None:

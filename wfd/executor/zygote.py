@@ -17,7 +17,7 @@ import socket
 import sysconfig
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -27,7 +27,7 @@ from wfd import logs
 from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
 from wfd.executor.pipes import Pipes
 from wfd.executor.spawn import SpawnExecutor, execution_cgroup
-from wfd.executor.supervise import supervise
+from wfd.executor.supervise import answered_early, supervise
 from wfd.isolation import network
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
@@ -266,11 +266,16 @@ class ZygoteExecutor:
         zygote = await self._ready_zygote()
         if zygote is None:
             return await self.fallback.run(job)
+        return await answered_early(lambda answer: self._in_cgroup(zygote, job, answer))
+
+    async def _in_cgroup(self, zygote: ZygoteProcess, job: Job,
+                         answer: Callable[[Outcome], None]) -> Outcome:
         async with execution_cgroup(self.isolation, job) as cgroup:
-            return await self._run_in(zygote, job, cgroup)
+            return await self._run_in(zygote, job, cgroup, answer)
 
     async def _run_in(self, zygote: ZygoteProcess, job: Job,
-                      cgroup: ExecutionCgroup | None) -> Outcome:
+                      cgroup: ExecutionCgroup | None,
+                      answer: Callable[[Outcome], None]) -> Outcome:
         """Hand the job's pipes (and its cgroup's procs files) to the zygote; supervise."""
         with Pipes() as pipes:
             joins = cgroup.open_procs() if cgroup is not None else []
@@ -285,7 +290,7 @@ class ZygoteExecutor:
                                   sandboxed=self.isolation.sandboxed)
             return await supervise(job, payload, pipes, started, ended,
                                    lambda: zygote.kill(job.execution_id), cgroup=cgroup,
-                                   signal_exits=self.isolation.sandboxed)
+                                   signal_exits=self.isolation.sandboxed, answer=answer)
 
     async def _ready_zygote(self) -> ZygoteProcess | None:
         """The zygote to use, waiting out a boot in progress; None means cold spawn."""

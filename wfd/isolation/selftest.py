@@ -29,7 +29,7 @@ import orjson
 from wfd import ids
 from wfd.config import Config
 from wfd.domain import Kind, Status
-from wfd.executor import Executor, Job, Outcome
+from wfd.executor import Executor, Job, Outcome, settled
 from wfd.isolation.layers import Isolation
 from wfd.isolation.network import Policy
 
@@ -200,6 +200,13 @@ def _survivors(token: str, wait_s: float) -> list[int]:
     return pids
 
 
+async def _settled_run(executor: Executor, job: Job) -> Outcome:
+    """Run the probe and wait until the kill of what it left has landed."""
+    outcome = await executor.run(job)
+    await settled(outcome)
+    return outcome
+
+
 async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[str, Check]:
     """Run the probe twice and check each layer against what detection promised.
 
@@ -213,7 +220,8 @@ async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[
                    "daemon_pid": os.getpid(), "daemon_start": _start_time(os.getpid()),
                    "token": token, "daemon_port": port, "abstract": token,
                    "private": PRIVATE_PROBE}
-        first, second = [await executor.run(_job(config, request)) for _ in range(2)]
+        first, second = [await _settled_run(executor, _job(config, request))
+                         for _ in range(2)]
     sandboxed = isolation.sandboxed
     networked = isolation.network is not None
     kills = sandboxed or isolation.backend is not None
