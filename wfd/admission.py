@@ -82,7 +82,6 @@ class Admission:
         self.pending_bytes = 0
         self.waiting = 0
         self.running = 0
-        self.cleaning = 0  # of `running`: answered, their processes still being cleaned up
         self._workflows: dict[str, _Workflow] = {}
         # Workflows with waiters, in the order they get the next free slot.
         self._ring: deque[_Workflow] = deque()
@@ -213,13 +212,8 @@ class Reservation:
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        cleanup, admission = self._cleanup, self._admission
+        cleanup = self._cleanup
         if cleanup is None or cleanup.done():
-            admission._release(self._workflow)
-            return
-        admission.cleaning += 1
-
-        def cleaned(_: "asyncio.Future[Any]") -> None:
-            admission.cleaning -= 1
-            admission._release(self._workflow)
-        cleanup.add_done_callback(cleaned)
+            self._admission._release(self._workflow)
+        else:
+            cleanup.add_done_callback(lambda _: self._admission._release(self._workflow))

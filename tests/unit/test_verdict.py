@@ -1,15 +1,17 @@
 """The verdict: how a child's exit and result become an execution's status and message."""
 
+import os
 import signal
+import time
 
 import orjson
 import pytest
 
 from sandbox.protocol import EXIT_JOIN_FAILED as JOIN_FAILED_EXIT
 from wfd.config import Limits
-from wfd.executor.base import Job
+from wfd.executor.base import Job, Outcome
 from wfd.executor.pipes import Captured
-from wfd.executor.supervise import _Ended, _judge, _signal_of
+from wfd.executor.supervise import _answer_early, _Ended, _judge, _signal_of
 
 JOB = Job(execution_id="x", name="w", kind="catch", version=1, code="",
           limits=Limits(timeout_s=1.5, memory_mb=256, cpu_s=7))
@@ -141,3 +143,35 @@ def test_a_success_with_a_response_that_cannot_be_sent_is_an_error(response: obj
 ])
 def test_signal_of(returncode: int | None, bwrap: bool, expected: int | None) -> None:
     assert _signal_of(returncode, bwrap) == expected
+
+
+# ------------------------------------------------- answered before the exit
+
+
+def answered(captured: Captured, written: bytes = b"") -> Outcome | None:
+    """`_answer_early` on a real pipe holding `written`, as the output pipe would."""
+    output_r, output_w = os.pipe()
+    try:
+        os.write(output_w, written)
+        return _answer_early(JOB, captured, Captured(1 << 20), output_r, time.perf_counter())
+    finally:
+        os.close(output_r)
+        os.close(output_w)
+
+
+def test_a_success_is_answered_with_everything_written_before_it() -> None:
+    outcome = answered(result(SUCCESS), b"line one\nline two\n")
+    assert outcome is not None
+    assert (outcome.status, outcome.output) == ("success", "line one\nline two\n")
+    assert outcome.settings_change == {"set": {"k": 1}, "unset": []}
+
+
+@pytest.mark.parametrize("captured", [
+    result(FAILED),  # may still turn into `memory` once the cgroup's verdict is in
+    result({"outcome": "memory", "error": "MemoryError", "traceback": ""}),
+    result(raw=b"x" * 11, cap=10),  # too large
+    result(raw=b"not json"),
+    result(),  # nothing yet: the exit says what happened
+])
+def test_anything_but_a_success_waits_for_the_exit(captured: Captured) -> None:
+    assert answered(captured, b"output") is None
