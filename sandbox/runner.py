@@ -18,6 +18,10 @@ from sandbox.request import RequestDict
 
 ARGUMENTS = {"catch": ("_request", "settings"), "pull": ("settings",)}
 
+# Deployed versions the zygote compiled before forking (`remember`), inherited
+# by the children it forks afterwards: name -> (version, source, code).
+COMPILED: dict[str, tuple[int, str, types.CodeType]] = {}
+
 
 class WorkflowError(Exception):
     """The workflow's code cannot run: it does not compile or has no usable `workflow`."""
@@ -69,8 +73,12 @@ def load(job: dict[str, Any]) -> types.ModuleType:
     """
     filename = f"{job['name']}.py"
     code = job["code"]
+    cached = COMPILED.get(job["name"])
     try:
-        compiled = compile(code, filename, "exec")
+        if cached is not None and cached[:2] == (job["version"], code):
+            compiled = cached[2]
+        else:
+            compiled = compile(code, filename, "exec")
     except SyntaxError as exc:
         # One line, as the compiler names it: file, line, column and message.
         raise WorkflowError(f'File "{exc.filename}", line {exc.lineno}, column {exc.offset}: '
@@ -83,6 +91,18 @@ def load(job: dict[str, Any]) -> types.ModuleType:
     return module
 
 
+def remember(name: str, version: int, code: str) -> None:
+    """Compile a deployed version in the zygote, once, for the children it forks next.
+
+    A version that does not compile here is simply not remembered: its
+    executions compile it themselves and report the error.
+    """
+    try:
+        COMPILED[name] = (version, code, compile(code, f"{name}.py", "exec"))
+    except Exception:
+        COMPILED.pop(name, None)
+
+
 def entry_point(module: types.ModuleType, kind: str) -> Any:
     """The module's `workflow`, checked to accept the arguments of its kind."""
     function = getattr(module, "workflow", None)
@@ -92,13 +112,36 @@ def entry_point(module: types.ModuleType, kind: str) -> Any:
         raise WorkflowError(f"the file defines no callable `workflow`; a {kind} workflow "
                             f"needs {expected}")
     try:
-        inspect.signature(function).bind(*names)
+        if not _takes_positional(function, len(names)):
+            raise TypeError
     except TypeError:
         raise WorkflowError(f"`workflow` must accept {len(names)} positional argument(s) "
                             f"for a {kind} workflow: {expected}") from None
     except ValueError:
         pass  # builtins without a signature: let the call decide
     return function
+
+
+def _takes_positional(function: Any, count: int) -> bool:
+    """Whether `function` can be called with `count` positional arguments and no others.
+
+    A plain function answers from its code object, a few attribute reads:
+    `inspect.signature` costs about half a millisecond in a freshly forked
+    child. Anything else (a class, a partial, a decorated function with
+    `__wrapped__` or `__signature__`) is asked the way inspect sees it;
+    that raises TypeError for a mismatch, ValueError without a signature.
+    """
+    if (type(function) is not types.FunctionType or hasattr(function, "__wrapped__")
+            or hasattr(function, "__signature__")):
+        inspect.signature(function).bind(*(None,) * count)
+        return True
+    code = function.__code__
+    required = code.co_argcount - len(function.__defaults__ or ())
+    keyword_only = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
+    if any(name not in (function.__kwdefaults__ or {}) for name in keyword_only):
+        return False
+    return required <= count and (count <= code.co_argcount
+                                  or bool(code.co_flags & inspect.CO_VARARGS))
 
 
 def check(job: dict[str, Any]) -> dict[str, Any]:

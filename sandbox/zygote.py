@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from sandbox import isolate, limits, spare
+from sandbox import isolate, limits, runner, spare
 from sandbox.protocol import (
     EXIT_ZYGOTE_BOOT_FAILED,
     MAX_RUN_FDS,
@@ -133,6 +133,8 @@ class Zygote:
             op = message.get("op")
             if op == "run":
                 self.start(message["id"], fds)
+            elif op == "compile":
+                runner.remember(message["name"], message["version"], message["code"])
             elif op == "kill":
                 self.kill(message["id"])
             elif op == "ping":

@@ -196,3 +196,30 @@ def test_what_a_finished_execution_started_is_killed(daemon, name):
     """)
     assert requests.post(url, json={}).text == "started"
     wait_for(lambda: not sleeping("60.4242"), what="the helper to be killed")
+
+
+# The version the zygote compiled for this workflow before forking the
+# execution's process, if it did: the code the execution then ran.
+COMPILED_VERSION = """
+import sys
+def workflow(_request, settings):
+    compiled = sys.modules["sandbox.runner"].COMPILED.get(%r)
+    return {"status_code": 200, "body": "%s:" + str(compiled and compiled[0])}
+"""
+
+
+def test_a_deployed_version_is_compiled_once_in_the_zygote(daemon, name):
+    url = daemon.deploy(name, COMPILED_VERSION % (name, "v1"))
+    if daemon.ctl_json("status")["executor"] == "spawn":
+        # A fresh interpreter per execution: nothing is shared, each compiles.
+        assert requests.post(url, json={}).text == "v1:None"
+        return
+    # The spares forked once the first execution asked for it inherit it.
+    wait_for(lambda: requests.post(url, json={}).text == "v1:1",
+             what="an execution forked after the zygote compiled version 1")
+    daemon.deploy(name, COMPILED_VERSION % (name, "v2"))
+    # Version 2's own code runs from the first request, compiled by its
+    # execution until the zygote has compiled it too.
+    assert requests.post(url, json={}).text in ("v2:1", "v2:2")
+    wait_for(lambda: requests.post(url, json={}).text == "v2:2",
+             what="an execution forked after the zygote compiled version 2")

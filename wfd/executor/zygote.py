@@ -62,6 +62,8 @@ class ZygoteProcess:
         self.workdirs = workdirs
         self.booted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending: dict[str, asyncio.Future[int]] = {}
+        # The version of each workflow this zygote was asked to compile (`remember`).
+        self.compiled: dict[str, int] = {}
         self.pool: dict[str, int] = {}
         self.last_answer = time.monotonic()
         self.network: network.Attached | None = None  # set by `launch`, with the layer
@@ -130,6 +132,22 @@ class ZygoteProcess:
             return ended
         self.pending[execution_id] = ended
         return ended
+
+    def remember(self, job: Job) -> None:
+        """Have the zygote compile a deployed version once; the spares it forks next inherit it.
+
+        Only executions of deployed versions (their deploy-time check compiled
+        them in a child), and only code that fits in one message, which also
+        bounds what compiling costs the zygote.
+        """
+        if job.mode != "run" or self.compiled.get(job.name) == job.version:
+            return
+        message = orjson.dumps({"op": "compile", "name": job.name, "version": job.version,
+                                "code": job.code})
+        if len(message) <= MESSAGE_BYTES:
+            self.compiled[job.name] = job.version
+            with contextlib.suppress(OSError):  # a dead zygote is noticed by _wait
+                self.channel.send(message)
 
     def kill(self, execution_id: str) -> None:
         """Have the zygote SIGKILL the execution's process group (if still running)."""
@@ -280,6 +298,7 @@ class ZygoteExecutor:
         with Pipes() as pipes:
             joins = cgroup.open_procs() if cgroup is not None else []
             started = time.perf_counter()
+            zygote.remember(job)
             try:
                 ended = zygote.run(job.execution_id, [*pipes.theirs(), *joins])
             finally:
