@@ -25,12 +25,15 @@ def workflow(_request, settings):
     if pid == 0:
         os.setsid()
         os.closerange(3, 65536)
+        with open(os.path.join(%(pids)r, str(os.getpid())), "w"):
+            pass  # set up: the workflow may return now
         deadline = time.monotonic() + 10
         while not os.path.exists(%(release)r) and time.monotonic() < deadline:
             time.sleep(0.01)
         os._exit(0)
-    with open(os.path.join(%(pids)r, str(pid)), "w"):
-        pass
+    deadline = time.monotonic() + 10
+    while not os.path.exists(os.path.join(%(pids)r, str(pid))) and time.monotonic() < deadline:
+        time.sleep(0.001)
     return {"status_code": 200, "body": "answered"}
 """
 

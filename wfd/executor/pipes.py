@@ -124,8 +124,8 @@ async def drain(fd: int, into: Captured) -> None:
         into.add(chunk)
 
 
-def drain_now(fd: int, into: Captured) -> None:
-    """Read what a raw pipe holds right now, without waiting for more.
+def drain_now(fd: int, into: Captured) -> bool:
+    """Read what a raw pipe holds right now, without waiting; True if it reached EOF.
 
     Safe beside a `drain` task on the same fd: both run on the loop's
     thread and add each chunk as soon as it is read, so order is kept.
@@ -135,9 +135,9 @@ def drain_now(fd: int, into: Captured) -> None:
         try:
             chunk = os.read(fd, 65536)
         except OSError:  # BlockingIOError: nothing more for now
-            return
+            return False
         if not chunk:
-            return
+            return True
         into.add(chunk)
 
 

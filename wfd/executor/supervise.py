@@ -68,7 +68,9 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
                                                  job.limits.timeout_s)
         if ended.done():
             returncode = ended.result()
-        if answer is not None and not timed_out and readers[1].done():
+        # The exit may be seen before the result's EOF: then read what is left.
+        complete = readers[1].done() or (ended.done() and drain_now(pipes.result_r, result))
+        if answer is not None and not timed_out and complete:
             early = _answer_early(job, result, output, pipes.output_r, started)
             if early is not None:
                 answer(early)
