@@ -35,13 +35,24 @@ from sandbox.protocol import MAX_RUN_FDS, PIPES, RESULT_FD
 INIT_PID = 1
 
 
-def serve(work: socket.socket, zygote: int, env: dict[str, str], sandboxed: bool) -> None:
-    """Wait on `work` for one job's pipes, then run it. Never returns."""
+def serve(work: socket.socket, zygote: int, env: dict[str, str], sandboxed: bool,
+          join: list[int]) -> None:
+    """Wait on `work` for one job's pipes, then run it. Never returns.
+
+    With `join` (a blank cgroup's `cgroup.procs` files) the spare enters
+    that group first: everything it forks, the execution included, starts
+    in it, and no cgroup move is left for when the job arrives.
+    """
     os.setsid()  # its own process group, so one killpg ends all it starts
     if not limits.die_with_parent(zygote):
         os._exit(0)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if join:
+        try:
+            isolate.join_cgroup(join)
+        except OSError:
+            os._exit(protocol.EXIT_JOIN_FAILED)
     keep = work.fileno()
     # Until a job arrives, hold nothing but the work socket: no other spare's
     # socket, no daemon channel.

@@ -11,6 +11,7 @@ back at its target.
 """
 
 import array
+import collections
 import contextlib
 import gc
 import importlib
@@ -29,6 +30,7 @@ import orjson
 
 from sandbox import isolate, limits, runner, spare
 from sandbox.protocol import (
+    EXIT_JOIN_FAILED,
     EXIT_ZYGOTE_BOOT_FAILED,
     MAX_RUN_FDS,
     MESSAGE_BYTES,
@@ -49,6 +51,10 @@ class Child:
     workdir: str | None  # None in sandbox mode: /tmp is a tmpfs that ends with it
 
 
+class NoGroup(Exception):
+    """A run for a spare already in a cgroup, and neither such a spare nor a blank group."""
+
+
 class Pool:
     """Warm spares, and how many to keep: grows on a miss, decays when idle."""
 
@@ -56,14 +62,18 @@ class Pool:
         self.low, self.high = low, high
         self.target = low
         self.spares: dict[int, socket.socket] = {}
+        # The cgroup each spare joined as it was forked, for those that did.
+        self.groups: dict[int, str] = {}
         self._last_miss = time.monotonic()
 
-    def take(self) -> tuple[int, socket.socket] | None:
-        if not self.spares:
-            self.target = min(self.high, self.target + 1)
-            self._last_miss = time.monotonic()
-            return None
-        return self.spares.popitem()
+    def take(self, joined: bool = False) -> tuple[int, socket.socket] | None:
+        """A spare already in a cgroup (`joined`), or one that joins its job's."""
+        for pid in self.spares:
+            if (pid in self.groups) == joined:
+                return pid, self.spares.pop(pid)
+        self.target = min(self.high, self.target + 1)
+        self._last_miss = time.monotonic()
+        return None
 
     def wanted(self) -> int:
         """How many spares to fork now, after letting an idle target decay."""
@@ -93,6 +103,8 @@ class Zygote:
         self.retiring = False
         self.env = {key: os.environ[key] for key in ("PATH", "LANG") if key in os.environ}
         self._count = 0
+        # Blank cgroups from the daemon (`cgroup`), each for the next spare forked.
+        self.stock: collections.deque[tuple[str, list[int]]] = collections.deque()
 
     def serve(self) -> None:
         """The loop: events, reap, refill; until the daemon leaves or retires us."""
@@ -132,25 +144,36 @@ class Zygote:
             message = orjson.loads(data)
             op = message.get("op")
             if op == "run":
-                self.start(message["id"], fds)
+                self.start(message["id"], fds, bool(message.get("joined")))
+            elif op == "cgroup":
+                self.stock_up(message["name"], fds)
             elif op == "compile":
                 runner.remember(message["name"], message["version"], message["code"])
             elif op == "kill":
                 self.kill(message["id"])
             elif op == "ping":
                 self.send({"ev": "pong", "spares": len(self.pool.spares),
-                           "target": self.pool.target, "running": len(self.children)})
+                           "joined": len(self.pool.groups), "target": self.pool.target,
+                           "running": len(self.children)})
             elif op == "retire":
                 self.retiring = True
                 self.pool.target = 0
                 self.pool.trim()
 
-    def start(self, execution_id: str, fds: list[int]) -> None:
-        """Hand the job's pipes to a spare (forking one if none is warm)."""
+    def start(self, execution_id: str, fds: list[int], joined: bool = False) -> None:
+        """Hand the job's pipes to a spare (forking one if none is warm).
+
+        `joined`: to a spare already in a cgroup, named to the daemon in
+        `started`; with none and no blank group left, `unjoined` asks the
+        daemon to send the run again with its cgroup's descriptors.
+        """
         self._count += 1
         workdir = None if self.sandboxed else os.path.join(self.workdirs, f"x{self._count}")
         try:
-            pid = self._hand_over(workdir, fds)
+            pid = self._hand_over(workdir, fds, joined)
+        except NoGroup:
+            self.send({"ev": "unjoined", "id": execution_id})
+            return
         except OSError as exc:
             self.send({"ev": "failed", "id": execution_id,
                        "error": f"the zygote could not start the execution: {exc}"})
@@ -160,11 +183,25 @@ class Zygote:
                 os.close(fd)
         self.children[pid] = Child(execution_id, workdir)
         self.pids[execution_id] = pid
+        group = self.pool.groups.pop(pid, None)
+        if joined:
+            self.send({"ev": "started", "id": execution_id, "cgroup": group})
 
-    def _hand_over(self, workdir: str | None, fds: list[int]) -> int:
+    def stock_up(self, name: str, fds: list[int]) -> None:
+        """Keep a blank group for the next spare; retire a spare that has none."""
+        self.stock.append((name, fds))
+        for pid in self.pool.spares:
+            if pid not in self.pool.groups:
+                self.pool.spares.pop(pid).close()  # it exits at EOF; a joined one replaces it
+                break
+
+    def _hand_over(self, workdir: str | None, fds: list[int], joined: bool = False) -> int:
         ticket = orjson.dumps({"workdir": workdir})
         for _ in range(HAND_OVER_TRIES):
-            pid, work = self.pool.take() or self.fork_spare()
+            taken = self.pool.take(joined)
+            if taken is None and joined and not self.stock:
+                raise NoGroup
+            pid, work = taken or self.fork_spare(joined)
             try:
                 socket.send_fds(work, [ticket], fds)
                 return pid
@@ -198,6 +235,7 @@ class Zygote:
                 work = self.pool.spares.pop(pid, None)
                 if work is not None:
                     work.close()
+                self._spare_gone(pid, status)
                 continue
             del self.pids[child.execution_id]
             kill_group(pid)  # nothing the execution started outlives it
@@ -205,26 +243,57 @@ class Zygote:
             self.send({"ev": "exited", "id": child.execution_id, "pid": pid,
                        "returncode": os.waitstatus_to_exitcode(status)})
 
+    def _spare_gone(self, pid: int, status: int) -> None:
+        """A spare died without a job: give its group back (`cgroup_free`) for removal.
+
+        One that could not join its group says so: the zygote stops using
+        blank groups, and its executions join at hand-off as before.
+        """
+        group = self.pool.groups.pop(pid, None)
+        if group is None:
+            return
+        failed = os.waitstatus_to_exitcode(status) == EXIT_JOIN_FAILED
+        gone = [group]
+        if failed:
+            while self.stock:
+                name, fds = self.stock.popleft()
+                for fd in fds:
+                    os.close(fd)
+                gone.append(name)
+        for name in gone:
+            self.send({"ev": "cgroup_free", "cgroup": name, "join_failed": failed})
+
     def manage_spares(self) -> None:
         """Fork one spare if the pool is short; the loop comes back for more."""
         if self.pool.wanted():
             with contextlib.suppress(OSError):  # out of processes: retry next pass
-                pid, work = self.fork_spare()
+                pid, work = self.fork_spare(bool(self.stock))
                 self.pool.spares[pid] = work
 
-    def fork_spare(self) -> tuple[int, socket.socket]:
-        """Fork a child that waits on its own socket for one job."""
+    def fork_spare(self, joined: bool = False) -> tuple[int, socket.socket]:
+        """Fork a child that waits on its own socket for one job.
+
+        `joined` (with a blank group in stock): it joins that group first, so
+        its job's process is in its cgroup before the job exists.
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         zygote = os.getpid()
+        name, join = self.stock.popleft() if joined and self.stock else (None, [])
         try:
             pid = os.fork()
         except OSError:
             ours.close()
             theirs.close()
+            if name is not None:
+                self.stock.appendleft((name, join))
             raise
         if pid == 0:
-            spare.serve(theirs, zygote, self.env, self.sandboxed)  # never returns
+            spare.serve(theirs, zygote, self.env, self.sandboxed, join)  # never returns
         theirs.close()
+        for fd in join:
+            os.close(fd)
+        if name is not None:
+            self.pool.groups[pid] = name
         return pid, ours
 
     def send(self, message: dict[str, Any]) -> None:

@@ -24,8 +24,10 @@ import orjson
 
 from sandbox.protocol import MESSAGE_BYTES, RESULT_FD, ZygoteArgs
 from wfd import logs
+from wfd.domain import Status
 from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
 from wfd.executor.pipes import Pipes
+from wfd.executor.spare_groups import SpareGroups
 from wfd.executor.spawn import SpawnExecutor, execution_cgroup
 from wfd.executor.supervise import answered_early, supervise
 from wfd.isolation import network
@@ -67,6 +69,8 @@ class ZygoteProcess:
         self.pool: dict[str, int] = {}
         self.last_answer = time.monotonic()
         self.network: network.Attached | None = None  # set by `launch`, with the layer
+        # With cgroups: the blank groups its spares join ahead of their jobs.
+        self.groups: SpareGroups | None = None
         asyncio.get_running_loop().add_reader(channel.fileno(), self._read)
         self.exited: asyncio.Task[int] = asyncio.create_task(self._wait())
 
@@ -106,6 +110,9 @@ class ZygoteProcess:
                 os.close(info[1])
         ours.setblocking(False)
         zygote = cls(process, ours, workdirs)
+        if isolation.backend is not None:
+            # As many as the pool can hold, and one for a miss: stocked once it is ready.
+            zygote.groups = SpareGroups(ours, isolation.spare_cgroup, spares[1] + 1)
         if net is not None and info:
             try:
                 pid = await network.child_pid(info[0])
@@ -122,11 +129,17 @@ class ZygoteProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def run(self, execution_id: str, fds: list[int]) -> "asyncio.Future[int]":
-        """Ask for a child to run the job on `fds`; the future gives its return code."""
+    def run(self, execution_id: str, fds: list[int], joined: bool = False
+            ) -> "asyncio.Future[int]":
+        """Ask for a child to run the job on `fds`; the future gives its return code.
+
+        `joined`: in a spare already in a blank group (`SpareGroups`), which
+        the zygote names before the child reads its job.
+        """
         ended = asyncio.get_running_loop().create_future()
+        message = {"op": "run", "id": execution_id, **({"joined": True} if joined else {})}
         try:
-            socket.send_fds(self.channel, [orjson.dumps({"op": "run", "id": execution_id})], fds)
+            socket.send_fds(self.channel, [orjson.dumps(message)], fds)
         except OSError as exc:
             ended.set_exception(ChildLost(f"could not reach the zygote: {exc}"))
             return ended
@@ -191,6 +204,8 @@ class ZygoteProcess:
         event = message.get("ev")
         if event == "ready" and not self.booted.done():
             self.booted.set_result(None)
+            if self.groups is not None:  # not before: a boot failure must be read first
+                self.groups.stock(self.groups.initial)
         elif event == "boot_failed" and not self.booted.done():
             self.booted.set_exception(BootFailed(message.get("error", "boot failed")))
         elif event == "exited":
@@ -201,8 +216,23 @@ class ZygoteProcess:
             ended = self.pending.pop(message["id"], None)
             if ended is not None and not ended.done():
                 ended.set_exception(ChildLost(message["error"]))
+        elif event in ("started", "unjoined", "cgroup_free") and self.groups is not None:
+            self._handle_group(event, message)
         elif event == "pong":
-            self.pool = {key: message[key] for key in ("spares", "target", "running")}
+            self.pool = {key: message[key] for key in ("spares", "joined", "target", "running")}
+
+    def _handle_group(self, event: str, message: dict[str, Any]) -> None:
+        groups = self.groups
+        assert groups is not None
+        if event == "started":
+            execution_id = message["id"]
+            groups.started(execution_id, message.get("cgroup"),
+                           lambda: self.kill(execution_id))
+        elif event == "unjoined":
+            self.pending.pop(message["id"], None)  # never started: sent again with its group
+            groups.unjoined(message["id"])
+        else:
+            groups.freed(message["cgroup"], bool(message.get("join_failed")))
 
     async def _wait(self) -> int:
         """Wait for the process to end; fail what it still held; clean up."""
@@ -217,6 +247,8 @@ class ZygoteProcess:
         self.pending.clear()
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.channel.fileno())
+        if self.groups is not None:
+            await self.groups.close(f"the zygote died ({how}) during the execution")
         self.channel.close()
         if self.network is not None:
             self.network.close()
@@ -288,8 +320,55 @@ class ZygoteExecutor:
 
     async def _in_cgroup(self, zygote: ZygoteProcess, job: Job,
                          answer: Callable[[Outcome], None]) -> Outcome:
+        if zygote.groups is not None and zygote.groups.can_join():
+            outcome = await self._run_joined(zygote, zygote.groups, job, answer)
+            if outcome is not None:
+                return outcome
         async with execution_cgroup(self.isolation, job) as cgroup:
             return await self._run_in(zygote, job, cgroup, answer)
+
+    async def _run_joined(self, zygote: ZygoteProcess, groups: SpareGroups, job: Job,
+                          answer: Callable[[Outcome], None]) -> Outcome | None:
+        """Run the job in a spare already in its group: the workflow's limits, then the job.
+
+        None when the zygote had no such spare left: the caller runs it with
+        a group of its own. The spare waits for its job on the pipe, so the
+        limits are in place before any of the workflow's code runs.
+        """
+        with Pipes() as pipes:
+            started = time.perf_counter()
+            zygote.remember(job)
+            named = groups.expect(job.execution_id)
+            try:
+                ended = zygote.run(job.execution_id, pipes.theirs(), joined=True)
+            finally:
+                pipes.close_theirs()
+            if ended.done() and ended.exception() is not None:
+                groups.unjoined(job.execution_id)
+            try:
+                cgroup = await named
+            except ChildLost as exc:
+                return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
+                               error=str(exc))
+            if cgroup is None:
+                return None
+            try:
+                try:
+                    await asyncio.to_thread(cgroup.limit, *self.isolation.cgroup_limits(
+                        job.limits, spare=True))
+                except OSError as exc:
+                    zygote.kill(job.execution_id)
+                    ended.add_done_callback(lambda done: done.cancelled() or done.exception())
+                    return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
+                                   error=f"boot failed: the execution's limits could not be "
+                                         f"set on its cgroup: {exc}")
+                payload = job.payload(RESULT_FD, rlimit_nproc=False,
+                                      sandboxed=self.isolation.sandboxed)
+                return await supervise(job, payload, pipes, started, ended,
+                                       lambda: zygote.kill(job.execution_id), cgroup=cgroup,
+                                       signal_exits=self.isolation.sandboxed, answer=answer)
+            finally:
+                await asyncio.to_thread(cgroup.close)
 
     async def _run_in(self, zygote: ZygoteProcess, job: Job,
                       cgroup: ExecutionCgroup | None,
@@ -327,6 +406,8 @@ class ZygoteExecutor:
             "zygote_state": self.state,
             "zygote_pid": zygote.pid if zygote else None,
             "spares": pool.get("spares"),
+            # Of them, those already in the cgroup of the execution they will run.
+            "spares_in_cgroups": pool.get("joined"),
             "spares_target": pool.get("target"),
             "preload": ", ".join(self.preload),
             "zygote_restarts": self.restarts,

@@ -149,6 +149,14 @@ class ExecutionCgroup(ABC):
     def memory_oom(self) -> bool:
         """True when the kernel OOM-killed something in this group."""
 
+    @abstractmethod
+    def limit(self, memory_bytes: int, pids_max: int) -> None:
+        """Set the limits that depend on the workflow, on a group made before its job.
+
+        Raises OSError when the kernel refuses (a memory limit below what the
+        group already uses).
+        """
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Kill what is left and remove the group; rmdir is EBUSY until the last exit."""
         self.kill(timeout_s)
@@ -194,13 +202,18 @@ class V2Cgroup(ExecutionCgroup):
         """memory.events counts OOM kills in this leaf only: no guessing from exit codes."""
         return (_read_counter(self.dirs[0] / "memory.events", "oom_kill") or 0) > 0
 
+    def limit(self, memory_bytes: int, pids_max: int) -> None:
+        _write(self.dirs[0] / "memory.max", str(memory_bytes))
+        _write(self.dirs[0] / "pids.max", str(pids_max))
+
 
 class V1Cgroup(ExecutionCgroup):
     """The same execution's directory in each v1 hierarchy (pids, memory, maybe cpu)."""
 
-    def __init__(self, dirs: list[Path], memory_dir: Path) -> None:
+    def __init__(self, dirs: list[Path], memory_dir: Path, pids_dir: Path) -> None:
         super().__init__(dirs)
         self.memory_dir = memory_dir
+        self.pids_dir = pids_dir
 
     def kill(self, timeout_s: float = 5.0) -> None:
         """v1 has no cgroup.kill; pids.max bounds how many forks the loop must catch."""
@@ -213,6 +226,18 @@ class V1Cgroup(ExecutionCgroup):
         if kills is not None:
             return kills > 0
         return (_read_int(self.memory_dir / "memory.failcnt") or 0) > 0
+
+    def limit(self, memory_bytes: int, pids_max: int) -> None:
+        """memsw must stay >= limit_in_bytes after each write: which goes first depends."""
+        limit = self.memory_dir / "memory.limit_in_bytes"
+        memsw = self.memory_dir / "memory.memsw.limit_in_bytes"
+        if memory_bytes > (_read_int(limit) or 0):
+            _write_optional(memsw, str(memory_bytes))
+            _write(limit, str(memory_bytes))
+        else:
+            _write(limit, str(memory_bytes))
+            _write_optional(memsw, str(memory_bytes))
+        _write(self.pids_dir / "pids.max", str(pids_max))
 
 
 @dataclass(frozen=True)
@@ -302,7 +327,7 @@ class V1Backend(CgroupBackend):
             _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
             quota = max(1000, int(limits.cpu_quota * CPU_PERIOD_US))
             _write(dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
-        return V1Cgroup(list(dirs.values()), mem)
+        return V1Cgroup(list(dirs.values()), mem, dirs["pids"])
 
     def describe(self) -> dict[str, object]:
         return {"cgroup": "v1", "paths": {k: str(v) for k, v in self.parents.items()}}

@@ -13,6 +13,7 @@ only (refused in "strict" unless `[isolation] require_cgroups = false`).
 
 import contextlib
 import logging
+import secrets
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,11 @@ from wfd.isolation import bwrap, cgroups, network
 # One CPU per execution: a workflow spinning threads on every core would
 # otherwise delay every other workflow (SPEC 5), which RLIMIT_CPU cannot stop.
 CPU_QUOTA = 1.0
+# The processes above an execution in its group when its spare joined first:
+# under bwrap the spare and its PID 1 (sandbox/spare.py). Waiting for a job,
+# the three of them use a few MiB.
+SPARE_PROCESSES = 2
+SPARE_MEMORY_BYTES = 64 * MIB
 
 
 class IsolationError(Exception):
@@ -186,8 +192,28 @@ class Isolation:
         """
         if self.backend is None:
             return None
-        memory = (limits.memory_mb + limits.tmp_mb) * MIB
-        return self.backend.create(execution_id, memory, limits.processes, CPU_QUOTA)
+        return self.backend.create(execution_id, *self.cgroup_limits(limits), CPU_QUOTA)
+
+    def cgroup_limits(self, limits: Limits, spare: bool = False) -> tuple[int, int]:
+        """The cgroup's memory cap in bytes and its pids.max, for an execution with `limits`.
+
+        A zygote's spare joins its group before its job (`spare_cgroup`), so
+        in sandbox mode the spare and its PID 1 live in the group too: they
+        are added to pids.max, leaving the workflow the processes it was given.
+        """
+        extra = SPARE_PROCESSES if spare and self.sandboxed else 0
+        return (limits.memory_mb + limits.tmp_mb) * MIB, limits.processes + extra
+
+    def spare_cgroup(self) -> cgroups.ExecutionCgroup | None:
+        """A group for a zygote's spare to join as it is forked, off any request's path.
+
+        The workflow's limits are written when the spare gets its job
+        (`cgroup_limits`); until then these hold the spare, which runs nothing.
+        """
+        if self.backend is None:
+            return None
+        return self.backend.create(f"spare-{secrets.token_hex(8)}", SPARE_MEMORY_BYTES,
+                                   SPARE_PROCESSES + 1, CPU_QUOTA)
 
     def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None,
              net: bwrap.NetOptions | None = None) -> list[str]:
