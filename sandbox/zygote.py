@@ -103,8 +103,10 @@ class Zygote:
         self.retiring = False
         self.env = {key: os.environ[key] for key in ("PATH", "LANG") if key in os.environ}
         self._count = 0
-        # Blank cgroups from the daemon (`cgroup`), each for the next spare forked.
+        # Blank cgroups from the daemon (`cgroup`), each for the next spare forked;
+        # once one came, spares are forked only into them (until a join fails).
         self.stock: collections.deque[tuple[str, list[int]]] = collections.deque()
+        self.uses_groups = False
 
     def serve(self) -> None:
         """The loop: events, reap, refill; until the daemon leaves or retires us."""
@@ -188,12 +190,16 @@ class Zygote:
             self.send({"ev": "started", "id": execution_id, "cgroup": group})
 
     def stock_up(self, name: str, fds: list[int]) -> None:
-        """Keep a blank group for the next spare; retire a spare that has none."""
+        """Keep a blank group for the next spare.
+
+        The first one retires the spares forked before it (at boot): they
+        exit at EOF, and spares in groups replace them.
+        """
         self.stock.append((name, fds))
-        for pid in self.pool.spares:
-            if pid not in self.pool.groups:
-                self.pool.spares.pop(pid).close()  # it exits at EOF; a joined one replaces it
-                break
+        if not self.uses_groups:
+            self.uses_groups = True
+            for pid in [pid for pid in self.pool.spares if pid not in self.pool.groups]:
+                self.pool.spares.pop(pid).close()
 
     def _hand_over(self, workdir: str | None, fds: list[int], joined: bool = False) -> int:
         ticket = orjson.dumps({"workdir": workdir})
@@ -255,6 +261,7 @@ class Zygote:
         failed = os.waitstatus_to_exitcode(status) == EXIT_JOIN_FAILED
         gone = [group]
         if failed:
+            self.uses_groups = False
             while self.stock:
                 name, fds = self.stock.popleft()
                 for fd in fds:
@@ -264,8 +271,12 @@ class Zygote:
             self.send({"ev": "cgroup_free", "cgroup": name, "join_failed": failed})
 
     def manage_spares(self) -> None:
-        """Fork one spare if the pool is short; the loop comes back for more."""
-        if self.pool.wanted():
+        """Fork one spare if the pool is short; the loop comes back for more.
+
+        With blank groups in use and none in stock, it waits for the daemon's
+        next: a spare without one would only be retired, or serve nobody.
+        """
+        if self.pool.wanted() and (self.stock or not self.uses_groups):
             with contextlib.suppress(OSError):  # out of processes: retry next pass
                 pid, work = self.fork_spare(bool(self.stock))
                 self.pool.spares[pid] = work

@@ -43,6 +43,10 @@ PING_TIMEOUT_S = 10.0
 STABLE_S = 10.0
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 60.0
+# Blank cgroups a zygote holds beyond its pool's maximum, so that a burst of
+# executions finds groups for the spares it makes (an empty group costs three
+# directories); each one used is replaced at once.
+STOCK_BURST = 16
 
 
 class BootFailed(Exception):
@@ -111,8 +115,8 @@ class ZygoteProcess:
         ours.setblocking(False)
         zygote = cls(process, ours, workdirs)
         if isolation.backend is not None:
-            # As many as the pool can hold, and one for a miss: stocked once it is ready.
-            zygote.groups = SpareGroups(ours, isolation.spare_cgroup, spares[1] + 1)
+            # As many as the pool can hold, and some for a burst: stocked once it is ready.
+            zygote.groups = SpareGroups(ours, isolation.spare_cgroup, spares[1] + STOCK_BURST)
         if net is not None and info:
             try:
                 pid = await network.child_pid(info[0])
@@ -172,6 +176,8 @@ class ZygoteProcess:
 
     def retire(self) -> None:
         """Planned stop: the zygote lets its executions finish, then exits."""
+        if self.groups is not None:
+            self.groups.enabled = False  # no more blank groups for it
         self._send({"op": "retire"})
 
     def stop(self) -> None:
