@@ -49,6 +49,7 @@ def execute(job: dict) -> int:
     """
     try:
         limits.apply(job["limits"])
+        os.environ.update(job.get("env") or {})
     except Exception:
         traceback.print_exc()
         return EXIT_BOOT_FAILED

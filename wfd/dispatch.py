@@ -75,7 +75,7 @@ class Dispatcher:
                   kind=workflow.kind, version=workflow.version, code=workflow.code,
                   limits=limits, settings=workflow.settings,
                   request=request if workflow.kind == "catch" else None,
-                  response_bytes=self.config.max_body_bytes)
+                  response_bytes=self.config.max_body_bytes, env=workflow.env)
         task = asyncio.create_task(self._execute(job, trigger, reservation))
         self._inflight.add(task)
         self._interruptible.add(task)
@@ -133,10 +133,11 @@ class Dispatcher:
             await asyncio.wait(set(self._inflight))
         return interrupted
 
-    async def check(self, name: str, kind: str, code: str, limits: Limits) -> str | None:
+    async def check(self, name: str, kind: str, code: str, limits: Limits,
+                    env: dict[str, str] | None = None) -> str | None:
         """Deploy-time check of new code in a child; the problem, or None if fine."""
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
-                  code=code, limits=limits, mode="check")
+                  code=code, limits=limits, mode="check", env=env or {})
         started = time.perf_counter()
         outcome = await self.executor.run(job)
         if outcome.status == "success":

@@ -13,7 +13,7 @@ power loss can take back the last few commits.
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,17 @@ MIGRATIONS = [
     """
     CREATE INDEX executions_by_started ON executions (started_at);
     """,
+    # environments (SPEC 10): a workflow's environment variables, kept apart
+    # from its settings because they are secrets: never shown, never exported
+    # unless asked.
+    """
+    CREATE TABLE workflow_env (
+        workflow TEXT NOT NULL REFERENCES workflows (name) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (workflow, key)
+    );
+    """,
 ]
 
 
@@ -101,6 +112,8 @@ class Workflow:
     code: str
     next_due: str | None = None
     skipped: int = 0
+    # Environment variables: secrets, so out of repr (and of public()).
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
     def public(self) -> dict[str, Any]:
         """What `wfd ctl` may show: everything but the code and the secret key."""
@@ -152,7 +165,8 @@ class ExecutionRecord:
 
 _WORKFLOW_COLUMNS = (
     "w.name, w.kind, w.enabled, w.version, w.catch_key, w.settings, w.limits, "
-    "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped"
+    "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped, "
+    "(SELECT json_group_object(e.key, e.value) FROM workflow_env e WHERE e.workflow = w.name)"
 )
 _WORKFLOW_SELECT = (
     f"SELECT {_WORKFLOW_COLUMNS} FROM workflows w "
@@ -179,6 +193,7 @@ def _workflow(row: Any) -> Workflow:
         code=row[10],
         next_due=row[11],
         skipped=row[12],
+        env=orjson.loads(row[13]) if row[13] else {},
     )
 
 
@@ -344,6 +359,7 @@ class Store:
                 raise StoreError(f"no workflow named {name}")
             await db.execute("DELETE FROM versions WHERE workflow = ?", (name,))
             await db.execute("DELETE FROM executions WHERE workflow = ?", (name,))
+            await db.execute("DELETE FROM workflow_env WHERE workflow = ?", (name,))
 
     async def versions(self, name: str) -> list[dict[str, Any]]:
         current = (await self._require(name)).version
@@ -363,6 +379,21 @@ class Store:
             await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
                              (orjson.dumps(merged).decode(), name))
         return merged
+
+    async def change_env(self, name: str, values: dict[str, str], unset: list[str]
+                         ) -> list[str]:
+        """Set and remove a workflow's environment variables; returns the names now set."""
+        async with self._transaction() as db:
+            await _settings(db, name)  # raises if there is no such workflow
+            await db.executemany(
+                "INSERT INTO workflow_env (workflow, key, value) VALUES (?, ?, ?)"
+                " ON CONFLICT (workflow, key) DO UPDATE SET value = excluded.value",
+                [(name, key, value) for key, value in values.items()])
+            await db.executemany("DELETE FROM workflow_env WHERE workflow = ? AND key = ?",
+                                 [(name, key) for key in unset])
+            async with db.execute("SELECT key FROM workflow_env WHERE workflow = ?"
+                                  " ORDER BY key", (name,)) as cursor:
+                return [row[0] for row in await cursor.fetchall()]
 
     async def finish(self, record: ExecutionRecord, change: dict[str, Any] | None,
                      max_settings_bytes: int) -> ExecutionRecord:
@@ -479,8 +510,11 @@ class Store:
 
     # -- export and import ------------------------------------------------------
 
-    async def export(self) -> list[dict[str, Any]]:
-        """Every workflow with all its versions and settings, for a backup."""
+    async def export(self, with_secrets: bool = False) -> list[dict[str, Any]]:
+        """Every workflow with all its versions and settings, for a backup.
+
+        Environment variables are secrets: only their names, unless `with_secrets`.
+        """
         out = []
         for workflow in await self.workflows():
             rows = await self._fetchall(
@@ -491,6 +525,8 @@ class Store:
                 "catch_key": workflow.catch_key,
                 "settings": workflow.settings,
                 "versions": [{"version": v, "code": c, "created_at": t} for v, c, t in rows],
+                "env": dict(workflow.env) if with_secrets else None,
+                "env_names": sorted(workflow.env),
             })
         return out
 
@@ -515,6 +551,9 @@ class Store:
                     "INSERT INTO versions (workflow, version, code, created_at)"
                     " VALUES (?, ?, ?, ?)",
                     [(name, v["version"], v["code"], v["created_at"]) for v in item["versions"]])
+                await db.executemany(
+                    "INSERT INTO workflow_env (workflow, key, value) VALUES (?, ?, ?)",
+                    [(name, key, value) for key, value in (item.get("env") or {}).items()])
         return [item["name"] for item in workflows]
 
 

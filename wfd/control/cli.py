@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     settings = add("settings", "print or change a workflow's settings", "name")
     settings.add_argument("action", nargs="?", choices=("set", "unset"))
     settings.add_argument("items", nargs="*", metavar="KEY[=VALUE]")
+    env = add("env", "list (names only) or change a workflow's environment variables", "name")
+    env.add_argument("action", nargs="?", choices=("set", "unset"))
+    env.add_argument("items", nargs="*", metavar="KEY[=VALUE]")
     run = add("run", "execute a workflow now", "name")
     run.add_argument("--data", help="JSON body for a catch workflow")
     executions = add("executions", "recent executions of a workflow", "name")
@@ -95,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("version", type=int)
     export = add("export", "every workflow, version and setting as JSON")
     export.add_argument("file", nargs="?")
+    export.add_argument("--with-secrets", action="store_true",
+                        help="include the values of environment variables")
     add("import", "import an export into this daemon", "file")
     return parser
 
@@ -124,6 +129,22 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                 raise UsageError(f"expected KEY=VALUE, got {item!r}")
             values[key] = parse_value(text)
         return "settings-set", {"name": args.name, "values": values}
+    if command == "env":
+        if args.action is None:
+            return "env", {"name": args.name}
+        if not args.items:
+            raise UsageError(f"env {args.action} needs at least one key")
+        if args.action == "unset":
+            return "env-unset", {"name": args.name, "keys": args.items}
+        variables = {}
+        for item in args.items:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError("expected KEY=VALUE (the value is not shown here)")
+            variables[key] = value
+        return "env-set", {"name": args.name, "values": variables}
+    if command == "export":
+        return "export", {"with_secrets": args.with_secrets}
     if command == "run":
         data = None
         if args.data is not None:
@@ -145,7 +166,7 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return "import", {"data": json.loads(_read(args.file))}
         except ValueError as exc:
             raise UsageError(f"{args.file} is not JSON: {exc}") from None
-    if command in ("status", "list", "export"):
+    if command in ("status", "list"):
         return command, {}
     return command, {"name": args.name}
 

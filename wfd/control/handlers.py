@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from wfd import catch, ids, logs
+from wfd import catch, envvars, ids, logs
 from wfd.admission import Overloaded
 from wfd.config import Config, ConfigError
 from wfd.control.follow import Follower
@@ -38,6 +38,7 @@ class Commands:
             "show": self.show, "url": self.url, "enable": self.enable,
             "disable": self.disable, "delete": self.delete, "settings": self.settings,
             "settings-set": self.settings_set, "settings-unset": self.settings_unset,
+            "env": self.env, "env-set": self.env_set, "env-unset": self.env_unset,
             "run": self.run, "executions": self.executions, "logs": self.logs,
             "follow": self.follow,
             "versions": self.versions, "rollback": self.rollback,
@@ -88,7 +89,8 @@ class Commands:
                                                    **overrides}).validate()
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
-        problem = await self.dispatcher.check(name, kind, code, effective)
+        problem = await self.dispatcher.check(name, kind, code, effective,
+                                              existing.env if existing else None)
         if problem:
             raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
                                f" stays in place: {problem}")
@@ -165,6 +167,32 @@ class Commands:
         if len(orjson.dumps(merge_settings(workflow.settings, change))) > limit:
             raise CommandError(f"settings would be over the limit of {limit} bytes")
         return await self.store.change_settings(name, change)
+
+    async def env(self, name: str) -> list[str]:
+        """The names of a workflow's environment variables; values never leave the daemon."""
+        return sorted((await self._workflow(name)).env)
+
+    async def env_set(self, name: str, values: dict[str, Any]) -> list[str]:
+        if not isinstance(values, dict) or not values:
+            raise CommandError("env set needs at least one KEY=VALUE")
+        try:
+            checked = {envvars.check_name(k): envvars.check_value(k, v)
+                       for k, v in values.items()}
+        except envvars.EnvError as exc:
+            raise CommandError(str(exc)) from None
+        return await self._change_env(name, checked, [])
+
+    async def env_unset(self, name: str, keys: list[str]) -> list[str]:
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+            raise CommandError("env unset needs at least one KEY")
+        return await self._change_env(name, {}, keys)
+
+    async def _change_env(self, name: str, values: dict[str, str], unset: list[str]
+                          ) -> list[str]:
+        await self._workflow(name)
+        names = await self.store.change_env(name, values, unset)
+        logs.event("env-changed", workflow=name, set=sorted(values), unset=sorted(unset))
+        return names
 
     async def run(self, name: str, data: Any = None) -> dict[str, Any]:
         """Execute now with the trigger `manual`, and say how it went."""
@@ -253,8 +281,9 @@ class Commands:
         logs.event("key-rotated", workflow=name)
         return {"name": name, "url": self._url(workflow)}
 
-    async def export(self) -> dict[str, Any]:
-        return {"format": EXPORT_FORMAT, "workflows": await self.store.export()}
+    async def export(self, with_secrets: bool = False) -> dict[str, Any]:
+        return {"format": EXPORT_FORMAT,
+                "workflows": await self.store.export(with_secrets=with_secrets is True)}
 
     async def import_(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
@@ -289,6 +318,14 @@ def _check_exported(item: dict[str, Any]) -> None:
     if item.get("version") not in {v.get("version") for v in versions}:
         raise CommandError(f"{name}: current version {item.get('version')} is not among "
                            "its versions")
+    env = item.get("env") or {}
+    if not isinstance(env, dict):
+        raise CommandError(f"{name}: env must be an object")
+    try:
+        for key, value in env.items():
+            envvars.check_value(envvars.check_name(key), value)
+    except envvars.EnvError as exc:
+        raise CommandError(f"{name}: {exc}") from None
 
 
 def _full(record: ExecutionRecord) -> dict[str, Any]:

@@ -47,6 +47,8 @@ def render(command: str, result: Any) -> str:
         return text + (f"\n{result['url']}" if "url" in result else "")
     if command in ("settings", "settings-set", "settings-unset"):
         return json.dumps(result, indent=2, sort_keys=True)
+    if command in ("env", "env-set", "env-unset"):
+        return "\n".join(f"{key}=********" for key in result) or "(no variables)"
     if command in ("enable", "disable"):
         return f"{result['name']} {command}d"
     if command == "delete":

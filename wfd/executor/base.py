@@ -30,13 +30,18 @@ class Job:
     request: dict[str, Any] | None = None
     mode: str = "run"
     response_bytes: int = 10 * MIB
+    # The workflow's environment variables: secrets, so out of repr and logs.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
-    def payload(self, result_fd: int, rlimit_nproc: bool = True) -> bytes:
+    def payload(self, result_fd: int, rlimit_nproc: bool = True,
+                variables: dict[str, str] | None = None) -> bytes:
         """The JSON document the child reads on stdin.
 
         Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
         cgroup bounds the execution instead, and RLIMIT_NPROC would count
         every execution's processes together (they share one sandbox uid).
+        `variables` are the daemon's own (`WFD_WORKFLOW_DIR`), added to the
+        workflow's environment; they travel in the job, never on a command line.
         """
         limits = self.limits
         job: dict[str, Any] = {
@@ -48,6 +53,7 @@ class Job:
             "code": self.code,
             "settings": self.settings,
             "result_fd": result_fd,
+            "env": {**self.env, **(variables or {})},
             "limits": {
                 "memory_bytes": limits.memory_mb * MIB,
                 "cpu_s": int(limits.cpu_s),
