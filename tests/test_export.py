@@ -19,8 +19,8 @@ def test_export_then_import_reproduces_every_workflow_version_and_setting(
             source.deploy(f"{name}-{suffix}", code(f"{suffix}{version}"),
                           "--timeout", str(5 + version))
     source.ctl("rollback", f"{name}-a", "2")
-    source.ctl("settings", f"{name}-a", "set", 'NESTED={"k": [1, 2.5, null]}', "TOKEN=t")
-    source.ctl("settings", f"{name}-c", "set", "N=3")
+    source.ctl("settings", f"{name}-a", "set", 'NESTED:={"k": [1, 2.5, null]}', "TOKEN=t")
+    source.ctl("settings", f"{name}-c", "set", "N:=3")
     source.ctl("disable", f"{name}-b")
     exported = source.ctl("export").stdout  # to stdout, as in `wfd ctl export > backup`
     dump = tmp_path / "backup.json"

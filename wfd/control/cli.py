@@ -42,12 +42,23 @@ class UsageError(CtlError):
     exit_code = EXIT_USAGE
 
 
-def parse_value(text: str) -> Any:
-    """A settings value from the command line: JSON if it parses, else the string."""
+def parse_setting(item: str) -> tuple[str, Any]:
+    """`KEY=VALUE` stores the string VALUE; `KEY:=JSON` stores a JSON value (SPEC 10).
+
+    HrFlow's environment properties are strings: an id such as `12345` must
+    stay "12345", so nothing is parsed unless the operator asks with `:=`.
+    """
+    key, sep, text = item.partition("=")
+    as_json = key.endswith(":")
+    key = key[:-1] if as_json else key
+    if not sep or not key:
+        raise UsageError(f"expected KEY=VALUE or KEY:=JSON, got {item!r}")
+    if not as_json:
+        return key, text
     try:
-        return json.loads(text)
-    except ValueError:
-        return text
+        return key, json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{key}:= needs a JSON value: {exc}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         add(name, f"{name} a workflow", "name")
     settings = add("settings", "print or change a workflow's settings", "name")
     settings.add_argument("action", nargs="?", choices=("set", "unset"))
-    settings.add_argument("items", nargs="*", metavar="KEY[=VALUE]")
+    settings.add_argument("items", nargs="*", metavar="KEY[=VALUE|:=JSON]")
     env = add("env", "list (names only) or change a workflow's environment variables", "name")
     env.add_argument("action", nargs="?", choices=("set", "unset"))
     env.add_argument("items", nargs="*", metavar="KEY[=VALUE]")
@@ -122,12 +133,7 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             raise UsageError(f"settings {args.action} needs at least one key")
         if args.action == "unset":
             return "settings-unset", {"name": args.name, "keys": args.items}
-        values = {}
-        for item in args.items:
-            key, sep, text = item.partition("=")
-            if not sep or not key:
-                raise UsageError(f"expected KEY=VALUE, got {item!r}")
-            values[key] = parse_value(text)
+        values = dict(parse_setting(item) for item in args.items)
         return "settings-set", {"name": args.name, "values": values}
     if command == "env":
         if args.action is None:
