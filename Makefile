@@ -31,9 +31,11 @@ $(DEV_VENV)/.installed: pyproject.toml
 # Executions run under bubblewrap (isolation = "strict"); setpriv is util-linux.
 system-deps:
 	@command -v bwrap >/dev/null && command -v setpriv >/dev/null && command -v curl >/dev/null \
+		&& command -v mkfs.ext4 >/dev/null \
 	|| if [ "$$(id -u)" = 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux curl \
+			e2fsprogs mount \
 			>/dev/null; \
 	else \
 		echo "wfd needs bubblewrap, util-linux and curl:" \

@@ -1,6 +1,9 @@
 """Run one job: read it from stdin, run the workflow, write one result to its own pipe.
 
-See PROTOCOL.md beside this file for the contract with the daemon.
+See PROTOCOL.md beside this file for the contract with the daemon. Like
+the whole `sandbox` package it imports only the standard library: it runs
+inside every workflow's environment, which holds only that workflow's
+packages (README, "Packages, variables and files").
 """
 
 import contextlib
@@ -12,8 +15,6 @@ import sys
 import traceback
 import types
 from typing import Any
-
-import orjson
 
 from sandbox import limits, rules
 from sandbox.request import RequestDict
@@ -38,7 +39,7 @@ def main() -> int:
 
 def read_job() -> dict:
     """The job the daemon wrote on stdin (fd 0), read to EOF."""
-    return orjson.loads(sys.stdin.buffer.read())
+    return json.loads(sys.stdin.buffer.read())
 
 
 def execute(job: dict) -> int:
@@ -115,7 +116,7 @@ def check(job: dict) -> dict:
 def run(job: dict) -> dict:
     """Call the workflow and turn what it did into a result."""
     given = job["settings"]
-    settings = orjson.loads(orjson.dumps(given))  # the workflow's own copy
+    settings = json.loads(json.dumps(given))  # the workflow's own copy
     try:
         function = entry_point(load(job), job["kind"])
         if job["kind"] == "catch":
@@ -149,11 +150,7 @@ def report(result: dict, fd: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # the workflow may have closed it
             stream.flush()
-    try:
-        data = orjson.dumps(result)
-    except TypeError:
-        # A response or settings value orjson cannot encode (ints over 64 bits).
-        data = json.dumps(result).encode()
+    data = json.dumps(result).encode()
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

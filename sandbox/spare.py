@@ -19,6 +19,7 @@ it ends; the zygote's `kill` SIGKILLs the spare's process group, init
 included, which empties the whole PID namespace (`setsid` escapees too).
 """
 
+import json
 import os
 import random
 import signal
@@ -26,8 +27,6 @@ import socket
 import tempfile
 import traceback
 from collections.abc import Callable
-
-import orjson
 
 from sandbox import isolate, limits, runner
 
@@ -122,7 +121,7 @@ def _take_job(work: socket.socket, env: dict[str, str], sandboxed: bool) -> int:
     except OSError:
         return isolate.JOIN_FAILED_EXIT
     _adopt(fds[:PIPES])
-    return _run(orjson.loads(ticket)["workdir"], env, sandboxed)
+    return _run(json.loads(ticket)["workdir"], env, sandboxed)
 
 
 def _adopt(fds: list[int]) -> None:
@@ -143,7 +142,7 @@ def _run(workdir: str | None, env: dict[str, str], sandboxed: bool) -> int:
     try:
         job = runner.read_job()
         if sandboxed:
-            isolate.enter(job["limits"]["tmp_bytes"])
+            isolate.enter(job["limits"]["tmp_bytes"], job.get("files"))
             workdir = isolate.WORKDIR
         else:
             os.mkdir(workdir, 0o700)

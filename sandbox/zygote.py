@@ -13,6 +13,7 @@ import array
 import contextlib
 import gc
 import importlib
+import json
 import os
 import selectors
 import shutil
@@ -22,8 +23,6 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-
-import orjson
 
 from sandbox import isolate, limits, spare
 
@@ -122,7 +121,7 @@ class Zygote:
                 return False
             if not data:
                 return False
-            message = orjson.loads(data)
+            message = json.loads(data)
             op = message.get("op")
             if op == "run":
                 self.start(message["id"], fds)
@@ -153,7 +152,7 @@ class Zygote:
         self.pids[execution_id] = pid
 
     def _hand_over(self, workdir: str | None, fds: list[int]) -> int:
-        ticket = orjson.dumps({"workdir": workdir})
+        ticket = json.dumps({"workdir": workdir}).encode()
         for _ in range(HAND_OVER_TRIES):
             pid, work = self.pool.take() or self.fork_spare()
             try:
@@ -219,7 +218,7 @@ class Zygote:
         return pid, ours
 
     def send(self, message: dict) -> None:
-        self.channel.send(orjson.dumps(message))
+        self.channel.send(json.dumps(message).encode())
 
     def shutdown(self) -> None:
         """Leave nothing behind: kill what still runs, release the spares."""
@@ -314,7 +313,7 @@ def main(argv: list[str]) -> int:
         boot(modules, mode == "sandbox")
     except BaseException as exc:
         error = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
-        channel.send(orjson.dumps({"ev": "boot_failed", "error": f"boot failed: {error}"}))
+        channel.send(json.dumps({"ev": "boot_failed", "error": f"boot failed: {error}"}).encode())
         return EXIT_BOOT_FAILED
     Zygote(channel, workdirs, Pool(int(low), int(high)), mode == "sandbox").serve()
     return 0

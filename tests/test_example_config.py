@@ -11,7 +11,7 @@ KEYS = {
     "limits.timeout_s", "limits.memory_mb", "limits.cpu_s", "limits.processes",
     "limits.open_files", "limits.file_size_mb", "limits.tmp_mb", "limits.concurrency",
     "limits.output_kb",
-    "limits.settings_kb",
+    "limits.settings_kb", "limits.files_mb",
     "retention.max_per_workflow", "retention.max_age_days",
 }  # fmt: skip
 

@@ -36,6 +36,8 @@ class Limits:
     concurrency: int = 10
     output_kb: int = 1024
     settings_kb: int = 1024
+    # The workflow's persistent directory, $WFD_WORKFLOW_DIR (wfd/files.py).
+    files_mb: int = 100
 
     def merged(self, overrides: dict[str, Any]) -> "Limits":
         """These limits with a workflow's overrides applied (None means inherit)."""
@@ -99,6 +101,11 @@ class Config:
     @property
     def socket_path(self) -> Path:
         return self.socket or self.data_dir / "wfd.sock"
+
+    @property
+    def files_root(self) -> Path:
+        """Where the workflows' persistent directories live (absolute: it is bound)."""
+        return self.data_dir.resolve() / "files"
 
     @property
     def db_path(self) -> Path:

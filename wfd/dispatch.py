@@ -9,7 +9,7 @@ that transaction commits, so an acknowledged change survives a crash.
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ from wfd import ids, logs
 from wfd.admission import Admission, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.executor import Executor, Job, Outcome
+from wfd.files import FilesError, WorkflowFiles
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
 
 # The HTTP status a caller gets when the function did not decide it.
@@ -41,11 +42,12 @@ class Dispatcher:
     """
 
     def __init__(self, config: Config, store: Store, executor: Executor,
-                 admission: Admission) -> None:
+                 admission: Admission, files: WorkflowFiles | None = None) -> None:
         self.config = config
         self.store = store
         self.executor = executor
         self.admission = admission
+        self.files = files
         # Called with each stored record: metrics, `wfd ctl logs --follow`, retention.
         self.listeners: list[Callable[[ExecutionRecord], None]] = []
         self.draining = False
@@ -88,7 +90,7 @@ class Dispatcher:
         try:
             async with reservation:
                 started_at, started = datetime.now(UTC), time.perf_counter()
-                outcome = await self.executor.run(job)
+                outcome = await self._run(job)
         except asyncio.CancelledError:
             if not self._interrupting:
                 raise
@@ -107,6 +109,20 @@ class Dispatcher:
             listener(record)
         response = outcome.response if record.status == "success" else None
         return Executed(record, response)
+
+    async def _run(self, job: Job) -> Outcome:
+        """The executor's run, with the workflow's persistent directory made ready first."""
+        if self.files is not None:
+            started = time.perf_counter()
+            try:
+                path = await self.files.ensure(job.name, job.limits.files_mb)
+            except (FilesError, OSError) as exc:
+                logs.event("files-failed", workflow=job.name, error=str(exc))
+                return Outcome("error", (time.perf_counter() - started) * 1000,
+                               error=f"the workflow's directory could not be made ready: "
+                                     f"{exc}")
+            job = replace(job, files=path)
+        return await self.executor.run(job)
 
     async def drain(self, grace_s: float) -> int:
         """Refuse new work, wait up to `grace_s` for executions, interrupt the rest.
@@ -139,7 +155,7 @@ class Dispatcher:
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
                   code=code, limits=limits, mode="check", env=env or {})
         started = time.perf_counter()
-        outcome = await self.executor.run(job)
+        outcome = await self._run(job)
         if outcome.status == "success":
             return None
         logs.event("deploy-check-failed", workflow=name, status=outcome.status,

@@ -29,6 +29,7 @@ from wfd.control.handlers import Commands
 from wfd.control.server import ControlServer
 from wfd.dispatch import Dispatcher
 from wfd.executor import ZygoteExecutor, make_executor
+from wfd.files import WorkflowFiles, private_mounts
 from wfd.isolation import selftest
 from wfd.isolation.layers import Isolation, IsolationError
 from wfd.metrics import Metrics
@@ -53,8 +54,10 @@ class Daemon:
     """
 
     def __init__(self, config: Config, isolation: Isolation,
-                 loader: Callable[[], Config] | None = None) -> None:
+                 loader: Callable[[], Config] | None = None,
+                 files: WorkflowFiles | None = None) -> None:
         self.config = config
+        self.files = files or WorkflowFiles(config.files_root, images=False)
         self._loader = loader
         self.isolation = isolation
         self.self_test: dict[str, selftest.Check] = {}
@@ -64,7 +67,8 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics.watch_admission(lambda: self.admission.waiting,
                                      lambda: self.admission.running)
-        self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission)
+        self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission,
+                                     self.files)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
         self.pruner = Pruner(self.store, lambda: self.config.retention)
         self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,
@@ -106,6 +110,7 @@ class Daemon:
             "running": self.admission.running,
             "waiting": self.admission.waiting,
             "concurrency": self.admission.concurrency,
+            "workflow_files": self.files.describe(),
             **executor,
             "isolation": {"mode": self.isolation.mode,
                           "executor": executor["executor"],
@@ -260,7 +265,8 @@ def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
     try:
         # Before the loop: detection may move this process between cgroups,
         # which must happen before any thread (aiosqlite) exists.
-        daemon = Daemon(config, Isolation.detect(config.isolation), loader)
+        files = WorkflowFiles(config.files_root, private_mounts(config.files_root))
+        daemon = Daemon(config, Isolation.detect(config.isolation), loader, files)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
     except (ConfigError, OSError, IsolationError) as exc:

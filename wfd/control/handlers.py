@@ -1,6 +1,7 @@
 """The handlers behind each `wfd ctl` command: plain data in, plain data out."""
 
 import sys
+import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,7 @@ from wfd.config import Config, ConfigError
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.dispatch import Dispatcher
+from wfd.files import WorkflowFiles
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
 from wfd.store import ExecutionRecord, Store, Workflow, merge_settings
@@ -92,6 +94,8 @@ class Commands:
         problem = await self.dispatcher.check(name, kind, code, effective,
                                               existing.env if existing else None)
         if problem:
+            if existing is None:  # the check made its directory; nothing of it stays
+                await self._files().remove(name)
             raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
                                f" stays in place: {problem}")
         workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key())
@@ -147,6 +151,7 @@ class Commands:
     async def delete(self, name: str) -> dict[str, Any]:
         """Forget a workflow. A run in progress finishes, but nothing of it is kept."""
         await self.store.delete(check_name(name))
+        await self._files().remove(name)
         await self.scheduler.refresh(name)
         self.dispatcher.admission.forget(name)
         logs.event("deleted", workflow=name)
@@ -281,9 +286,16 @@ class Commands:
         logs.event("key-rotated", workflow=name)
         return {"name": name, "url": self._url(workflow)}
 
+    def _files(self) -> WorkflowFiles:
+        return self.dispatcher.files or WorkflowFiles(self.config.files_root, images=False)
+
     async def export(self, with_secrets: bool = False) -> dict[str, Any]:
-        return {"format": EXPORT_FORMAT,
-                "workflows": await self.store.export(with_secrets=with_secrets is True)}
+        """Every workflow, its versions, settings and persistent directory (a tar.gz)."""
+        workflows = await self.store.export(with_secrets=with_secrets is True)
+        for item in workflows:
+            size = self.config.limits.merged(item["limits"]).files_mb
+            item["files"] = await self._files().archive(item["name"], size)
+        return {"format": EXPORT_FORMAT, "workflows": workflows}
 
     async def import_(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
@@ -298,6 +310,14 @@ class Commands:
             names = await self.store.import_(workflows)
         except (KeyError, TypeError, ValueError) as exc:
             raise CommandError(f"the export is incomplete or malformed: {exc!r}") from None
+        for item in workflows:
+            if item.get("files"):
+                size = self.config.limits.merged(item["limits"]).files_mb
+                try:
+                    await self._files().restore(item["name"], size, item["files"])
+                except (OSError, ValueError, tarfile.TarError) as exc:
+                    raise CommandError(f"{item['name']}: its files could not be restored "
+                                       f"({exc}); the workflows were imported") from None
         for imported in names:
             await self.scheduler.refresh(imported)
         logs.event("imported", workflows=len(names))

@@ -18,7 +18,7 @@ __all__ = ["EXECUTORS", "ChildLost", "Executor", "Job", "Outcome", "SpawnExecuto
 EXECUTORS: dict[str, Callable[[Config, Isolation], Executor]] = {
     "spawn": lambda config, isolation: SpawnExecutor(isolation),
     "zygote": lambda config, isolation: ZygoteExecutor(
-        config.preload, config.spares_min, config.spares_max, isolation),
+        config.preload, config.spares_min, config.spares_max, isolation, config.files_root),
 }
 
 

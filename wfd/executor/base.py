@@ -7,6 +7,7 @@ change without touching HTTP, the control socket or the scheduler.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -32,9 +33,12 @@ class Job:
     response_bytes: int = 10 * MIB
     # The workflow's environment variables: secrets, so out of repr and logs.
     env: dict[str, str] = field(default_factory=dict, repr=False)
+    # The workflow's persistent directory on the host (None: it has none yet).
+    files: Path | None = None
 
     def payload(self, result_fd: int, rlimit_nproc: bool = True,
-                variables: dict[str, str] | None = None) -> bytes:
+                variables: dict[str, str] | None = None,
+                files_mount: dict[str, str | None] | None = None) -> bytes:
         """The JSON document the child reads on stdin.
 
         Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
@@ -42,6 +46,7 @@ class Job:
         every execution's processes together (they share one sandbox uid).
         `variables` are the daemon's own (`WFD_WORKFLOW_DIR`), added to the
         workflow's environment; they travel in the job, never on a command line.
+        `files_mount` tells a zygote's child which directory to mount where.
         """
         limits = self.limits
         job: dict[str, Any] = {
@@ -67,6 +72,8 @@ class Job:
         }
         if self.request is not None:
             job["request"] = self.request
+        if files_mount is not None:
+            job["files"] = files_mount
         return orjson.dumps(job)
 
 

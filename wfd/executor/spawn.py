@@ -81,7 +81,7 @@ class SpawnExecutor:
         cgroup = await asyncio.to_thread(self.isolation.cgroup_for, job.limits,
                                          job.execution_id)
         try:
-            argv = self.isolation.argv(job.limits, cgroup)
+            argv = self.isolation.argv(job.limits, cgroup, job.files)
             return await self._spawn(job, _Launch(argv, cwd, env, cgroup, sandboxed))
         finally:
             if cgroup is not None:
@@ -105,7 +105,10 @@ class SpawnExecutor:
         finally:
             pipes.close_theirs()
         ended = asyncio.ensure_future(process.wait())
-        payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None)
+        variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
+                     if job.files else None)
+        payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None,
+                              variables=variables)
         return await supervise(job, payload, pipes, started, ended,
                                lambda: _kill_group(process.pid), cgroup=launch.cgroup,
                                signal_exits=launch.signal_exits)

@@ -18,6 +18,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -199,11 +200,11 @@ class ZygoteExecutor:
     """
 
     def __init__(self, preload: Sequence[str], spares_min: int, spares_max: int,
-                 isolation: Isolation) -> None:
+                 isolation: Isolation, files_root: Path | None = None) -> None:
         self.preload = list(preload)
         self.spares = (spares_min, spares_max)
         self.isolation = isolation
-        self.command = isolation.zygote_argv()
+        self.command = isolation.zygote_argv(files_root)
         self.fallback = SpawnExecutor(isolation)
         self.state = "stopped"
         self.current: ZygoteProcess | None = None
@@ -254,7 +255,10 @@ class ZygoteExecutor:
             pipes.close_theirs()
             for fd in joins:
                 os.close(fd)
-        payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None)
+        variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
+                     if job.files else None)
+        payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None, variables=variables,
+                              files_mount=self.isolation.files_mount(job.files))
         return await supervise(job, payload, pipes, started, ended,
                                lambda: zygote.kill(job.execution_id), cgroup=cgroup,
                                signal_exits=self.isolation.sandboxed)

@@ -28,6 +28,12 @@ from pathlib import Path
 
 SANDBOX_UID = 65534  # "nobody" on Debian; never owns anything the daemon cares about
 WORKDIR = "/tmp"
+# Where an execution finds its workflow's persistent directory ($WFD_WORKFLOW_DIR):
+# the same path in every execution of every workflow, each seeing its own.
+WORKFLOW_DIR = "/wfd/workflow"
+# Where the zygote sees every workflow's directory; each execution binds its
+# own onto WORKFLOW_DIR, then covers this one (sandbox/isolate.py).
+ZYGOTE_FILES = "/wfd/files"
 ETC_FILES = (
     "resolv.conf",
     "hosts",
@@ -144,6 +150,11 @@ def _identity(uid: int, privileged: bool) -> list[str]:
     ]  # fmt: skip
 
 
+def _bind_files(source: Path, target: str) -> list[str]:
+    """A writable bind of a host directory; its parent made crossable first."""
+    return ["--perms", "0755", "--dir", str(Path(target).parent), "--bind", str(source), target]
+
+
 def command(
     python: str,
     workdir_size_bytes: int,
@@ -151,11 +162,13 @@ def command(
     *,
     uid: int = SANDBOX_UID,
     privileged: bool | None = None,
+    files: Path | None = None,
 ) -> list[str]:
     """Argv prefix; append `[python, "-I", "-m", "sandbox"]` (or any command) to it.
 
     `privileged` defaults to "the daemon is root" and selects how the
-    unprivileged identity is obtained (see the module docstring).
+    unprivileged identity is obtained (see the module docstring). `files`,
+    the workflow's persistent directory on the host, appears at WORKFLOW_DIR.
     """
     if privileged is None:
         privileged = os.geteuid() == 0
@@ -170,6 +183,7 @@ def command(
         # there) must be bound over the sandbox's /tmp, not hidden under it.
         *_private_dirs(workdir_size_bytes),
         *_bind_runtime(roots),
+        *(_bind_files(files, WORKFLOW_DIR) if files else []),
         *_identity(uid, privileged),
     ]  # fmt: skip
 
@@ -183,7 +197,8 @@ ZYGOTE_SCRATCH_BYTES = 1 << 20
 
 
 def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
-                   uid: int = SANDBOX_UID, privileged: bool | None = None) -> list[str]:
+                   uid: int = SANDBOX_UID, privileged: bool | None = None,
+                   files_root: Path | None = None) -> list[str]:
     """Argv prefix for the zygote: the same view as an execution's, but shared, so read-only.
 
     The zygote and every execution forked from it see this one bwrap's
@@ -192,7 +207,9 @@ def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
     own /tmp, /dev/shm and /proc over the zygote's (sandbox/isolate.py). The
     zygote runs as uid 65534 without capabilities, exactly like an execution
     of the spawn path; it builds each execution's namespaces through an
-    unprivileged user namespace of the execution's own.
+    unprivileged user namespace of the execution's own. `files_root`, every
+    workflow's persistent directory, is at ZYGOTE_FILES, with WORKFLOW_DIR
+    ready as each execution's mount point.
     """
     if privileged is None:
         privileged = os.geteuid() == 0
@@ -215,6 +232,8 @@ def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
         "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm",
         "--perms", "1777", "--size", size, "--tmpfs", WORKDIR,
         *_bind_runtime(roots),  # after /tmp: see command()
+        *([*_bind_files(files_root, ZYGOTE_FILES), "--dir", WORKFLOW_DIR]
+          if files_root else []),
         "--chdir", WORKDIR,
         "--remount-ro", "/dev", "--remount-ro", "/",
         *launch,

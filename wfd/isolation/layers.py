@@ -13,6 +13,7 @@ only. `layers()` says which are active, for `wfd ctl status` and /healthz.
 import contextlib
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from wfd import logs
 from wfd.config import MIB, Limits
@@ -129,14 +130,30 @@ class Isolation:
         memory = (limits.memory_mb + limits.tmp_mb) * MIB
         return self.backend.create(execution_id, memory, limits.processes, CPU_QUOTA)
 
-    def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None) -> list[str]:
+    def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None,
+             files: Path | None = None) -> list[str]:
         """The whole command line of one execution: cgroup join, bwrap, interpreter."""
         command = [self.python, "-I", "-m", "sandbox"]
         if self.sandboxed:
-            command = [*bwrap.command(self.python, limits.tmp_mb * MIB), *command]
+            command = [*bwrap.command(self.python, limits.tmp_mb * MIB, files=files), *command]
         return cgroup.join_argv(command) if cgroup else command
 
-    def zygote_argv(self) -> list[str]:
+    def workflow_dir(self, files: Path) -> str:
+        """`$WFD_WORKFLOW_DIR` as the execution sees its directory `files` of the host."""
+        return bwrap.WORKFLOW_DIR if self.sandboxed else str(files)
+
+    def files_mount(self, files: Path | None) -> dict[str, str | None] | None:
+        """What a zygote's child mounts for its workflow's directory (sandbox/isolate.py).
+
+        Every execution covers the zygote's view of all directories, the
+        ones without a directory of their own too (a deploy check).
+        """
+        if not self.sandboxed:
+            return None
+        return {"source": f"{bwrap.ZYGOTE_FILES}/{files.name}" if files else None,
+                "target": bwrap.WORKFLOW_DIR, "hide": bwrap.ZYGOTE_FILES}
+
+    def zygote_argv(self, files_root: Path | None = None) -> list[str]:
         """The zygote's command line up to its arguments: bwrap when sandboxed, and its mode.
 
         Its children join their cgroup and build their namespaces themselves
@@ -144,7 +161,8 @@ class Isolation:
         """
         command = [self.python, "-I", "-m", "sandbox.zygote"]
         if self.sandboxed:
-            return [*bwrap.zygote_command(self.python), *command, "sandbox"]
+            return [*bwrap.zygote_command(self.python, files_root=files_root), *command,
+                    "sandbox"]
         return [*command, "plain"]
 
     def close(self) -> None:
