@@ -95,12 +95,30 @@ class Config:
     spares_min: int = 2
     spares_max: int = 8
     isolation: str = "strict"
+    # Workflow environments (README "Packages, variables and files"): an
+    # environment's zygote stops after this long without an execution; at
+    # most this many run at once; an environment no version uses is removed
+    # after this many days.
+    env_idle_s: float = 300.0
+    max_zygotes: int = 4
+    env_keep_days: float = 7.0
+    # uv's package cache, shared by every build (default: <data_dir>/envs/.cache).
+    env_cache_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
 
     @property
     def socket_path(self) -> Path:
         return self.socket or self.data_dir / "wfd.sock"
+
+    @property
+    def envs_root(self) -> Path:
+        """Where workflow environments are built (absolute: they are bound)."""
+        return self.data_dir.resolve() / "envs"
+
+    @property
+    def envs_cache(self) -> Path:
+        return (self.env_cache_dir or self.envs_root / ".cache").resolve()
 
     @property
     def files_root(self) -> Path:
@@ -142,7 +160,7 @@ def _typed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"unknown {where}key(s): {', '.join(unknown)}")
     out = {}
     for key, value in values.items():
-        if key in ("data_dir", "socket") and value:
+        if key in ("data_dir", "socket", "env_cache_dir") and value:
             value = Path(value)
         if key == "preload" and isinstance(value, list):
             value = tuple(value)
@@ -172,6 +190,11 @@ def load(path: Path | None = None, **overrides: Any) -> Config:
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format must be 'text' or 'json', got {config.log_format!r}")
     _check_executor(config)
+    for key in ("env_idle_s", "max_zygotes", "env_keep_days"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (
+                key == "max_zygotes" and (not isinstance(value, int) or value < 1)):
+            raise ConfigError(f"{key} must be a positive number, got {value!r}")
     if config.isolation not in ISOLATION_MODES:
         raise ConfigError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, "
                           f"got {config.isolation!r}")

@@ -16,8 +16,10 @@ from typing import Any
 from wfd import ids, logs
 from wfd.admission import Admission, Overloaded, Reservation
 from wfd.config import Config, Limits
+from wfd.environments import BuildError, Environments
 from wfd.executor import Executor, Job, Outcome
 from wfd.files import FilesError, WorkflowFiles
+from wfd.requirements import top_level_imports
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
 
 # The HTTP status a caller gets when the function did not decide it.
@@ -42,12 +44,15 @@ class Dispatcher:
     """
 
     def __init__(self, config: Config, store: Store, executor: Executor,
-                 admission: Admission, files: WorkflowFiles | None = None) -> None:
+                 admission: Admission, files: WorkflowFiles | None = None,
+                 environments: Environments | None = None) -> None:
         self.config = config
         self.store = store
         self.executor = executor
         self.admission = admission
         self.files = files
+        self.environments = environments
+        self._preloads: dict[tuple[str, int], tuple[str, ...]] = {}
         # Called with each stored record: metrics, `wfd ctl logs --follow`, retention.
         self.listeners: list[Callable[[ExecutionRecord], None]] = []
         self.draining = False
@@ -77,20 +82,34 @@ class Dispatcher:
                   kind=workflow.kind, version=workflow.version, code=workflow.code,
                   limits=limits, settings=workflow.settings,
                   request=request if workflow.kind == "catch" else None,
-                  response_bytes=self.config.max_body_bytes, env=workflow.env)
-        task = asyncio.create_task(self._execute(job, trigger, reservation))
+                  response_bytes=self.config.max_body_bytes, env=workflow.env,
+                  preload=self._preload(workflow))
+        task = asyncio.create_task(self._execute(job, trigger, reservation,
+                                                 workflow.environment))
         self._inflight.add(task)
         self._interruptible.add(task)
         task.add_done_callback(self._inflight.discard)
         task.add_done_callback(self._interruptible.discard)
         return await task
 
-    async def _execute(self, job: Job, trigger: str, reservation: Reservation) -> Executed:
+    def _preload(self, workflow: Workflow) -> tuple[str, ...]:
+        """What the environment's zygote imports for this version: declared, else found."""
+        if workflow.environment is None:
+            return ()
+        key = (workflow.name, workflow.version)
+        if key not in self._preloads:
+            declared = (workflow.requirements or {}).get("preload")
+            self._preloads[key] = tuple(declared if declared is not None
+                                        else top_level_imports(workflow.code))
+        return self._preloads[key]
+
+    async def _execute(self, job: Job, trigger: str, reservation: Reservation,
+                       environment: dict[str, Any] | None = None) -> Executed:
         started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
         try:
             async with reservation:
                 started_at, started = datetime.now(UTC), time.perf_counter()
-                outcome = await self._run(job)
+                outcome = await self._run(job, environment)
         except asyncio.CancelledError:
             if not self._interrupting:
                 raise
@@ -110,18 +129,24 @@ class Dispatcher:
         response = outcome.response if record.status == "success" else None
         return Executed(record, response)
 
-    async def _run(self, job: Job) -> Outcome:
-        """The executor's run, with the workflow's persistent directory made ready first."""
-        if self.files is not None:
-            started = time.perf_counter()
-            try:
-                path = await self.files.ensure(job.name, job.limits.files_mb)
-            except (FilesError, OSError) as exc:
-                logs.event("files-failed", workflow=job.name, error=str(exc))
-                return Outcome("error", (time.perf_counter() - started) * 1000,
-                               error=f"the workflow's directory could not be made ready: "
-                                     f"{exc}")
-            job = replace(job, files=path)
+    async def _run(self, job: Job, environment: dict[str, Any] | None = None) -> Outcome:
+        """The executor's run, once the workflow's directory and environment are ready.
+
+        An environment missing from disk (imported, pruned, then rolled back
+        to) is built again from the version's exact pins.
+        """
+        started = time.perf_counter()
+        try:
+            if self.files is not None:
+                job = replace(job, files=await self.files.ensure(job.name, job.limits.files_mb))
+            if environment is not None and self.environments is not None:
+                built = await self.environments.ensure(environment["python"],
+                                                       environment["pins"])
+                job = replace(job, environment=built)
+        except (FilesError, BuildError, OSError) as exc:
+            logs.event("prepare-failed", workflow=job.name, error=str(exc)[:500])
+            return Outcome("error", (time.perf_counter() - started) * 1000,
+                           error=f"the execution could not be prepared: {exc}")
         return await self.executor.run(job)
 
     async def drain(self, grace_s: float) -> int:
@@ -150,12 +175,14 @@ class Dispatcher:
         return interrupted
 
     async def check(self, name: str, kind: str, code: str, limits: Limits,
-                    env: dict[str, str] | None = None) -> str | None:
+                    env: dict[str, str] | None = None,
+                    environment: dict[str, Any] | None = None,
+                    preload: tuple[str, ...] = ()) -> str | None:
         """Deploy-time check of new code in a child; the problem, or None if fine."""
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
-                  code=code, limits=limits, mode="check", env=env or {})
+                  code=code, limits=limits, mode="check", env=env or {}, preload=preload)
         started = time.perf_counter()
-        outcome = await self._run(job)
+        outcome = await self._run(job, environment)
         if outcome.status == "success":
             return None
         logs.event("deploy-check-failed", workflow=name, status=outcome.status,

@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
+import aiosqlite
 import uvloop
 from aiohttp import web
 
@@ -28,14 +29,16 @@ from wfd.config import Config, ConfigError, split_host_port
 from wfd.control.handlers import Commands
 from wfd.control.server import ControlServer
 from wfd.dispatch import Dispatcher
+from wfd.environments import Environments, prune_environments
 from wfd.executor import ZygoteExecutor, make_executor
+from wfd.executor.envs import EnvironmentExecutors
 from wfd.files import WorkflowFiles, private_mounts
 from wfd.isolation import selftest
 from wfd.isolation.layers import Isolation, IsolationError
 from wfd.metrics import Metrics
 from wfd.retention import Pruner
 from wfd.scheduler import Scheduler
-from wfd.store import ExecutionRecord, Store
+from wfd.store import ExecutionRecord, Store, StoreError
 
 # Keys a SIGHUP cannot apply: they are bound to open sockets, files,
 # semaphores or the kind of executor. A changed value is logged as needing a
@@ -44,6 +47,7 @@ RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
                 "max_body_mb", "global_concurrency", "executor")
 # After the drain, how long the listeners give handlers to send their responses.
 RESPONSE_FLUSH_S = 5.0
+ENV_PRUNE_INTERVAL_S = 3600.0
 
 
 class Daemon:
@@ -62,13 +66,16 @@ class Daemon:
         self.isolation = isolation
         self.self_test: dict[str, selftest.Check] = {}
         self.store = Store(config.db_path)
-        self.executor = make_executor(config, isolation)
+        self.environments = Environments(config.envs_root, isolation, config.envs_cache)
+        self.executor = EnvironmentExecutors(
+            make_executor(config, isolation), isolation, self.environments,
+            lambda around, preload: make_executor(self.config, around, preload), config)
         self.admission = Admission(config.concurrency, config.queue_max)
         self.metrics = Metrics()
         self.metrics.watch_admission(lambda: self.admission.waiting,
                                      lambda: self.admission.running)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission,
-                                     self.files)
+                                     self.files, self.environments)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
         self.pruner = Pruner(self.store, lambda: self.config.retention)
         self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,
@@ -127,6 +134,7 @@ class Daemon:
         os.chmod(self.config.data_dir, 0o700)
         # The zygote is exec'd before aiosqlite starts its thread (STYLE.md).
         await self.executor.start()
+        await asyncio.to_thread(self.environments.start)
         await self.store.open()
         await self.check_isolation()
         await self.control.start()
@@ -184,12 +192,23 @@ class Daemon:
         try:
             await self.start()
             self._spawn(self.pruner.run())
+            self._spawn(self._prune_environments())
             self._spawn(self._reloads())
             await self._stop.wait()
         finally:
             await self.shutdown()
             if watchdog is not None:
                 watchdog.cancel()
+
+    async def _prune_environments(self) -> None:
+        """Hourly: remove environments unused for `env_keep_days` (a store error waits)."""
+        while True:
+            try:
+                await prune_environments(self.store, self.environments,
+                                         self.config.env_keep_days * 86400)
+            except (OSError, StoreError, aiosqlite.Error) as exc:
+                logs.logger.warning("pruning environments failed: %s", exc)
+            await asyncio.sleep(ENV_PRUNE_INTERVAL_S)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         self._background.append(asyncio.create_task(work))
@@ -253,8 +272,10 @@ class Daemon:
         self.dispatcher.config = config  # limits, and the catch routes' team
         self.commands.config = config
         self.admission.queue_max = config.queue_max
-        if isinstance(self.executor, ZygoteExecutor):  # restarts the zygote if they changed
-            self.executor.configure(config.preload, config.spares_min, config.spares_max)
+        self.executor.config = config  # env_idle_s, max_zygotes
+        if isinstance(self.executor.default, ZygoteExecutor):  # restarts it if they changed
+            self.executor.default.configure(config.preload, config.spares_min,
+                                            config.spares_max)
         logs.setup(config.log_format, config.log_level)
         self.pruner.wake()
 

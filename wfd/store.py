@@ -79,6 +79,12 @@ MIGRATIONS = [
         PRIMARY KEY (workflow, key)
     );
     """,
+    # environments (SPEC 10): the packages a version declared, and the
+    # environment they resolved to ({"hash", "python", "pins"}), both JSON.
+    """
+    ALTER TABLE versions ADD COLUMN requirements TEXT;
+    ALTER TABLE versions ADD COLUMN environment TEXT;
+    """,
 ]
 
 
@@ -114,6 +120,10 @@ class Workflow:
     skipped: int = 0
     # Environment variables: secrets, so out of repr (and of public()).
     env: dict[str, str] = field(default_factory=dict, repr=False)
+    # The current version's declared packages and resolved environment (None:
+    # the default environment).
+    requirements: dict[str, Any] | None = None
+    environment: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
         """What `wfd ctl` may show: everything but the code and the secret key."""
@@ -128,6 +138,8 @@ class Workflow:
             "updated_at": self.updated_at,
             "next_due": self.next_due,
             "skipped": self.skipped,
+            "requirements": self.requirements,
+            "environment": self.environment and self.environment["hash"],
         }
 
 
@@ -166,7 +178,8 @@ class ExecutionRecord:
 _WORKFLOW_COLUMNS = (
     "w.name, w.kind, w.enabled, w.version, w.catch_key, w.settings, w.limits, "
     "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped, "
-    "(SELECT json_group_object(e.key, e.value) FROM workflow_env e WHERE e.workflow = w.name)"
+    "(SELECT json_group_object(e.key, e.value) FROM workflow_env e WHERE e.workflow = w.name),"
+    " v.requirements, v.environment"
 )
 _WORKFLOW_SELECT = (
     f"SELECT {_WORKFLOW_COLUMNS} FROM workflows w "
@@ -194,6 +207,8 @@ def _workflow(row: Any) -> Workflow:
         next_due=row[11],
         skipped=row[12],
         env=orjson.loads(row[13]) if row[13] else {},
+        requirements=orjson.loads(row[14]) if row[14] else None,
+        environment=orjson.loads(row[15]) if row[15] else None,
     )
 
 
@@ -288,7 +303,9 @@ class Store:
         return [_workflow(row) for row in rows]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any],
-                     schedule: dict[str, Any] | None, catch_key: str) -> Workflow:
+                     schedule: dict[str, Any] | None, catch_key: str,
+                     requirements: dict[str, Any] | None = None,
+                     environment: dict[str, Any] | None = None) -> Workflow:
         """Store `code` as the next version of `name`, creating the workflow if new.
 
         A new deploy replaces the limits and schedule given; limits not named
@@ -319,8 +336,10 @@ class Store:
                     (version, orjson.dumps(merged).decode(),
                      _json_or_null(schedule), now, name))
             await db.execute(
-                "INSERT INTO versions (workflow, version, code, created_at) VALUES (?, ?, ?, ?)",
-                (name, version, code, now))
+                "INSERT INTO versions (workflow, version, code, created_at, requirements,"
+                " environment) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, version, code, now, _json_or_null(requirements),
+                 _json_or_null(environment)))
         return await self._require(name)
 
     async def _require(self, name: str) -> Workflow:
@@ -429,6 +448,17 @@ class Store:
             if await cursor.fetchone():
                 await _insert_execution(db, record)
 
+    async def environments_in_use(self) -> dict[str, list[str]]:
+        """Each environment hash used by a current version, with the workflows using it."""
+        rows = await self._fetchall(
+            "SELECT w.name, v.environment FROM workflows w JOIN versions v"
+            " ON v.workflow = w.name AND v.version = w.version"
+            " WHERE v.environment IS NOT NULL ORDER BY w.name")
+        used: dict[str, list[str]] = {}
+        for name, environment in rows:
+            used.setdefault(orjson.loads(environment)["hash"], []).append(name)
+        return used
+
     async def set_next_due(self, name: str, next_due: str | None) -> None:
         """Persist when a pull workflow is next due (None: not armed)."""
         await self.set_next_dues({name: next_due})
@@ -518,13 +548,16 @@ class Store:
         out = []
         for workflow in await self.workflows():
             rows = await self._fetchall(
-                "SELECT version, code, created_at FROM versions WHERE workflow = ?"
-                " ORDER BY version", workflow.name)
+                "SELECT version, code, created_at, requirements, environment FROM versions"
+                " WHERE workflow = ? ORDER BY version", workflow.name)
             out.append({
                 **workflow.public(),
                 "catch_key": workflow.catch_key,
                 "settings": workflow.settings,
-                "versions": [{"version": v, "code": c, "created_at": t} for v, c, t in rows],
+                "versions": [{"version": v, "code": c, "created_at": t,
+                              "requirements": orjson.loads(r) if r else None,
+                              "environment": orjson.loads(e) if e else None}
+                             for v, c, t, r, e in rows],
                 "env": dict(workflow.env) if with_secrets else None,
                 "env_names": sorted(workflow.env),
             })
@@ -548,9 +581,11 @@ class Store:
                      orjson.dumps(item["limits"]).decode(), _json_or_null(item["schedule"]),
                      item["created_at"], item["updated_at"]))
                 await db.executemany(
-                    "INSERT INTO versions (workflow, version, code, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    [(name, v["version"], v["code"], v["created_at"]) for v in item["versions"]])
+                    "INSERT INTO versions (workflow, version, code, created_at, requirements,"
+                    " environment) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(name, v["version"], v["code"], v["created_at"],
+                      _json_or_null(v.get("requirements")), _json_or_null(v.get("environment")))
+                     for v in item["versions"]])
                 await db.executemany(
                     "INSERT INTO workflow_env (workflow, key, value) VALUES (?, ?, ?)",
                     [(name, key, value) for key, value in (item.get("env") or {}).items()])

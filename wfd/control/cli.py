@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--every", help="pull interval: 30s, 5m, 1h, 1d")
     deploy.add_argument("--cron", help="pull schedule: a 5-field cron expression")
     deploy.add_argument("--tz", help="IANA time zone of --cron (default UTC)")
+    deploy.add_argument("--requirements", metavar="FILE",
+                        help="packages the workflow needs, one requirement per line")
     for flag, dest, kind_of in LIMIT_OPTIONS:
         deploy.add_argument(flag, dest=dest, type=kind_of)
     for name in ("show", "url", "enable", "disable", "delete", "versions", "rotate-key"):
@@ -96,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     env = add("env", "list (names only) or change a workflow's environment variables", "name")
     env.add_argument("action", nargs="?", choices=("set", "unset"))
     env.add_argument("items", nargs="*", metavar="KEY[=VALUE]")
+    envs = add("envs", "workflow environments: packages, size, users, zygote; "
+               "`envs prune` removes those no workflow uses")
+    envs.add_argument("action", nargs="?", choices=("prune",))
     run = add("run", "execute a workflow now", "name")
     run.add_argument("--data", help="JSON body for a catch workflow")
     executions = add("executions", "recent executions of a workflow", "name")
@@ -124,8 +129,11 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if args.kind == "pull" or args.every or args.cron:
             schedule = {"every": args.every, "cron": args.cron, "tz": args.tz}
         limits = {dest: getattr(args, dest) for _, dest, _ in LIMIT_OPTIONS}
-        return "deploy", {"name": args.name, "kind": args.kind, "code": code,
-                          "limits": limits, "schedule": schedule}
+        request = {"name": args.name, "kind": args.kind, "code": code, "limits": limits,
+                   "schedule": schedule}
+        if args.requirements:
+            request["requirements"] = _read(args.requirements)
+        return "deploy", request
     if command == "settings":
         if args.action is None:
             return "settings", {"name": args.name}
@@ -151,6 +159,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "env-set", {"name": args.name, "values": variables}
     if command == "export":
         return "export", {"with_secrets": args.with_secrets}
+    if command == "envs":
+        return ("envs-prune" if args.action else "envs"), {}
     if command == "run":
         data = None
         if args.data is not None:
@@ -199,6 +209,21 @@ def follow(socket_path: str, name: str, as_json: bool) -> None:
             print(render("logs", item) + "\n", flush=True)
 
 
+def deploy(socket_path: str, request: dict[str, Any]) -> Any:
+    """Deploy, printing each step of an environment build on stderr as it happens."""
+    result = None
+    for reply in replies(socket_path, "deploy", **request):
+        if "item" not in reply:
+            answer = final(reply)
+            return answer if answer is not None else result
+        item = reply["item"]
+        if "step" in item:
+            print(item["step"], file=sys.stderr, flush=True)
+        elif "deployed" in item:
+            result = item["deployed"]
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `wfd ctl` command; returns the process exit code."""
     parser = _parser()
@@ -213,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "follow":
             follow(socket_path, request["name"], as_json)
             return EXIT_OK
-        result = call(socket_path, command, **request)
+        if command == "deploy":
+            result = deploy(socket_path, request)
+        else:
+            result = call(socket_path, command, **request)
     except CtlError as exc:
         print(f"wfd ctl: {exc}", file=sys.stderr)
         return exc.exit_code

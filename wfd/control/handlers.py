@@ -1,8 +1,11 @@
 """The handlers behind each `wfd ctl` command: plain data in, plain data out."""
 
+import asyncio
+import contextlib
 import sys
 import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,11 +13,13 @@ import orjson
 
 from wfd import catch, envvars, ids, logs
 from wfd.admission import Overloaded
-from wfd.config import Config, ConfigError
+from wfd.config import Config, ConfigError, Limits
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.dispatch import Dispatcher
+from wfd.environments import BuildError, Environments, prune_environments
 from wfd.files import WorkflowFiles
+from wfd.requirements import Requirements, RequirementsError, declared, top_level_imports
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
 from wfd.store import ExecutionRecord, Store, Workflow, merge_settings
@@ -41,6 +46,7 @@ class Commands:
             "disable": self.disable, "delete": self.delete, "settings": self.settings,
             "settings-set": self.settings_set, "settings-unset": self.settings_unset,
             "env": self.env, "env-set": self.env_set, "env-unset": self.env_unset,
+            "envs": self.envs, "envs-prune": self.envs_prune,
             "run": self.run, "executions": self.executions, "logs": self.logs,
             "follow": self.follow,
             "versions": self.versions, "rollback": self.rollback,
@@ -73,8 +79,15 @@ class Commands:
         return [self._listing(w) for w in await self.store.workflows()]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any] | None = None,
-                     schedule: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Check the code in a child, then store it as the workflow's next version."""
+                     schedule: dict[str, Any] | None = None, requirements: str | None = None
+                     ) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
+        """Check the code in a child, then store it as the workflow's next version.
+
+        Code that declares packages (a PEP 723 block, or `requirements`, the
+        text of a requirements file) first gets its environment resolved and
+        built: then the answer is a stream of `{"step"}` items, the last one
+        `{"deployed"}`, so that `wfd ctl deploy` shows the build as it goes.
+        """
         check_name(name)
         if kind not in ("catch", "pull"):
             raise CommandError(f"kind must be catch or pull, got {kind!r}")
@@ -91,18 +104,72 @@ class Commands:
                                                    **overrides}).validate()
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
-        problem = await self.dispatcher.check(name, kind, code, effective,
-                                              existing.env if existing else None)
+        if requirements is not None and not isinstance(requirements, str):
+            raise CommandError("requirements must be the text of a requirements file")
+        try:
+            wanted = declared(code, requirements)
+        except RequirementsError as exc:
+            raise CommandError(f"deploy refused, {_stays(existing)}: {exc}") from None
+        deploy = _Deploy(name, kind, code, overrides, schedule, effective, existing)
+        if wanted is None:
+            return await self._store_version(deploy)
+        return self._deploy_in_environment(deploy, wanted)
+
+    async def _deploy_in_environment(self, deploy: "_Deploy", wanted: Requirements
+                                     ) -> AsyncIterator[dict[str, Any]]:
+        """Resolve and build the environment, reporting each step; then check and store."""
+        environments = self.dispatcher.environments
+        if environments is None:
+            raise CommandError("this daemon cannot build environments")
+        steps: asyncio.Queue[str] = asyncio.Queue()
+        building = asyncio.create_task(environments.prepare(wanted, steps.put_nowait))
+        try:
+            while not (building.done() and steps.empty()):
+                waiter = asyncio.ensure_future(steps.get())
+                await asyncio.wait({waiter, building}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield {"step": waiter.result()}
+                else:
+                    waiter.cancel()
+            environment = building.result()
+        except (BuildError, OSError) as exc:
+            logs.event("deploy-build-failed", workflow=deploy.name)
+            raise CommandError(f"deploy refused, {_stays(deploy.existing)}: the environment "
+                               f"could not be built:\n{exc}") from None
+        finally:
+            if not building.done():
+                building.cancel()
+                with contextlib.suppress(BaseException):
+                    await building
+        preload = wanted.preload if wanted.preload is not None else tuple(
+            top_level_imports(deploy.code))
+        yield {"step": f"checking the code in environment {environment['hash']}"
+                       + (f", preloading {', '.join(preload)}" if preload else "")}
+        yield {"deployed": await self._store_version(deploy, wanted.to_json(), environment,
+                                                     preload)}
+
+    async def _store_version(self, deploy: "_Deploy",
+                             requirements: dict[str, Any] | None = None,
+                             environment: dict[str, Any] | None = None,
+                             preload: tuple[str, ...] = ()) -> dict[str, Any]:
+        name, existing = deploy.name, deploy.existing
+        problem = await self.dispatcher.check(name, deploy.kind, deploy.code, deploy.limits,
+                                              existing.env if existing else None,
+                                              environment, preload)
         if problem:
             if existing is None:  # the check made its directory; nothing of it stays
                 await self._files().remove(name)
-            raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
-                               f" stays in place: {problem}")
-        workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key())
+            raise CommandError(f"deploy refused, {_stays(existing)}: {problem}")
+        workflow = await self.store.deploy(name, deploy.kind, deploy.code, deploy.overrides,
+                                           deploy.schedule, ids.catch_key(), requirements,
+                                           environment)
         await self.scheduler.refresh(name)
-        logs.event("deployed", workflow=name, version=workflow.version, kind=kind)
-        result = {"name": name, "kind": kind, "version": workflow.version}
-        if kind == "catch":
+        logs.event("deployed", workflow=name, version=workflow.version, kind=deploy.kind,
+                   environment=environment and environment["hash"])
+        result = {"name": name, "kind": deploy.kind, "version": workflow.version}
+        if environment is not None:
+            result["environment"] = environment["hash"]
+        if deploy.kind == "catch":
             result["url"] = self._url(workflow)
         return result
 
@@ -198,6 +265,27 @@ class Commands:
         names = await self.store.change_env(name, values, unset)
         logs.event("env-changed", workflow=name, set=sorted(values), unset=sorted(unset))
         return names
+
+    async def envs(self) -> list[dict[str, Any]]:
+        """Every built environment: packages, size, the workflows using it, its zygote."""
+        environments = self._environments()
+        used = await self.store.environments_in_use()
+        listed = await asyncio.to_thread(environments.listing)
+        executors = self.dispatcher.executor
+        for item in listed:
+            item["workflows"] = used.get(item["hash"], [])
+            status = getattr(executors, "environment_status", lambda _: None)(item["hash"])
+            item["zygote"] = status or {"state": "stopped"}
+        return listed
+
+    async def envs_prune(self) -> dict[str, Any]:
+        """Remove now every environment no workflow's current version uses."""
+        return {"removed": await prune_environments(self.store, self._environments(), 0)}
+
+    def _environments(self) -> Environments:
+        if self.dispatcher.environments is None:
+            raise CommandError("this daemon has no workflow environments")
+        return self.dispatcher.environments
 
     async def run(self, name: str, data: Any = None) -> dict[str, Any]:
         """Execute now with the trigger `manual`, and say how it went."""
@@ -322,6 +410,23 @@ class Commands:
             await self.scheduler.refresh(imported)
         logs.event("imported", workflows=len(names))
         return {"imported": names}
+
+
+@dataclass(frozen=True)
+class _Deploy:
+    """A deploy request once checked, on its way to becoming a version."""
+
+    name: str
+    kind: str
+    code: str
+    overrides: dict[str, Any]
+    schedule: dict[str, Any] | None
+    limits: Limits
+    existing: Workflow | None
+
+
+def _stays(existing: Workflow | None) -> str:
+    return f"version {existing.version if existing else '-'} stays in place"
 
 
 def _check_exported(item: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@
 implementation; the rest of the daemon sees only the `Executor` interface.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from wfd.config import Config
 from wfd.executor.base import ChildLost, Executor, Job, Outcome
@@ -22,12 +23,17 @@ EXECUTORS: dict[str, Callable[[Config, Isolation], Executor]] = {
 }
 
 
-def make_executor(config: Config, isolation: Isolation) -> Executor:
+def make_executor(config: Config, isolation: Isolation,
+                  preload: Sequence[str] | None = None) -> Executor:
     """The executor the config names; constructing it starts nothing.
 
     Both give an execution the same layers: the zygote runs under the same
     bwrap view, and each child builds its own namespaces and joins its own
     cgroup (docs/isolation.md, "The zygote"). A zygote that cannot boot so
-    leaves its executions to cold spawn, still isolated.
+    leaves its executions to cold spawn, still isolated. With `preload`, the
+    executor of a workflow environment (wfd/executor/envs.py): its own
+    modules, and one warm spare at rest rather than `spares_min`.
     """
+    if preload is not None:
+        config = replace(config, preload=tuple(preload), spares_min=min(1, config.spares_max))
     return EXECUTORS[config.executor](config, isolation)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import orjson
 
 from wfd.config import MIB, Limits
+from wfd.environments import Environment
 
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -35,6 +36,9 @@ class Job:
     env: dict[str, str] = field(default_factory=dict, repr=False)
     # The workflow's persistent directory on the host (None: it has none yet).
     files: Path | None = None
+    # The workflow's environment (None: the default one) and what its zygote preloads.
+    environment: Environment | None = None
+    preload: tuple[str, ...] = ()
 
     def payload(self, result_fd: int, rlimit_nproc: bool = True,
                 variables: dict[str, str] | None = None,

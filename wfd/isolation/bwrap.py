@@ -34,6 +34,11 @@ WORKFLOW_DIR = "/wfd/workflow"
 # Where the zygote sees every workflow's directory; each execution binds its
 # own onto WORKFLOW_DIR, then covers this one (sandbox/isolate.py).
 ZYGOTE_FILES = "/wfd/files"
+# Where a workflow environment is (read-only) when an execution runs in one,
+# and where a build sees the environment it makes and uv's cache.
+ENV_DIR = "/wfd/env"
+BUILD_DIR = "/wfd/build"
+CACHE_DIR = "/wfd/cache"
 ETC_FILES = (
     "resolv.conf",
     "hosts",
@@ -100,6 +105,8 @@ def _system_view() -> list[str]:
             args += ["--symlink", os.readlink(host), str(host)]
         elif host.is_dir():
             args += ["--ro-bind", str(host), str(host)]
+    # bwrap would make /etc 0700, and the sandbox uid could then resolve no name.
+    args += ["--perms", "0755", "--dir", "/etc"]
     for name in ETC_FILES:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     return args
@@ -155,6 +162,13 @@ def _bind_files(source: Path, target: str) -> list[str]:
     return ["--perms", "0755", "--dir", str(Path(target).parent), "--bind", str(source), target]
 
 
+def _bind_environment(environment: Path | None) -> list[str]:
+    if environment is None:
+        return []
+    return ["--perms", "0755", "--dir", str(Path(ENV_DIR).parent),
+            "--ro-bind", str(environment), ENV_DIR]
+
+
 def command(
     python: str,
     workdir_size_bytes: int,
@@ -163,12 +177,17 @@ def command(
     uid: int = SANDBOX_UID,
     privileged: bool | None = None,
     files: Path | None = None,
+    writable: dict[str, Path] | None = None,
+    environment: Path | None = None,
 ) -> list[str]:
     """Argv prefix; append `[python, "-I", "-m", "sandbox"]` (or any command) to it.
 
     `privileged` defaults to "the daemon is root" and selects how the
     unprivileged identity is obtained (see the module docstring). `files`,
-    the workflow's persistent directory on the host, appears at WORKFLOW_DIR.
+    the workflow's persistent directory on the host, appears at WORKFLOW_DIR;
+    `writable` maps paths inside to host directories (an environment being
+    built, uv's cache); `environment`, a workflow environment, is read-only
+    at ENV_DIR (never at its host path, which is inside the data directory).
     """
     if privileged is None:
         privileged = os.geteuid() == 0
@@ -184,6 +203,9 @@ def command(
         *_private_dirs(workdir_size_bytes),
         *_bind_runtime(roots),
         *(_bind_files(files, WORKFLOW_DIR) if files else []),
+        *[arg for inside, host in (writable or {}).items()
+          for arg in _bind_files(host, inside)],
+        *_bind_environment(environment),
         *_identity(uid, privileged),
     ]  # fmt: skip
 
@@ -198,7 +220,8 @@ ZYGOTE_SCRATCH_BYTES = 1 << 20
 
 def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
                    uid: int = SANDBOX_UID, privileged: bool | None = None,
-                   files_root: Path | None = None) -> list[str]:
+                   files_root: Path | None = None, environment: Path | None = None
+                   ) -> list[str]:
     """Argv prefix for the zygote: the same view as an execution's, but shared, so read-only.
 
     The zygote and every execution forked from it see this one bwrap's
@@ -234,6 +257,7 @@ def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
         *_bind_runtime(roots),  # after /tmp: see command()
         *([*_bind_files(files_root, ZYGOTE_FILES), "--dir", WORKFLOW_DIR]
           if files_root else []),
+        *_bind_environment(environment),
         "--chdir", WORKDIR,
         "--remount-ro", "/dev", "--remount-ro", "/",
         *launch,

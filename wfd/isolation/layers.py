@@ -57,6 +57,21 @@ class Isolation:
         self.python = python
         self.support = support
         self.backend = backend
+        # In a workflow environment (for_environment): its directory on the
+        # host, and the host interpreter it was made from, whose prefix is bound.
+        self.environment: Path | None = None
+        self.interpreter = python
+
+    def for_environment(self, environment: Path, interpreter: str) -> "Isolation":
+        """The same layers around a workflow environment's interpreter.
+
+        Under bwrap the environment is at bwrap.ENV_DIR, so the data
+        directory it lives in is never part of the sandbox's view.
+        """
+        inside = Path(bwrap.ENV_DIR if self.sandboxed else environment) / "bin" / "python"
+        around = Isolation(self.mode, str(inside), self.support, self.backend)
+        around.environment, around.interpreter = environment, interpreter
+        return around
 
     @classmethod
     def detect(cls, mode: str, python: str = sys.executable) -> "Isolation":
@@ -135,7 +150,8 @@ class Isolation:
         """The whole command line of one execution: cgroup join, bwrap, interpreter."""
         command = [self.python, "-I", "-m", "sandbox"]
         if self.sandboxed:
-            command = [*bwrap.command(self.python, limits.tmp_mb * MIB, files=files), *command]
+            command = [*bwrap.command(self.interpreter, limits.tmp_mb * MIB, files=files,
+                                      environment=self.environment), *command]
         return cgroup.join_argv(command) if cgroup else command
 
     def workflow_dir(self, files: Path) -> str:
@@ -161,8 +177,8 @@ class Isolation:
         """
         command = [self.python, "-I", "-m", "sandbox.zygote"]
         if self.sandboxed:
-            return [*bwrap.zygote_command(self.python, files_root=files_root), *command,
-                    "sandbox"]
+            return [*bwrap.zygote_command(self.interpreter, files_root=files_root,
+                                          environment=self.environment), *command, "sandbox"]
         return [*command, "plain"]
 
     def close(self) -> None:
