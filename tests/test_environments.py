@@ -28,11 +28,6 @@ def workflow(_request, settings):
 """
 
 
-@pytest.fixture(scope="session")
-def uv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("uv-cache")
-
-
 @pytest.fixture(scope="module")
 def envd(tmp_path_factory: pytest.TempPathFactory, uv_cache: Path) -> Iterator[Daemon]:
     daemon = Daemon(tmp_path_factory.mktemp("envs") / "data",

@@ -7,7 +7,7 @@ EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "systemd" / "wfd.toml"
 KEYS = {
     "listen", "admin_listen", "public_url", "team", "data_dir", "socket", "socket_group",
     "log_format", "log_level", "max_body_mb", "global_concurrency", "queue_max", "grace_s",
-    "isolation",
+    "isolation", "env_idle_s", "max_zygotes", "env_keep_days", "env_cache_dir",
     "limits.timeout_s", "limits.memory_mb", "limits.cpu_s", "limits.processes",
     "limits.open_files", "limits.file_size_mb", "limits.tmp_mb", "limits.concurrency",
     "limits.output_kb",
