@@ -5,6 +5,7 @@ packages (six, tomli-w). One daemon serves the module, and every daemon
 here shares one uv cache, so each wheel is downloaded once per session.
 """
 
+import json
 import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -139,3 +140,20 @@ def test_an_idle_zygote_stops_and_the_least_recently_used_makes_room(
     wait_for(lambda: zygotes()[f"{name}-b"] == "stopped", timeout=10,
              what="the idle zygote to stop")
     assert body(url(daemon, f"{name}-b")).startswith("six 1.17.0")  # starts again
+
+
+def test_export_carries_the_requirements_and_import_rebuilds_the_environment(
+        make_daemon, name, uv_cache, tmp_path):
+    source = make_daemon(f'env_cache_dir = "{uv_cache}"\n')
+    deploy(source, name, with_six("1.16.0"))
+    digest = source.ctl_json("show", name)["environment"]
+    backup = tmp_path / "backup.json"
+    source.ctl("export", str(backup))
+    [version] = json.loads(backup.read_text())["workflows"][0]["versions"]
+    assert version["requirements"]["dependencies"] == ["six==1.16.0"]
+    assert version["environment"]["pins"] == "six==1.16.0\n"
+
+    target = make_daemon(f'env_cache_dir = "{uv_cache}"\n')
+    target.ctl("import", str(backup))
+    assert [e["hash"] for e in target.ctl_json("envs")] == [digest]
+    assert body(url(target, name)).startswith("six 1.16.0")

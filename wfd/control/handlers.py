@@ -374,6 +374,24 @@ class Commands:
         logs.event("key-rotated", workflow=name)
         return {"name": name, "url": self._url(workflow)}
 
+    async def _rebuild_environments(self, workflows: list[dict[str, Any]]) -> None:
+        """Build the current versions' environments from their exact pins, before storing.
+
+        An environment that cannot be built here (its Python is missing, the
+        index is unreachable) refuses the whole import, which then stores
+        nothing. Older versions' environments are built if rolled back to.
+        """
+        for item in workflows:
+            current = [v for v in item["versions"] if v.get("version") == item["version"]]
+            environment = current[0].get("environment") if current else None
+            if not environment:
+                continue
+            try:
+                await self._environments().ensure(environment["python"], environment["pins"])
+            except (BuildError, OSError, KeyError, TypeError) as exc:
+                raise CommandError(f"{item['name']}: its environment could not be built, "
+                                   f"nothing was imported: {exc}") from None
+
     def _files(self) -> WorkflowFiles:
         return self.dispatcher.files or WorkflowFiles(self.config.files_root, images=False)
 
@@ -394,6 +412,7 @@ class Commands:
         for item in workflows:
             check_name(item.get("name") if isinstance(item, dict) else None)
             _check_exported(item)
+        await self._rebuild_environments(workflows)
         try:
             names = await self.store.import_(workflows)
         except (KeyError, TypeError, ValueError) as exc:
