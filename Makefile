@@ -59,6 +59,7 @@ bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_scheduler.py
 	$(DEV_VENV)/bin/python bench/bench_retention.py
 	$(DEV_VENV)/bin/python bench/bench_executors.py
+	$(DEV_VENV)/bin/python bench/bench_environments.py
 
 # -- installing as a service -----------------------------------------------------
 

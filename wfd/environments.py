@@ -50,6 +50,10 @@ META = "wfd-env.json"
 SANDBOX_LINK = "wfd-sandbox.pth"
 SANDBOX_COPY = "wfd-sandbox"
 INTERPRETER = re.compile(r"python3\.\d+")
+# The daemon's own settings for reaching the package index, passed to uv.
+PASSED_THROUGH = ("UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX",
+                  "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+                  "no_proxy")
 Progress = Callable[[str], None]
 
 
@@ -240,7 +244,9 @@ class Environments:
         """Run uv, sandboxed like an execution; its stdout, or BuildError with its stderr."""
         cache = self._inside(bwrap.CACHE_DIR, self.cache)
         variables = [f"UV_CACHE_DIR={cache}", "UV_PYTHON_DOWNLOADS=never",
-                     "UV_NO_CONFIG=1", "UV_NO_PROGRESS=1", "UV_NATIVE_TLS=1", "HOME=/tmp"]
+                     "UV_NO_CONFIG=1", "UV_NO_PROGRESS=1", "UV_NATIVE_TLS=1", "HOME=/tmp",
+                     *(f"{key}={os.environ[key]}" for key in PASSED_THROUGH
+                       if key in os.environ)]
         command = ["/usr/bin/env", *variables, self.uv, *args]
         if self.isolation.sandboxed:
             command = [*bwrap.command(python, BUILD_TMP_BYTES, [Path(self.uv).parent],
