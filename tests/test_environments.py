@@ -70,6 +70,16 @@ def test_a_declared_package_is_imported_while_the_default_environment_has_none(e
     assert "No module named 'six'" in refused.stderr
 
 
+def test_requires_python_that_no_host_interpreter_satisfies_is_refused_naming_them(
+        envd, name):
+    code = with_six("1.16.0").replace("# dependencies", '# requires-python = ">=3.99"\n'
+                                                        "# dependencies")
+    refused = deploy(envd, name, code, check=False)
+    assert refused.returncode == 1
+    assert "no interpreter on this host satisfies requires-python '>=3.99'" in refused.stderr
+    assert "available: 3." in refused.stderr
+
+
 def test_two_workflows_run_conflicting_versions_of_one_package_at_once(envd, name):
     deploy(envd, f"{name}-old", with_six("1.16.0"))
     deploy(envd, f"{name}-new", with_six("1.17.0"))

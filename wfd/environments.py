@@ -45,6 +45,9 @@ from wfd.isolation.layers import Isolation
 from wfd.requirements import Requirements
 
 BUILD_TIMEOUT_S = 900.0
+# A resolution this recent is reused for the same requirements and interpreter
+# (a redeploy, a second workflow): as long as the index's own pages are cached.
+RESOLUTION_REUSE_S = 600.0
 BUILD_TMP_BYTES = 1 << 30
 META = "wfd-env.json"
 SANDBOX_LINK = "wfd-sandbox.pth"
@@ -121,6 +124,7 @@ class Environments:
         self.uv = uv.find_uv_bin()
         self.interpreters: list[Interpreter] = []
         self._locks: dict[str, asyncio.Lock] = {}
+        self._resolved: dict[tuple[tuple[str, ...], str], tuple[float, str]] = {}
 
     def start(self) -> None:
         """Find the host's interpreters, refresh each environment's `sandbox` (blocking)."""
@@ -167,11 +171,18 @@ class Environments:
         """Resolve and build (or reuse); what the version stores: hash, python, pins."""
         interpreter = self.interpreter(requirements.requires_python)
         names = ", ".join(requirements.dependencies)
-        progress(f"resolving {names} for Python {interpreter.version}")
+        key = (requirements.dependencies, interpreter.path)
         started = time.monotonic()
-        pins = await self._resolve(requirements.dependencies, interpreter)
-        count = len([line for line in pins.splitlines() if line.strip()])
-        progress(f"resolved {count} package(s) in {time.monotonic() - started:.1f} s")
+        when, pins = self._resolved.get(key, (0.0, ""))
+        if started - when < RESOLUTION_REUSE_S:
+            progress(f"resolved {names} for Python {interpreter.version} "
+                     f"{started - when:.0f} s ago: same pins")
+        else:
+            progress(f"resolving {names} for Python {interpreter.version}")
+            pins = await self._resolve(requirements.dependencies, interpreter)
+            self._resolved[key] = (time.monotonic(), pins)
+            count = len([line for line in pins.splitlines() if line.strip()])
+            progress(f"resolved {count} package(s) in {time.monotonic() - started:.1f} s")
         built = await self.ensure(interpreter.version, pins, progress)
         return {"hash": built.digest, "python": interpreter.version, "pins": pins}
 

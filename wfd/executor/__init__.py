@@ -31,9 +31,9 @@ def make_executor(config: Config, isolation: Isolation,
     bwrap view, and each child builds its own namespaces and joins its own
     cgroup (docs/isolation.md, "The zygote"). A zygote that cannot boot so
     leaves its executions to cold spawn, still isolated. With `preload`, the
-    executor of a workflow environment (wfd/executor/envs.py): its own
-    modules, and one warm spare at rest rather than `spares_min`.
+    executor of a workflow environment (wfd/executor/envs.py), preloading
+    its own modules.
     """
     if preload is not None:
-        config = replace(config, preload=tuple(preload), spares_min=min(1, config.spares_max))
+        config = replace(config, preload=tuple(preload))
     return EXECUTORS[config.executor](config, isolation)

@@ -85,7 +85,7 @@ class EnvironmentExecutors:
         if job.environment is None:
             return await self.default.run(job)
         try:
-            slot = await self.warm(job.environment, list(job.preload))
+            slot = await self.warm(key_of(job), job.environment, list(job.preload))
         except OSError as exc:
             return Outcome("error", 0.0, error=f"the environment's executor could not start: "
                                                f"{exc}")
@@ -97,18 +97,17 @@ class EnvironmentExecutors:
             slot.running -= 1
             slot.last_used = time.monotonic()
 
-    async def warm(self, environment: Environment, preload: list[str]) -> Slot:
-        """The environment's executor, started (and self-tested) if it was not running."""
-        key = environment.digest
+    async def warm(self, key: str, environment: Environment, preload: list[str]) -> Slot:
+        """The executor for `key`, started (and self-tested) if it was not running."""
         slot = self.slots.get(key)
         if slot is not None and not set(preload) <= set(slot.preload):
             slot.preload = sorted({*slot.preload, *preload})
             configure = getattr(slot.executor, "configure", None)
             if configure is not None:  # a zygote: restarts with the longer list
-                configure(slot.preload, min(1, self.config.spares_max), self.config.spares_max)
+                configure(slot.preload, self.config.spares_min, self.config.spares_max)
         if slot is None:
             await self._make_room()
-            slot = self._slot(environment, sorted(set(preload)))
+            slot = self._slot(key, environment, sorted(set(preload)))
             self.slots[key] = slot
         try:
             await asyncio.shield(slot.started)
@@ -118,14 +117,14 @@ class EnvironmentExecutors:
             raise
         return slot
 
-    def _slot(self, environment: Environment, preload: list[str]) -> Slot:
+    def _slot(self, key: str, environment: Environment, preload: list[str]) -> Slot:
         interpreter = self.environments.interpreter_of(environment)
         if interpreter is None:
             raise OSError(f"environment {environment.digest} has no interpreter recorded")
         isolation = self.isolation.for_environment(environment.path, interpreter)
         executor = self.make(isolation, preload)
         slot = Slot(executor, preload)
-        slot.started = asyncio.create_task(self._start(environment.digest, slot, isolation))
+        slot.started = asyncio.create_task(self._start(key, slot, isolation))
         return slot
 
     async def _start(self, key: str, slot: Slot, isolation: Isolation) -> None:
