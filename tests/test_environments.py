@@ -167,3 +167,17 @@ def test_export_carries_the_requirements_and_import_rebuilds_the_environment(
     target.ctl("import", str(backup))
     assert [e["hash"] for e in target.ctl_json("envs")] == [digest]
     assert body(url(target, name)).startswith("six 1.16.0")
+
+
+def test_an_environment_no_workflow_uses_is_removed_after_env_keep_days(
+        make_daemon, name, uv_cache):
+    daemon = make_daemon(f'env_cache_dir = "{uv_cache}"\nenv_keep_days = 0\n')
+    deploy(daemon, name, with_six("1.16.0"))
+    digest = daemon.ctl_json("show", name)["environment"]
+    daemon.ctl("delete", name)
+    assert [e["hash"] for e in daemon.ctl_json("envs")] == [digest]  # until the next pass
+    daemon.stop()
+    daemon.start()  # a pass runs at start-up, then hourly
+    wait_for(lambda: daemon.ctl_json("envs") == [], timeout=10,
+             what="the unused environment to be removed")
+    assert not (daemon.data_dir / "envs" / digest).exists()

@@ -136,6 +136,10 @@ class Commands:
             logs.event("deploy-build-failed", workflow=deploy.name)
             raise CommandError(f"deploy refused, {_stays(deploy.existing)}: the environment "
                                f"could not be built:\n{exc}") from None
+        except Exception as exc:  # a stream must end with an answer, never a closed socket
+            logs.logger.exception("environment build failed")
+            raise CommandError(f"deploy refused, {_stays(deploy.existing)}: internal error "
+                               f"while building the environment: {exc}") from None
         finally:
             if not building.done():
                 building.cancel()

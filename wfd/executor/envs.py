@@ -5,7 +5,8 @@ interpreter and packages). A job with one goes to that environment's own
 executor, made on its first job: the same kind as the default (a zygote
 preloading the environment's imports, or cold spawn), with the same
 isolation layers around the environment's interpreter. It is self-tested
-once when it starts, like the default one at start-up.
+once when it starts, like the default one at start-up; in strict mode a
+failure refuses its executions (each records the error) until a start passes.
 
 Environment executors are stopped after `env_idle_s` without a job, and
 at most `max_zygotes` of them run at once: starting one more stops the
@@ -133,9 +134,13 @@ class EnvironmentExecutors:
         failed = selftest.failures(checks)
         slot.self_test = "failed: " + ", ".join(failed) if failed else "passed"
         logs.event("environment-executor-started", hash=key, self_test=slot.self_test)
-        if failed and self.isolation.mode == "strict":
+        if failed:
             logs.logger.error("ISOLATION SELF-TEST FAILED in environment %s: %s", key,
                               ", ".join(failed))
+            if self.isolation.mode == "strict":  # as at start-up: refuse, never run weaker
+                await slot.executor.close()
+                raise OSError(f"the isolation self-test failed in environment {key}: "
+                              f"{', '.join(failed)}")
 
     async def _make_room(self) -> None:
         """At most max_zygotes environment executors: stop the least recently used idle one."""
