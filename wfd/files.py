@@ -39,6 +39,7 @@ CLONE_NEWNS = 0x00020000
 MS_BIND, MS_REC, MS_SLAVE, MS_SHARED = 0x1000, 0x4000, 0x80000, 0x100000
 MIB = 1024 * 1024
 TOOL_TIMEOUT_S = 60.0
+PROBE_MB = 2
 TOOLS = ("mkfs.ext4", "mount", "umount")
 # mkfs.ext4 is in /usr/sbin, which a daemon's PATH may lack.
 TOOL_PATH = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin:/usr/bin:/bin"
@@ -85,7 +86,29 @@ def private_mounts(root: Path) -> bool:
         logs.logger.warning("workflow directories are bounded per file only: cannot make "
                             "a private mount namespace (%s)", exc)
         return False
+    try:
+        _probe(root)
+    except (FilesError, OSError) as exc:  # say, a container without loop devices
+        logs.logger.warning("workflow directories are bounded per file only: cannot mount "
+                            "an image here (%s)", exc)
+        return False
     return True
+
+
+def _probe(root: Path) -> None:
+    """Make, mount and remove one small image, so that a host that cannot is known now."""
+    image, target = root / ".probe.img", root / ".probe"
+    try:
+        with image.open("wb") as handle:
+            handle.truncate(PROBE_MB * MIB)
+        target.mkdir(exist_ok=True)
+        _tool("mkfs.ext4", "-q", "-F", str(image))
+        _tool("mount", "-o", "loop", str(image), str(target))
+        _tool("umount", str(target))
+    finally:
+        image.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            target.rmdir()
 
 
 class WorkflowFiles:
