@@ -13,8 +13,8 @@ an execution: under bubblewrap as the sandbox uid, with the network, and
 able to write only the new environment and the cache (at /wfd/build and
 /wfd/cache: it sees nothing else of the data directory). The environment
 never holds wfd's own packages: the child side (`sandbox`, standard
-library only) is copied into it (`wfd-sandbox/`, refreshed at start-up so
-it follows upgrades of wfd), found through a relative `.pth` file, so the
+library only) is copied into it (`wfd-sandbox/`, refreshed when its
+executor starts so it follows upgrades of wfd), found through a relative `.pth` file, so the
 environment works wherever it is mounted (/wfd/env in the sandbox).
 """
 
@@ -127,13 +127,20 @@ class Environments:
         self._resolved: dict[tuple[tuple[str, ...], str], tuple[float, str]] = {}
 
     def start(self) -> None:
-        """Find the host's interpreters, refresh each environment's `sandbox` (blocking)."""
+        """Make the directories (blocking, cheap: the daemon's start-up waits for it)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.cache.mkdir(parents=True, exist_ok=True)
         self._own(self.cache)
-        self.interpreters = find_interpreters()
-        for meta in self.root.glob(f"*/{META}"):
-            _install_sandbox(meta.parent)
+
+    async def _discovered(self) -> list[Interpreter]:
+        """The host's interpreters, looked for once, when the first build needs them."""
+        if not self.interpreters:
+            self.interpreters = await asyncio.to_thread(find_interpreters)
+        return self.interpreters
+
+    def refresh(self, environment: Environment) -> None:
+        """Bring the environment's copy of `sandbox` up to this wfd's (blocking)."""
+        _install_sandbox(environment.path)
 
     def interpreter(self, requires_python: str | None) -> Interpreter:
         """The interpreter for `requires-python`: ours if it fits, else the newest that does."""
@@ -169,6 +176,7 @@ class Environments:
 
     async def prepare(self, requirements: Requirements, progress: Progress) -> dict[str, str]:
         """Resolve and build (or reuse); what the version stores: hash, python, pins."""
+        await self._discovered()
         interpreter = self.interpreter(requirements.requires_python)
         names = ", ".join(requirements.dependencies)
         key = (requirements.dependencies, interpreter.path)
@@ -196,8 +204,8 @@ class Environments:
             if existing is not None:
                 say(f"reusing environment {digest}")
                 return existing
-            interpreter = next((i for i in self.interpreters if i.version == python_version),
-                               None)
+            interpreter = next((i for i in await self._discovered()
+                                if i.version == python_version), None)
             if interpreter is None:
                 raise BuildError(f"Python {python_version} is not on this host any more")
             say(f"building environment {digest}")
@@ -330,11 +338,17 @@ def _install_sandbox(environment: Path) -> None:
     if spec is None or not spec.submodule_search_locations:
         raise OSError("the sandbox package is not installed beside wfd")
     source = Path(next(iter(spec.submodule_search_locations)))
+    stamp = json.dumps(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                              for p in source.glob("*.py")))
+    with contextlib.suppress(OSError):
+        if (environment / SANDBOX_COPY / ".stamp").read_text() == stamp:
+            return  # already this wfd's
     fresh = environment / f"{SANDBOX_COPY}.new"
     shutil.rmtree(fresh, ignore_errors=True)
     shutil.copytree(source, fresh / "sandbox",
                     ignore=shutil.ignore_patterns("__pycache__", "*.md"))
     compileall.compile_dir(fresh, quiet=1)
+    (fresh / ".stamp").write_text(stamp)
     shutil.rmtree(environment / SANDBOX_COPY, ignore_errors=True)
     fresh.rename(environment / SANDBOX_COPY)
     for site in environment.glob("lib/python*/site-packages"):

@@ -125,10 +125,12 @@ class EnvironmentExecutors:
         isolation = self.isolation.for_environment(environment.path, interpreter)
         executor = self.make(isolation, preload)
         slot = Slot(executor, preload)
-        slot.started = asyncio.create_task(self._start(key, slot, isolation))
+        slot.started = asyncio.create_task(self._start(key, slot, isolation, environment))
         return slot
 
-    async def _start(self, key: str, slot: Slot, isolation: Isolation) -> None:
+    async def _start(self, key: str, slot: Slot, isolation: Isolation,
+                     environment: Environment) -> None:
+        await asyncio.to_thread(self.environments.refresh, environment)
         await slot.executor.start()
         checks = await selftest.run(slot.executor, isolation, self.config)
         failed = selftest.failures(checks)
