@@ -14,11 +14,12 @@ VENV := $(PREFIX)/venv
 # systemd is the running init system: the same test as sd_booted(3).
 SYSTEMD := $(wildcard /run/systemd/system)
 
-.PHONY: install uninstall verify-unit system-deps run stop test lint bench
+.PHONY: install uninstall verify-unit system-deps run stop test test-fast lint bench
 
 # -- development ---------------------------------------------------------------
 # `make run` sets up .venv and starts a local daemon with an example workflow;
-# `make test` runs the whole suite (what CI runs).
+# `make test` runs the whole suite (what CI runs); `make test-fast` only the
+# unit layer (tests/unit: no daemon, no child process), in seconds.
 
 DEV_VENV := .venv
 
@@ -51,8 +52,12 @@ stop:
 test: system-deps $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python -m pytest -q
 
+test-fast: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python -m pytest -q tests/unit
+
 lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .
+	$(DEV_VENV)/bin/mypy
 
 bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_timers.py

@@ -35,7 +35,8 @@ async def flood(path: Path, executions: int, output: str, prune: bool) -> tuple[
         record = ExecutionRecord(id=ids.execution_id(), workflow="bench", version=1,
                                  trigger="catch", status="success", started_at=utc_iso(),
                                  duration_ms=10.0, http_status=200, output=output)
-        pruner.note(await store.finish(record, None, 1 << 20))
+        pruner.note(await store.finish(record.workflow, None, {}, 1 << 20,
+                                       lambda _, record=record: record))
     if task:
         task.cancel()
         await pruner.prune()  # what the next pass would do

@@ -40,9 +40,6 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 WORKDIR = "/tmp"
 SCRATCH = ("/tmp", "/dev/shm")
-# Exit code of an execution that could not join its cgroup (the daemon's
-# JOIN_FAILED_EXIT): reported as a boot failure, never as the workflow's.
-JOIN_FAILED_EXIT = 125
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -109,7 +106,7 @@ def join_cgroup(procs_fds: list[int]) -> None:
             os.close(fd)
 
 
-def enter(tmp_bytes: int, files: dict | None = None) -> None:
+def enter(tmp_bytes: int, files: dict[str, str | None] | None = None) -> None:
     """Fresh scratch tmpfs mounts, the working directory, then no capabilities at all.
 
     A runtime bound under /tmp (a checkout or venv there) would vanish under
@@ -135,11 +132,13 @@ def enter(tmp_bytes: int, files: dict | None = None) -> None:
     drop_capabilities()
 
 
-def mount_files(files: dict) -> None:
+def mount_files(files: dict[str, str | None]) -> None:
     """The workflow's own directory at its fixed path; nobody else's anywhere."""
-    if files.get("source"):
-        _mount(files["source"], files["target"], None, MS_BIND | MS_REC)
-    _mount("tmpfs", files["hide"], "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+    source, target, hide = files.get("source"), files["target"], files["hide"]
+    assert target is not None and hide is not None, "the daemon names both"
+    if source:
+        _mount(source, target, None, MS_BIND | MS_REC)
+    _mount("tmpfs", hide, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
            "size=4k,mode=0")
 
 

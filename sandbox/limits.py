@@ -5,12 +5,13 @@ import ctypes
 import os
 import resource
 import signal
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 
 
-def apply(limits: dict) -> None:
+def apply(limits: dict[str, Any]) -> None:
     """Set the rlimits a job asks for, and tie the process to its parent.
 
     RLIMIT_DATA rather than RLIMIT_AS bounds memory: threaded libraries reserve

@@ -3,7 +3,7 @@
 from typing import Any
 
 
-class RequestDict(dict):
+class RequestDict(dict[Any, Any]):
     """A real dict whose missing keys are looked up again ignoring case.
 
     HTTP/2 clients and proxies lowercase header names, yet workflows written

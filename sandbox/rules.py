@@ -15,7 +15,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def response(value: Any, max_body_bytes: int) -> dict | None:
+def response(value: Any, max_body_bytes: int) -> dict[str, Any] | None:
     """The HTTP response a catch workflow asked for, or None for the default one.
 
     Anything that is not a dict means "use the default response"; a dict must
@@ -51,11 +51,13 @@ def response(value: Any, max_body_bytes: int) -> dict | None:
     return {"status_code": status, "body": body, "headers": headers}
 
 
-def settings_change(given: dict, now: Any, max_bytes: int) -> dict:
+def settings_change(given: dict[str, Any], now: Any) -> dict[str, Any]:
     """The keys a workflow added, changed or removed, checked for JSON.
 
     Only the difference is returned, so the daemon can merge it key by key:
-    two executions that touch different keys both keep their changes.
+    two executions that touch different keys both keep their changes. The
+    size limit is the daemon's to check, at the merge: only there is the
+    whole stored object known.
     """
     if not isinstance(now, dict):
         raise RuleError(f"settings must stay a dict, got {_describe(now)}")
@@ -63,15 +65,21 @@ def settings_change(given: dict, now: Any, max_bytes: int) -> dict:
     for key, value in now.items():
         if not isinstance(key, str):
             raise RuleError(f"settings key {key!r} is not a string")
-        if key in given and given[key] == value and type(given[key]) is type(value):
+        if key in given and given[key] == value and _same_json(given[key], value):
             continue
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise RuleError(f"settings[{key!r}] is not JSON-serializable: {exc}") from None
         changed[key] = value
-    size = len(json.dumps(now, ensure_ascii=False).encode())
-    if size > max_bytes:
-        raise RuleError(f"settings are {size} bytes, over the limit of {max_bytes}")
     removed = [key for key in given if key not in now]
     return {"set": changed, "unset": removed}
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Two values Python calls equal, compared as JSON at every depth.
+
+    1, 1.0 and True are equal in Python but three different JSON values;
+    a change between them, even nested, must reach the store.
+    """
+    return json.dumps(a) == json.dumps(b)

@@ -8,6 +8,7 @@ packages (README, "Packages, variables and files").
 
 import contextlib
 import inspect
+import io
 import json
 import linecache
 import os
@@ -16,10 +17,9 @@ import traceback
 import types
 from typing import Any
 
-from sandbox import limits, rules
+from sandbox import limits, protocol, rules
 from sandbox.request import RequestDict
 
-EXIT_BOOT_FAILED = 70
 ARGUMENTS = {"catch": ("_request", "settings"), "pull": ("settings",)}
 
 
@@ -33,16 +33,17 @@ def main() -> int:
         job = read_job()
     except Exception:
         traceback.print_exc()
-        return EXIT_BOOT_FAILED
+        return protocol.EXIT_BOOT_FAILED
     return execute(job)
 
 
-def read_job() -> dict:
+def read_job() -> dict[str, Any]:
     """The job the daemon wrote on stdin (fd 0), read to EOF."""
-    return json.loads(sys.stdin.buffer.read())
+    job: dict[str, Any] = json.loads(sys.stdin.buffer.read())
+    return job
 
 
-def execute(job: dict) -> int:
+def execute(job: dict[str, Any]) -> int:
     """Apply the job's limits, run or check it, report. Exit 70 only when it cannot start.
 
     Shared by both ways an execution starts: a fresh interpreter
@@ -53,9 +54,10 @@ def execute(job: dict) -> int:
         os.environ.update(job.get("env") or {})
     except Exception:
         traceback.print_exc()
-        return EXIT_BOOT_FAILED
+        return protocol.EXIT_BOOT_FAILED
     # Line buffering keeps the output of a workflow killed at its timeout.
-    sys.stdout.reconfigure(line_buffering=True)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     result = check(job) if job["mode"] == "check" else run(job)
     report(result, job["result_fd"])
     # os._exit skips joining threads the workflow left running: the execution
@@ -63,7 +65,7 @@ def execute(job: dict) -> int:
     os._exit(0)
 
 
-def load(job: dict) -> types.ModuleType:
+def load(job: dict[str, Any]) -> types.ModuleType:
     """Compile and execute the workflow file as one module, like a script.
 
     The file is registered in linecache so tracebacks show its source lines.
@@ -102,7 +104,7 @@ def entry_point(module: types.ModuleType, kind: str) -> Any:
     return function
 
 
-def check(job: dict) -> dict:
+def check(job: dict[str, Any]) -> dict[str, Any]:
     """Deploy-time validation: compile, import and inspect, without calling."""
     try:
         entry_point(load(job), job["kind"])
@@ -113,7 +115,7 @@ def check(job: dict) -> dict:
     return {"outcome": "success"}
 
 
-def run(job: dict) -> dict:
+def run(job: dict[str, Any]) -> dict[str, Any]:
     """Call the workflow and turn what it did into a result."""
     given = job["settings"]
     settings = json.loads(json.dumps(given))  # the workflow's own copy
@@ -123,9 +125,8 @@ def run(job: dict) -> dict:
             value = function(RequestDict(job["request"]), settings)
         else:
             value = function(settings)
-        caps = job["limits"]
-        response = rules.response(value, caps["response_bytes"])
-        change = rules.settings_change(given, settings, caps["settings_bytes"])
+        response = rules.response(value, job["limits"]["response_bytes"])
+        change = rules.settings_change(given, settings)
     except (WorkflowError, rules.RuleError) as exc:
         return {"outcome": "error", "error": str(exc), "traceback": ""}
     except MemoryError as exc:
@@ -135,7 +136,7 @@ def run(job: dict) -> dict:
     return {"outcome": "success", "response": response, "settings": change}
 
 
-def failure(outcome: str, exc: BaseException, prefix: str = "") -> dict:
+def failure(outcome: str, exc: BaseException, prefix: str = "") -> dict[str, Any]:
     """A failed result with a one-line error and the traceback for the log."""
     message = "".join(traceback.format_exception_only(exc)).strip().splitlines()
     return {
@@ -145,7 +146,7 @@ def failure(outcome: str, exc: BaseException, prefix: str = "") -> dict:
     }
 
 
-def report(result: dict, fd: int) -> None:
+def report(result: dict[str, Any], fd: int) -> None:
     """Flush the workflow's output, then write the result on its own channel."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # the workflow may have closed it

@@ -28,15 +28,9 @@ import tempfile
 import traceback
 from collections.abc import Callable
 
-from sandbox import isolate, limits, runner
+from sandbox import isolate, limits, protocol, runner
+from sandbox.protocol import MAX_RUN_FDS, PIPES, RESULT_FD
 
-# Where the job's pipes land in the child: the job on stdin, the output on
-# stdout and stderr, the result on fd 3 (the `result_fd` the daemon names).
-RESULT_FD = 3
-PIPES = 3
-# After the pipes, one `cgroup.procs` descriptor per cgroup hierarchy (v1 has
-# up to three: pids, memory, cpu).
-MAX_CGROUP_FDS = 4
 INIT_PID = 1
 
 
@@ -64,7 +58,7 @@ def _boot_step(step: Callable[[], None]) -> None:
         step()
     except OSError:
         traceback.print_exc()
-        os._exit(runner.EXIT_BOOT_FAILED)
+        os._exit(protocol.EXIT_BOOT_FAILED)
 
 
 def _fork(child: Callable[[], None]) -> int:
@@ -111,21 +105,21 @@ def _execution(work: socket.socket, env: dict[str, str]) -> None:
 def _take_job(work: socket.socket, env: dict[str, str], sandboxed: bool) -> int:
     """Receive the job's descriptors, join its cgroup, run it; the exit code."""
     try:
-        ticket, fds, _, _ = socket.recv_fds(work, 4096, PIPES + MAX_CGROUP_FDS)
+        ticket, fds, _, _ = socket.recv_fds(work, 4096, MAX_RUN_FDS)
     except OSError:
         return 0
-    if not ticket or len(fds) < PIPES:
+    if not ticket or len(fds) < len(PIPES):
         return 0  # the zygote closed the socket: the spare is not needed
     try:
-        isolate.join_cgroup(fds[PIPES:])
+        isolate.join_cgroup(fds[len(PIPES):])
     except OSError:
-        return isolate.JOIN_FAILED_EXIT
-    _adopt(fds[:PIPES])
-    return _run(json.loads(ticket)["workdir"], env, sandboxed)
+        return protocol.EXIT_JOIN_FAILED
+    _adopt(fds[:len(PIPES)])
+    return _run(json.loads(ticket)["workdir"], env)
 
 
 def _adopt(fds: list[int]) -> None:
-    """Put the job's pipes on fds 0-3 and close everything else."""
+    """Put the job's pipes on fds 0-3 (`RESULT_FD` last) and close everything else."""
     job, output, result = fds
     os.dup2(job, 0)
     os.dup2(output, 1)
@@ -134,25 +128,30 @@ def _adopt(fds: list[int]) -> None:
     os.closerange(RESULT_FD + 1, os.sysconf("SC_OPEN_MAX"))
 
 
-def _run(workdir: str | None, env: dict[str, str], sandboxed: bool) -> int:
-    """Read the job, isolate, make the private working directory, execute."""
+def _run(workdir: str | None, env: dict[str, str]) -> int:
+    """Read the job, isolate, make the private working directory, execute.
+
+    `workdir` is None in sandbox mode: the execution's own tmpfs on /tmp is
+    its working directory.
+    """
     # A forked child starts from the zygote's memory; nothing random may repeat
     # between executions. os.fork reseeds `random` already; this says it here.
     random.seed()
     try:
         job = runner.read_job()
-        if sandboxed:
+        if workdir is None:
             isolate.enter(job["limits"]["tmp_bytes"], job.get("files"))
-            workdir = isolate.WORKDIR
+            home = isolate.WORKDIR
         else:
             os.mkdir(workdir, 0o700)
             os.chdir(workdir)
+            home = workdir
     except Exception:
         traceback.print_exc()
-        return runner.EXIT_BOOT_FAILED
+        return protocol.EXIT_BOOT_FAILED
     os.environ.clear()
-    os.environ.update(env, HOME=workdir, TMPDIR=workdir)
-    if sandboxed:
-        os.environ["PWD"] = workdir
+    os.environ.update(env, HOME=home, TMPDIR=home)
+    if workdir is None:
+        os.environ["PWD"] = home
     tempfile.tempdir = None  # gettempdir() caches; let it see the new TMPDIR
     return runner.execute(job)

@@ -1,8 +1,9 @@
 """The zygote: preloads modules once, then forks one child per execution.
 
 Started by the daemon as `python -I -m sandbox.zygote MODE CHANNEL_FD WORKDIRS
-SPARES_MIN SPARES_MAX [MODULE...]`, MODE being `sandbox` (under bubblewrap:
-each execution in namespaces of its own, see isolate.py) or `plain`.
+SPARES_MIN SPARES_MAX [MODULE...]` (`protocol.ZygoteArgs`), MODE being
+`sandbox` (under bubblewrap: each execution in namespaces of its own, see
+isolate.py) or `plain`.
 PROTOCOL.md ("The zygote") is the contract; in short, one select loop
 does, in order: read the daemon's messages (run, kill, ping, retire), reap
 exited children and report their exit, then fork spares until the pool is
@@ -23,13 +24,19 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 from sandbox import isolate, limits, spare
+from sandbox.protocol import (
+    EXIT_ZYGOTE_BOOT_FAILED,
+    MAX_RUN_FDS,
+    MESSAGE_BYTES,
+    MODE_SANDBOX,
+    ZygoteArgs,
+)
 
-EXIT_BOOT_FAILED = 71  # a preload failed: restarting at once would fail the same way
 # With no miss for this long, the pool target shrinks by one spare.
 POOL_DECAY_S = 10.0
-MESSAGE_BYTES = 65536
 HAND_OVER_TRIES = 3
 
 
@@ -217,7 +224,7 @@ class Zygote:
         theirs.close()
         return pid, ours
 
-    def send(self, message: dict) -> None:
+    def send(self, message: dict[str, Any]) -> None:
         self.channel.send(json.dumps(message).encode())
 
     def shutdown(self) -> None:
@@ -240,7 +247,7 @@ def receive(channel: socket.socket) -> tuple[bytes, list[int]]:
     socket.recv_fds would do, but before Python 3.12 it ignores its flags.
     """
     data, ancillary, _, _ = channel.recvmsg(
-        MESSAGE_BYTES, socket.CMSG_SPACE((spare.PIPES + spare.MAX_CGROUP_FDS) * 4),
+        MESSAGE_BYTES, socket.CMSG_SPACE(MAX_RUN_FDS * 4),
         socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
     fds = array.array("i")
     for level, kind, payload in ancillary:
@@ -305,17 +312,19 @@ def boot(modules: list[str], sandboxed: bool) -> None:
 def main(argv: list[str]) -> int:
     """Boot (preload, or report why not), then serve until the daemon lets go."""
     daemon = os.getppid()
-    mode, channel_fd, workdirs, low, high, *modules = argv
-    channel = socket.socket(fileno=int(channel_fd))
+    args = ZygoteArgs.parse(argv)
+    sandboxed = args.mode == MODE_SANDBOX
+    channel = socket.socket(fileno=args.channel_fd)
     if not limits.die_with_parent(daemon):
         return 0  # the daemon died already; later, the channel's EOF tells us
     try:
-        boot(modules, mode == "sandbox")
+        boot(list(args.preload), sandboxed)
     except BaseException as exc:
         error = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
-        channel.send(json.dumps({"ev": "boot_failed", "error": f"boot failed: {error}"}).encode())
-        return EXIT_BOOT_FAILED
-    Zygote(channel, workdirs, Pool(int(low), int(high)), mode == "sandbox").serve()
+        channel.send(json.dumps({"ev": "boot_failed",
+                                  "error": f"boot failed: {error}"}).encode())
+        return EXIT_ZYGOTE_BOOT_FAILED
+    Zygote(channel, args.workdirs, Pool(args.spares_min, args.spares_max), sandboxed).serve()
     return 0
 
 

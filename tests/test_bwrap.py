@@ -235,13 +235,15 @@ def test_unprivileged_daemon_path_uses_a_user_namespace() -> None:
 
 
 def test_python_outside_every_bind_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"outside every path the sandbox binds \(/usr"):
         bwrap.command("/opt/elsewhere/bin/python", CAP)
 
 
-def test_a_runtime_under_tmp_is_bound_over_the_private_tmp() -> None:
+def test_a_runtime_under_tmp_is_bound_over_the_private_tmp(monkeypatch) -> None:
     """A checkout or venv under /tmp (CI clones there) must stay visible inside."""
     runtime = Path(tempfile.mkdtemp(prefix="wfd-runtime-", dir="/tmp"))
+    roots = bwrap.runtime_roots
+    monkeypatch.setattr(bwrap, "runtime_roots", lambda python: [*roots(python), runtime])
     try:
         (runtime / "marker.txt").write_text("runtime file")
         runtime.chmod(0o755)
@@ -249,7 +251,7 @@ def test_a_runtime_under_tmp_is_bound_over_the_private_tmp() -> None:
                 "print(oct(os.stat('/tmp').st_mode & 0o7777))\n"
                 "open('/tmp/scratch', 'w').write('x')\n")
         out = subprocess.run(
-            [*bwrap.command(sys.executable, CAP, [runtime]), sys.executable, "-I", "-c", code],
+            [*bwrap.command(sys.executable, CAP), sys.executable, "-I", "-c", code],
             capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["runtime", "file", "0o1777"]

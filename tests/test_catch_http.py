@@ -4,6 +4,7 @@ import base64
 import http.client
 import json
 import re
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -131,21 +132,38 @@ def test_bodies_that_do_not_parse_get_400(daemon, echo, name, content_type, body
     assert daemon.executions(name) == []  # nothing ran
 
 
-def test_body_over_the_limit_gets_413_with_and_without_length(make_daemon, name):
-    daemon = make_daemon("max_body_mb = 1\n")
-    url = daemon.deploy(name, ECHO)
-    big = b"x" * (1024 * 1024 + 10)
-    response = requests.post(url, data=big, headers={"Content-Type": "application/json"})
-    assert response.status_code == 413
+SIZE = """
+def workflow(_request, settings):
+    return {"status_code": 200, "body": str(len(_request["pad"]))}
+"""
 
-    def chunks():
-        for _ in range(40):
-            yield b"y" * 65536
 
-    response = requests.post(url, data=chunks(), headers={"Content-Type": "application/json"})
-    assert response.status_code == 413
-    assert response.json()["status"] == "payload_too_large"
-    assert requests.post(url, json={"small": 1}).status_code == 200
+def test_the_body_limit_is_exact_with_and_without_length(make_daemon, name):
+    daemon = make_daemon("max_body_mb = 0.25\n")
+    url = daemon.deploy(name, SIZE)
+    limit = 256 * 1024
+    json_type = {"Content-Type": "application/json"}
+
+    def body(size: int) -> bytes:
+        return b'{"pad": "' + b"x" * (size - 11) + b'"}'
+
+    def chunked(size: int) -> Iterator[bytes]:
+        data = body(size)
+        for start in range(0, size, 10_000):  # no Content-Length: sent chunked
+            yield data[start:start + 10_000]
+
+    assert len(body(limit)) == limit
+    for size in (limit, limit + 1):
+        with_length = requests.post(url, data=body(size), headers=json_type)
+        without = requests.post(url, data=chunked(size), headers=json_type)
+        assert "Content-Length" not in without.request.headers
+        if size == limit:  # exactly max_body_mb is accepted, and read whole
+            assert [r.status_code for r in (with_length, without)] == [200, 200]
+            assert with_length.text == without.text == str(limit - 11)
+        else:
+            assert [r.status_code for r in (with_length, without)] == [413, 413]
+            assert {r.json()["status"] for r in (with_length, without)} == {"payload_too_large"}
+    assert [e["http_status"] for e in daemon.executions(name)] == [200, 200]
 
 
 def test_wrong_key_unknown_and_disabled_are_the_same_404(daemon, echo, name):

@@ -13,6 +13,7 @@ import pytest
 from conftest import wait_for
 from helpers import pid_alive, pid_gone
 
+from sandbox import protocol
 from wfd.isolation import cgroups
 
 # ---------------------------------------------------------------- v2, fake cgroupfs
@@ -137,7 +138,7 @@ def test_join_failure_has_its_own_exit_code(make_cg) -> None:
     cg.dirs[0] = cg.dirs[0].parent / "does-not-exist"
     proc = subprocess.run(cg.join_argv(["true"]), capture_output=True)
     cg.dirs.pop(0)
-    assert proc.returncode == cgroups.JOIN_FAILED_EXIT
+    assert proc.returncode == protocol.EXIT_JOIN_FAILED
 
 
 def test_fork_bomb_stopped_at_pids_max(make_cg) -> None:

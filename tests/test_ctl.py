@@ -54,6 +54,16 @@ def test_list_and_show_in_text_and_json(daemon, name):
     assert "catch_key" not in json.dumps(shown) and "code" not in shown
 
 
+def test_a_redeploy_keeps_the_limits_it_does_not_name(daemon, name):
+    daemon.deploy(name, HELLO, "--timeout", "7", "--memory", "300")
+    daemon.deploy(name, HELLO, "--memory", "400")
+    shown = daemon.ctl_json("show", name)
+    assert shown["version"] == 2
+    assert shown["limits"] == {"timeout_s": 7, "memory_mb": 400}
+    limits = shown["effective_limits"]
+    assert (limits["timeout_s"], limits["memory_mb"], limits["cpu_s"]) == (7, 400, 30)
+
+
 def test_run_a_catch_workflow_by_hand(daemon, name):
     daemon.deploy(name, HELLO)
     result = daemon.ctl("run", name, "--data", '{"who": "ops"}')

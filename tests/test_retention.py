@@ -49,7 +49,9 @@ async def flood(path: Path, prune: bool) -> tuple[int, int, int]:
     task = asyncio.create_task(pruner.run()) if prune else None
     most = 0
     for i in range(FLOOD):
-        finished = await store.finish(record("ab"[i % 2]), None, 1 << 20)
+        made = record("ab"[i % 2])
+        finished = await store.finish(made.workflow, None, {}, 1 << 20,
+                                      lambda _, made=made: made)
         pruner.note(finished)
         if i % 100 == 0:
             most = max(most, (await store.counts())["executions"])
@@ -90,9 +92,9 @@ def test_age_and_count_rules_and_space_given_back(tmp_path):
         now = datetime.now(UTC)
         big = "y" * 64 * 1024  # so that what is freed is well over the slack kept
         for days in (40, 35, 31):
-            await store.finish(record("a", now - timedelta(days=days), big), None, 1 << 20)
+            await store.record(record("a", now - timedelta(days=days), big))
         for _ in range(12):
-            await store.finish(record("b", output=big), None, 1 << 20)
+            await store.record(record("b", output=big))
         kept_b = [r.id for r in await store.executions("b", 100)][:5]
         before = await store.size()
         pruner = Pruner(store, lambda: Retention(max_per_workflow=5, max_age_days=30),

@@ -1,9 +1,11 @@
 """Settings persistence (SPEC 4): key-level merges, nothing kept on failure."""
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from conftest import Daemon, wait_for
 
 SET_FROM_BODY = """
 import time
@@ -108,3 +110,83 @@ def test_operators_set_and_unset_settings_with_ctl(daemon, name):
     bad_json = daemon.ctl("settings", name, "set", "N:=not json", check=False)
     assert bad_json.returncode == 2 and "N:= needs a JSON value" in bad_json.stderr
     assert sorted(daemon.ctl_json("settings", name)) == ["API_KEY", "NAME", "OBJ"]
+
+
+# A child that does not play by the protocol's rules: after the workflow
+# returns, its settings change claims every key it holds, changed or not.
+RESENDS_EVERY_KEY = """
+import time
+import sandbox.rules
+
+def workflow(_request, settings):
+    time.sleep(_request.get("sleep", 0))
+    settings.update(_request.get("set", {}))
+    if _request.get("resend"):
+        sandbox.rules.settings_change = lambda given, now: {
+            "set": dict(now), "unset": _request.get("unset", [])}
+"""
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon of its own, with a 1 KiB settings limit, running nothing but these tests."""
+    daemon = Daemon(tmp_path_factory.mktemp("small-settings") / "data",
+                    "[limits]\nsettings_kb = 1\n").start()
+    yield daemon
+    daemon.kill()
+
+
+def test_keys_sent_back_unchanged_do_not_undo_a_concurrent_change(small, name):
+    url = small.deploy(name, RESENDS_EVERY_KEY)
+    small.ctl("settings", name, "set", "k=old")
+    with ThreadPoolExecutor(1) as pool:
+        # Given {"k": "old"}; finishes last, sending k back unchanged and
+        # removing "b", a key it was never given.
+        slow = pool.submit(requests.post, url, timeout=30, json={
+            "sleep": 1.5, "set": {"a": 1}, "resend": True, "unset": ["b"]})
+        wait_for(lambda: small.ctl_json("status")["running"] == 1, what="the slow execution")
+        fast = requests.post(url, json={"set": {"k": "new", "b": 2}}, timeout=30)
+        assert fast.status_code == 200
+        assert small.ctl_json("settings", name) == {"k": "new", "b": 2}
+        assert slow.result().status_code == 200
+    assert small.ctl_json("settings", name) == {"k": "new", "b": 2, "a": 1}
+
+
+def test_a_merge_over_the_limit_is_refused_and_writes_nothing(small, name):
+    # Each change fits alone; both together are over 1 KiB. The child does no
+    # size check: the one at the merge is what counts.
+    url = small.deploy(name, SET_FROM_BODY)
+    small.ctl("settings", name, "set", "kept=1")
+    bodies = [{"sleep": 0.5, "set": {"first": "x" * 600}},
+              {"sleep": 0.5, "set": {"second": "y" * 600}}]
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(lambda b: requests.post(url, json=b, timeout=30), bodies))
+    assert sorted(r.status_code for r in responses) == [200, 500]
+    refused = next(r for r in responses if r.status_code == 500)
+    record = small.logs(refused.headers["X-Wfd-Execution-Id"])
+    assert record["status"] == "error"
+    assert "over the limit of 1024 bytes (settings_kb = 1); nothing was kept" in record["error"]
+    stored = small.ctl_json("settings", name)
+    assert sorted(stored) in (["first", "kept"], ["kept", "second"])
+
+
+def test_a_change_over_the_limit_is_refused_whatever_code_the_child_ran(small, name):
+    url = small.deploy(name, RESENDS_EVERY_KEY)
+    response = requests.post(url, json={"set": {"big": "z" * 2000}, "resend": True}, timeout=30)
+    assert response.status_code == 500
+    record = small.logs(response.headers["X-Wfd-Execution-Id"])
+    assert (record["status"], record["http_status"]) == ("error", 500)
+    assert "over the limit of 1024 bytes" in record["error"]
+    assert small.ctl_json("settings", name) == {}
+
+
+def test_ctl_settings_set_over_the_limit_is_refused(small, name):
+    small.deploy(name, SET_FROM_BODY)
+    small.ctl("settings", name, "set", "small:=1")
+    refused = small.ctl("settings", name, "set", "big=" + "x" * 1100, check=False)
+    assert refused.returncode == 1
+    assert "over the limit of 1024 bytes (settings_kb = 1)" in refused.stderr
+    assert refused.stderr.count("\n") == 1  # one line
+    assert small.ctl_json("settings", name) == {"small": 1}
+    small.ctl("settings", name, "set", "fits=" + "x" * 900)
+    assert sorted(small.ctl_json("settings", name)) == ["fits", "small"]

@@ -7,16 +7,18 @@ headers, query and body into fields, and the reply.
 
 import base64
 import hmac
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
 
-from wfd import ids, logs
+from wfd import domain, ids, logs
 from wfd.admission import Overloaded
 from wfd.config import Config
-from wfd.dispatch import FAILURE_HTTP_STATUS, Dispatcher
+from wfd.dispatch import Dispatcher
+from wfd.domain import Kind, Status, Trigger, WorkflowResponse
 from wfd.store import Store
 
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
@@ -32,7 +34,7 @@ class BadRequest(Exception):
     """The body does not parse as its declared content type (HTTP 400)."""
 
 
-def header_fields(raw_headers: list[tuple[bytes, bytes]] | tuple) -> dict[str, str]:
+def header_fields(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """Headers under the name the client sent; repeats joined with `, `.
 
     A header repeated with different capitalisation is one header: it keeps
@@ -104,6 +106,17 @@ def _file_field(field: web.FileField) -> dict[str, Any]:
             "size": len(content), "content": base64.b64encode(content).decode()}
 
 
+def status_response(status: Status, execution_id: str) -> WorkflowResponse:
+    """The response of a catch execution whose workflow did not write one itself.
+
+    What the caller gets (`reply`) and what `wfd ctl run` shows: the status
+    the execution ended with, as JSON, under its HTTP status.
+    """
+    return {"status_code": domain.http_status(status, None),
+            "body": status_body(status, execution_id).decode(),
+            "headers": {"Content-Type": "application/json"}}
+
+
 def status_body(status: str, execution_id: str) -> bytes:
     """The JSON body of every response the workflow did not write itself."""
     return orjson.dumps({"status": status, "execution_id": execution_id})
@@ -116,7 +129,7 @@ def json_reply(http_status: int, status: str, execution_id: str,
                         headers={EXECUTION_HEADER: execution_id, **(headers or {})})
 
 
-def workflow_reply(response: dict[str, Any], execution_id: str) -> web.Response:
+def workflow_reply(response: WorkflowResponse, execution_id: str) -> web.Response:
     """Exactly the response the workflow returned (already validated)."""
     headers = {k: v for k, v in response["headers"].items()
                if k.lower() not in DROPPED_RESPONSE_HEADERS}
@@ -147,7 +160,7 @@ class CatchHandler:
         workflow = await self.store.workflow(info["name"])
         key_ok = hmac.compare_digest(info["key"].encode(),
                                      (workflow.catch_key if workflow else _NO_KEY).encode())
-        if not (key_ok and workflow and workflow.enabled and workflow.kind == "catch"
+        if not (key_ok and workflow and workflow.enabled and workflow.kind == Kind.CATCH
                 and info["team"] == self.config.team):
             return json_reply(404, "not_found", execution_id)
         content_type = self._content_type(request)
@@ -173,10 +186,9 @@ class CatchHandler:
         except BaseException:
             reservation.cancel()
             raise
-        executed = await self.dispatcher.execute(workflow, "catch", fields, reservation,
+        executed = await self.dispatcher.execute(workflow, Trigger.CATCH, fields, reservation,
                                                  execution_id)
-        return reply(executed.record.status, executed.record.http_status, executed.response,
-                     execution_id)
+        return reply(executed.record.status, executed.response, execution_id)
 
     @staticmethod
     def _content_type(request: web.Request) -> str:
@@ -190,10 +202,9 @@ class CatchHandler:
                 for name in query for values in [query.getall(name)]}
 
 
-def reply(status: str, http_status: int | None, response: dict[str, Any] | None,
-          execution_id: str) -> web.Response:
+def reply(status: Status, response: WorkflowResponse | None, execution_id: str
+          ) -> web.Response:
     """The caller's response for a finished catch execution."""
-    if response is not None:
-        return workflow_reply(response, execution_id)
-    code = http_status or FAILURE_HTTP_STATUS.get(status, 500)
-    return json_reply(code, status, execution_id)
+    if response is None:
+        response = status_response(status, execution_id)
+    return workflow_reply(response, execution_id)

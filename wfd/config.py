@@ -40,7 +40,11 @@ class Limits:
     files_mb: int = 100
 
     def merged(self, overrides: dict[str, Any]) -> "Limits":
-        """These limits with a workflow's overrides applied (None means inherit)."""
+        """These limits with a workflow's overrides applied (None means inherit).
+
+        The one place a workflow's effective limits are made: the daemon's
+        defaults, under the overrides the workflow was deployed with.
+        """
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self) -> "Limits":
@@ -50,6 +54,14 @@ class Limits:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"limit {item.name} must be a positive number, got {value!r}")
         return self
+
+
+def redeployed_overrides(previous: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A workflow's limit overrides after a deploy: those given replace, the rest stay.
+
+    None in `given` means "not named on this deploy", not "back to the default".
+    """
+    return {**previous, **{k: v for k, v in given.items() if v is not None}}
 
 
 @dataclass(frozen=True)

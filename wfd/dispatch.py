@@ -7,24 +7,22 @@ that transaction commits, so an acknowledged change survives a crash.
 """
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from wfd import ids, logs
+from wfd import domain, ids, logs
 from wfd.admission import Admission, Overloaded, Reservation
 from wfd.config import Config, Limits
+from wfd.domain import Kind, Status, Trigger, WorkflowResponse
 from wfd.environments import BuildError, Environments
 from wfd.executor import Executor, Job, Outcome
 from wfd.files import FilesError, WorkflowFiles
 from wfd.requirements import top_level_imports
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
-
-# The HTTP status a caller gets when the function did not decide it.
-FAILURE_HTTP_STATUS = {"error": 500, "memory": 500, "cpu": 500, "timeout": 504,
-                       "interrupted": 503}
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,7 @@ class Executed:
     """A finished execution: its stored record and, for catch, the response."""
 
     record: ExecutionRecord
-    response: dict[str, Any] | None
+    response: WorkflowResponse | None
 
 
 class Dispatcher:
@@ -71,7 +69,7 @@ class Dispatcher:
             raise Overloaded("the daemon is stopping")
         return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded)
 
-    async def execute(self, workflow: Workflow, trigger: str,
+    async def execute(self, workflow: Workflow, trigger: Trigger,
                       request: dict[str, Any] | None = None,
                       reservation: Reservation | None = None,
                       execution_id: str | None = None) -> Executed:
@@ -81,7 +79,7 @@ class Dispatcher:
         job = Job(execution_id=execution_id or ids.execution_id(), name=workflow.name,
                   kind=workflow.kind, version=workflow.version, code=workflow.code,
                   limits=limits, settings=workflow.settings,
-                  request=request if workflow.kind == "catch" else None,
+                  request=request if workflow.kind == Kind.CATCH else None,
                   response_bytes=self.config.max_body_bytes, env=workflow.env,
                   preload=self._preload(workflow))
         task = asyncio.create_task(self._execute(job, trigger, reservation,
@@ -103,7 +101,7 @@ class Dispatcher:
                                         else top_level_imports(workflow.code))
         return self._preloads[key]
 
-    async def _execute(self, job: Job, trigger: str, reservation: Reservation,
+    async def _execute(self, job: Job, trigger: Trigger, reservation: Reservation,
                        environment: dict[str, Any] | None = None) -> Executed:
         started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
         try:
@@ -111,22 +109,24 @@ class Dispatcher:
                 started_at, started = datetime.now(UTC), time.perf_counter()
                 outcome = await self._run(job, environment)
         except asyncio.CancelledError:
-            if not self._interrupting:
+            task = asyncio.current_task()
+            if not self._interrupting or task is None:
                 raise
-            asyncio.current_task().uncancel()
-            outcome = Outcome("interrupted", (time.perf_counter() - started) * 1000,
+            task.uncancel()
+            outcome = Outcome(Status.INTERRUPTED, (time.perf_counter() - started) * 1000,
                               error=f"the daemon stopped and the {self.config.grace_s:g} s "
                                     "grace period ran out; nothing it changed was kept")
         self._interruptible.discard(asyncio.current_task())
-        record = _record(job, trigger, started_at, outcome)
-        record = await self.store.finish(record, outcome.settings_change,
-                                         job.limits.settings_kb * 1024)
+        record = await self.store.finish(job.name, outcome.settings_change, job.settings,
+                                         job.limits.settings_kb * 1024,
+                                         functools.partial(_record, job, trigger, started_at,
+                                                           outcome))
         logs.event("execution", id=record.id, workflow=record.workflow,
                    version=record.version, trigger=trigger, status=record.status,
                    duration_ms=round(record.duration_ms, 1), http=record.http_status)
         for listener in self.listeners:
             listener(record)
-        response = outcome.response if record.status == "success" else None
+        response = outcome.response if record.status == Status.SUCCESS else None
         return Executed(record, response)
 
     async def _run(self, job: Job, environment: dict[str, Any] | None = None) -> Outcome:
@@ -145,7 +145,7 @@ class Dispatcher:
                 job = replace(job, environment=built)
         except (FilesError, BuildError, OSError) as exc:
             logs.event("prepare-failed", workflow=job.name, error=str(exc)[:500])
-            return Outcome("error", (time.perf_counter() - started) * 1000,
+            return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
                            error=f"the execution could not be prepared: {exc}")
         return await self.executor.run(job)
 
@@ -174,7 +174,7 @@ class Dispatcher:
             await asyncio.wait(set(self._inflight))
         return interrupted
 
-    async def check(self, name: str, kind: str, code: str, limits: Limits,
+    async def check(self, name: str, kind: Kind, code: str, limits: Limits,
                     env: dict[str, str] | None = None,
                     environment: dict[str, Any] | None = None,
                     preload: tuple[str, ...] = ()) -> str | None:
@@ -183,20 +183,24 @@ class Dispatcher:
                   code=code, limits=limits, mode="check", env=env or {}, preload=preload)
         started = time.perf_counter()
         outcome = await self._run(job, environment)
-        if outcome.status == "success":
+        if outcome.status == Status.SUCCESS:
             return None
         logs.event("deploy-check-failed", workflow=name, status=outcome.status,
                    duration_ms=round((time.perf_counter() - started) * 1000, 1))
         return outcome.error or outcome.status
 
 
-def _record(job: Job, trigger: str, started_at: datetime, outcome: Outcome) -> ExecutionRecord:
-    http_status = None
-    if job.kind == "catch":
-        if outcome.status == "success":
-            http_status = outcome.response["status_code"] if outcome.response else 200
-        else:
-            http_status = FAILURE_HTTP_STATUS.get(outcome.status, 500)
+def _record(job: Job, trigger: Trigger, started_at: datetime, outcome: Outcome,
+            refused: str | None = None) -> ExecutionRecord:
+    """The execution's record; `refused` says why the store refused its settings change.
+
+    A refused change fails the execution: nothing it changed was kept, and a
+    catch caller gets the failure's response, not the workflow's.
+    """
+    if refused is not None:
+        outcome = replace(outcome, status=Status.ERROR, error=refused, response=None)
+    http_status = domain.http_status(outcome.status, outcome.response) \
+        if job.kind == Kind.CATCH else None
     return ExecutionRecord(
         id=job.execution_id, workflow=job.name, version=job.version, trigger=trigger,
         status=outcome.status, started_at=utc_iso(started_at),

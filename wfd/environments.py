@@ -165,7 +165,7 @@ class Environments:
     def interpreter_of(self, environment: Environment) -> str | None:
         """The host interpreter the environment was made from (its prefix is bound)."""
         with contextlib.suppress(OSError, ValueError, KeyError):
-            return json.loads((environment.path / META).read_text())["interpreter"]
+            return str(json.loads((environment.path / META).read_text())["interpreter"])
         return None
 
     def get(self, digest: str) -> Environment | None:
@@ -266,10 +266,13 @@ class Environments:
                      "UV_NO_CONFIG=1", "UV_NO_PROGRESS=1", "UV_NATIVE_TLS=1", "HOME=/tmp",
                      *(f"{key}={os.environ[key]}" for key in PASSED_THROUGH
                        if key in os.environ)]
-        command = ["/usr/bin/env", *variables, self.uv, *args]
+        tool = Path(self.uv)
         if self.isolation.sandboxed:
-            command = [*bwrap.command(python, BUILD_TMP_BYTES, [Path(self.uv).parent],
-                                      writable=writable), *command]
+            command = [*bwrap.command(python, BUILD_TMP_BYTES, writable=writable,
+                                      read_only={bwrap.TOOLS_DIR: tool.parent}),
+                       "/usr/bin/env", *variables, f"{bwrap.TOOLS_DIR}/{tool.name}", *args]
+        else:
+            command = ["/usr/bin/env", *variables, str(tool), *args]
         process = await asyncio.create_subprocess_exec(
             *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})

@@ -26,6 +26,7 @@ import base64
 import contextlib
 import ctypes
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -71,8 +72,8 @@ def private_mounts(root: Path) -> bool:
         return False
     missing = [tool for tool in TOOLS if _which(tool) is None]
     if missing:
-        logs.logger.warning("workflow directories are bounded per file only: %s not found "
-                            "(Debian: apt-get install e2fsprogs mount)", ", ".join(missing))
+        logs.event("workflow-files-unbounded", level=logging.WARNING,
+                   reason=f"{', '.join(missing)} not found (Debian: e2fsprogs, mount)")
         return False
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -83,14 +84,14 @@ def private_mounts(root: Path) -> bool:
         _libc_call("mount", path, path, None, ctypes.c_ulong(MS_BIND), None)
         _libc_call("mount", b"none", path, None, ctypes.c_ulong(MS_SHARED), None)
     except OSError as exc:
-        logs.logger.warning("workflow directories are bounded per file only: cannot make "
-                            "a private mount namespace (%s)", exc)
+        logs.event("workflow-files-unbounded", level=logging.WARNING,
+                   reason=f"cannot make a private mount namespace: {exc}")
         return False
     try:
         _probe(root)
     except (FilesError, OSError) as exc:  # say, a container without loop devices
-        logs.logger.warning("workflow directories are bounded per file only: cannot mount "
-                            "an image here (%s)", exc)
+        logs.event("workflow-files-unbounded", level=logging.WARNING,
+                   reason=f"cannot mount an image here: {exc}")
         return False
     return True
 

@@ -1,8 +1,10 @@
 """The listeners: the catch app, /healthz for load balancers, /metrics for Prometheus."""
 
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from wfd import metrics as metrics_module
 from wfd.catch import CATCH_ROUTE, CatchHandler
@@ -11,9 +13,12 @@ from wfd.dispatch import Dispatcher
 from wfd.metrics import Metrics
 from wfd.store import Store
 
+# /healthz's answer: the HTTP status and the JSON body.
+Health = Callable[[], tuple[int, dict[str, Any]]]
+
 
 async def healthz(request: web.Request) -> web.Response:
-    health: Callable[[], tuple[int, dict]] = request.app["health"]
+    health: Health = request.app["health"]
     code, body = health()
     return web.json_response(body, status=code)
 
@@ -24,11 +29,11 @@ async def metrics_page(request: web.Request) -> web.Response:
                         headers={"Content-Type": metrics_module.CONTENT_TYPE})
 
 
-def counted(metrics: Metrics) -> Callable:
+def counted(metrics: Metrics) -> Middleware:
     """Middleware: count every response by route name and status code."""
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.name or "other"
         try:
             response = await handler(request)
@@ -45,7 +50,7 @@ def counted(metrics: Metrics) -> Callable:
 
 
 def catch_app(config: Config, store: Store, dispatcher: Dispatcher,
-              health: Callable[[], tuple[int, dict]], metrics: Metrics) -> web.Application:
+              health: Health, metrics: Metrics) -> web.Application:
     """The public listener: catch routes, plus /healthz and /metrics unless on admin_listen."""
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[counted(metrics)])
@@ -55,7 +60,7 @@ def catch_app(config: Config, store: Store, dispatcher: Dispatcher,
     return app
 
 
-def add_admin_routes(app: web.Application, health: Callable[[], tuple[int, dict]],
+def add_admin_routes(app: web.Application, health: Health,
                      metrics: Metrics) -> None:
     app["health"] = health
     app["metrics"] = metrics
@@ -63,7 +68,7 @@ def add_admin_routes(app: web.Application, health: Callable[[], tuple[int, dict]
     app.router.add_get("/metrics", metrics_page, name="metrics")
 
 
-def admin_app(health: Callable[[], tuple[int, dict]], metrics: Metrics) -> web.Application:
+def admin_app(health: Health, metrics: Metrics) -> web.Application:
     """The operator's listener, when `admin_listen` moves /healthz and /metrics there."""
     app = web.Application(middlewares=[counted(metrics)])
     add_admin_routes(app, health, metrics)

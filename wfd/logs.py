@@ -1,8 +1,9 @@
 """One log line per event: readable on a terminal, JSON for journald.
 
-Events carry their fields as data (`event(...)`), so the JSON format gets
-them as real keys. Nothing here ever logs a settings value, a request body
-or a key: callers pass only names, ids, statuses and numbers.
+Every module logs through `event(name, **fields)`: a short kebab-case name
+and its fields as data, so the JSON format gets them as real keys and a
+line can be found by its name. Nothing here ever logs a settings value, a
+request body or a key: callers pass only names, ids, statuses and numbers.
 """
 
 import logging
@@ -14,10 +15,11 @@ import orjson
 logger = logging.getLogger("wfd")
 
 
-def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one event with its fields."""
+def event(name: str, level: int = logging.INFO, exc_info: bool = False, **fields: Any
+          ) -> None:
+    """Log one event with its fields; `exc_info` adds the exception being handled."""
     if logger.isEnabledFor(level):
-        logger.log(level, name, extra={"wfd_fields": fields})
+        logger.log(level, name, exc_info=exc_info, extra={"wfd_fields": fields})
 
 
 class TextFormatter(logging.Formatter):

@@ -16,6 +16,7 @@ freed. systemd/README.md states the VACUUM policy.
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -61,7 +62,8 @@ class Pruner:
             try:
                 await self.prune()
             except Exception:
-                logs.logger.exception("retention pass failed; retrying at the next one")
+                logs.event("retention-failed", level=logging.ERROR, exc_info=True,
+                           retry="at the next pass")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._due.wait(), self.interval_s)
 

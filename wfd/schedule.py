@@ -1,7 +1,7 @@
 """Pull-workflow schedules as values, and the time arithmetic on them.
 
 Everything here is pure: no function reads the clock, so the scheduler passes
-``now`` in and the tests can pin any instant, DST changes included. All
+`now` in and the tests can pin any instant, DST changes included. All
 datetimes given to or returned by this module are timezone-aware; results are
 in UTC. Cron expressions are parsed and evaluated by croniter, never by hand.
 """
@@ -33,11 +33,11 @@ class ScheduleError(ValueError):
 
 
 def parse_duration(text: str) -> int:
-    """Return the number of seconds in an ``every`` duration such as ``5m``.
+    """Return the number of seconds in an `every` duration such as `5m`.
 
-    Accepted: one or more ``<integer><unit>`` parts with units ``d``, ``h``,
-    ``m``, ``s`` in that order, each at most once (``1h30m``, ``1d12h``).
-    Units are lowercase only, so ``M`` cannot be mistaken for months. A bare
+    Accepted: one or more `<integer><unit>` parts with units `d`, `h`,
+    `m`, `s` in that order, each at most once (`1h30m`, `1d12h`).
+    Units are lowercase only, so `M` cannot be mistaken for months. A bare
     number is refused rather than guessed at. The total must lie between 1s
     and 365d.
     """
@@ -59,7 +59,7 @@ def parse_duration(text: str) -> int:
 
 
 def format_duration(seconds: int) -> str:
-    """Write seconds in the form ``parse_duration`` reads: 5400 -> ``1h30m``."""
+    """Write seconds in the form `parse_duration` reads: 5400 -> `1h30m`."""
     parts = []
     for unit, unit_s in _UNITS_S:
         count, seconds = divmod(seconds, unit_s)
@@ -102,9 +102,9 @@ def _zone(name: str) -> ZoneInfo:
 class Schedule:
     """When a pull workflow runs: every N seconds, or at cron times in a zone.
 
-    Exactly one of ``every_s`` and ``cron`` is set. ``tz`` only matters for
-    cron and stays ``UTC`` for intervals. Construction validates, so a
-    ``Schedule`` that exists is usable, whether it came from the operator or
+    Exactly one of `every_s` and `cron` is set. `tz` only matters for
+    cron and stays `UTC` for intervals. Construction validates, so a
+    `Schedule` that exists is usable, whether it came from the operator or
     from storage.
     """
 
@@ -129,7 +129,7 @@ class Schedule:
 
     @classmethod
     def parse(cls, every: str | None, cron: str | None, tz: str | None = None) -> Schedule:
-        """Build a schedule from the operator's words (``--every``/``--cron``/``--tz``)."""
+        """Build a schedule from the operator's words (`--every`/`--cron`/`--tz`)."""
         if every is not None and cron is not None:
             raise ScheduleError("give either 'every' or 'cron', not both")
         if every is not None:
@@ -141,7 +141,7 @@ class Schedule:
         return cls(cron=" ".join(cron.split()), tz=tz or "UTC")
 
     def to_json(self) -> dict[str, Any]:
-        """The stored form; ``from_json`` reads it back."""
+        """The stored form; `from_json` reads it back."""
         if self.every_s is not None:
             return {"every_s": self.every_s}
         return {"cron": self.cron, "tz": self.tz}
@@ -155,7 +155,7 @@ class Schedule:
         return cls(**data)
 
     def describe(self) -> str:
-        """One line for tables: ``every 5m`` or ``cron */5 * * * * Europe/Paris``."""
+        """One line for tables: `every 5m` or `cron */5 * * * * Europe/Paris`."""
         if self.every_s is not None:
             return f"every {format_duration(self.every_s)}"
         return f"cron {self.cron} {self.tz}"
@@ -168,38 +168,38 @@ def _require_aware(name: str, value: datetime) -> datetime:
 
 
 def next_due(schedule: Schedule, after: datetime, last_started: datetime | None = None) -> datetime:
-    """Return the first instant strictly after ``after`` at which ``schedule`` is due.
+    """Return the first instant strictly after `after` at which `schedule` is due.
 
-    ``after`` is "now" for the caller: usually the due time just fired, or the
+    `after` is "now" for the caller: usually the due time just fired, or the
     moment the schedule was (re)set. The result is always later than it.
 
-    ``every``: HrFlow's "interval between two executions", measured from the
-    start of the previous run. The run times are ``anchor + k * every``
-    (k >= 1), where ``anchor`` is ``last_started`` (when the previous run
-    started) or, when there was none, ``after``; the first of them later than
-    ``after`` is returned. So with no previous run the answer is
-    ``after + every``; after a run that started at S it is ``S + every``; and
+    `every`: HrFlow's "interval between two executions", measured from the
+    start of the previous run. The run times are `anchor + k * every`
+    (k >= 1), where `anchor` is `last_started` (when the previous run
+    started) or, when there was none, `after`; the first of them later than
+    `after` is returned. So with no previous run the answer is
+    `after + every`; after a run that started at S it is `S + every`; and
     when ticks were skipped because a run was still going, the grid anchored
-    at S is kept (``S + 2 * every``...) rather than restarted. Passing the due
-    time rather than the actual start as ``last_started`` gives a grid that
+    at S is kept (`S + 2 * every`...) rather than restarted. Passing the due
+    time rather than the actual start as `last_started` gives a grid that
     does not drift by the scheduler's latency. Intervals are elapsed time:
-    ``1d`` is 24 hours even across a DST change (cron keeps a local time).
+    `1d` is 24 hours even across a DST change (cron keeps a local time).
 
-    ``cron``: the next time matching the expression, evaluated on the wall
-    clock of the schedule's zone; ``last_started`` is ignored. On DST changes
-    wfd follows classic cron: an expression whose hour field is ``*`` follows
+    `cron`: the next time matching the expression, evaluated on the wall
+    clock of the schedule's zone; `last_started` is ignored. On DST changes
+    wfd follows classic cron: an expression whose hour field is `*` follows
     real time, and one that names its hours runs once per local day:
 
     - spring forward (the clock skips, e.g. 02:00 -> 03:00): a time that does
-      not exist runs at the first instant after the gap (``30 2 * * *`` runs at
+      not exist runs at the first instant after the gap (`30 2 * * *` runs at
       03:00 that day) when the hours are named, and is skipped when the hour
-      field is ``*`` (``30 * * * *`` just runs at 01:30 and 03:30).
+      field is `*` (`30 * * * *` just runs at 01:30 and 03:30).
     - fall back (the clock repeats, e.g. 02:00-03:00 twice): a time in the
       repeated hour runs in its first pass only when the hours are named
-      (``30 2 * * *`` runs once), and in both passes when the hour field is
-      ``*`` (``0 * * * *`` runs every real hour).
+      (`30 2 * * *` runs once), and in both passes when the hour field is
+      `*` (`0 * * * *` runs every real hour).
 
-    Raises ``ValueError`` on naive datetimes and ``ScheduleError`` if a cron
+    Raises `ValueError` on naive datetimes and `ScheduleError` if a cron
     expression has no matching time in croniter's search window (50 years).
     """
     after = _require_aware("after", after)
@@ -212,6 +212,7 @@ def next_due(schedule: Schedule, after: datetime, last_started: datetime | None 
 
 
 def _next_cron(schedule: Schedule, after: datetime) -> datetime:
+    assert schedule.cron is not None  # a Schedule has exactly one of every_s and cron
     matches = croniter(schedule.cron, after.astimezone(_zone(schedule.tz)))
     # croniter already runs a nonexistent named-hour time at the end of the gap
     # and skips it for every-hour expressions. It runs a repeated time twice,

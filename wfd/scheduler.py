@@ -24,6 +24,7 @@ from typing import Any
 
 from wfd import ids, logs
 from wfd.dispatch import Dispatcher, Executed
+from wfd.domain import Kind, Status, Trigger
 from wfd.metrics import Metrics
 from wfd.schedule import Schedule, first_due_after_restart, next_due
 from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
@@ -52,16 +53,16 @@ class Scheduler:
         # Bumped by every refresh, so a tick that started before an operator's
         # change (disable, reschedule) does not re-arm the old timer.
         self._generation: dict[str, int] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: list[tuple[str, datetime, int]] = []
-        self._batch: asyncio.Task | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._batch: asyncio.Task[None] | None = None
+        self._loop_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Arm every enabled pull workflow, applying the missed-fire policy."""
         now = utc_now()
         for workflow in await self.store.workflows():
-            if workflow.kind != "pull" or not workflow.enabled:
+            if workflow.kind != Kind.PULL or not workflow.enabled:
                 continue
             stored = _parse_time(workflow.next_due)
             due = first_due_after_restart(_schedule(workflow), stored, now)
@@ -93,7 +94,7 @@ class Scheduler:
         """
         self._generation[name] = self._generation.get(name, 0) + 1
         workflow = await self.store.workflow(name)
-        if workflow is None or workflow.kind != "pull" or not workflow.enabled:
+        if workflow is None or workflow.kind != Kind.PULL or not workflow.enabled:
             self.timers.remove(name)
             if workflow is not None and workflow.next_due is not None:
                 await self.store.set_next_due(name, None)
@@ -108,7 +109,7 @@ class Scheduler:
         """A manual run (`wfd ctl run`): refused while a run is in progress."""
         if workflow.name in self._running:
             raise Busy(f"{workflow.name} has a run in progress; pull runs never overlap")
-        return await self._execute(workflow, "manual")
+        return await self._execute(workflow, Trigger.MANUAL)
 
     def _fire(self, name: str, due: datetime) -> None:
         """Called by the timer loop: queue the tick; never block the loop.
@@ -133,7 +134,7 @@ class Scheduler:
         now, runs, dues = utc_now(), [], {}
         for name, due, generation in batch:
             workflow = found.get(name)
-            if (workflow is None or workflow.kind != "pull" or not workflow.enabled
+            if (workflow is None or workflow.kind != Kind.PULL or not workflow.enabled
                     or self._generation.get(name, 0) != generation):
                 continue
             # Anchored on the due time, not the actual start, so the grid does not
@@ -149,7 +150,7 @@ class Scheduler:
             self.timers.set(workflow.name, dues[workflow.name])
             skipped = self._running.get(workflow.name)
             if skipped is None:
-                self._spawn(self._execute(workflow, "pull"))
+                self._spawn(self._execute(workflow, Trigger.PULL))
             else:
                 skipped.append(due)
                 self.metrics.tick_skipped(workflow.name)
@@ -157,7 +158,7 @@ class Scheduler:
                 # the count is never written after the store is closed.
                 await self.store.add_skipped(workflow.name, 1)
 
-    async def _execute(self, workflow: Workflow, trigger: str) -> Executed:
+    async def _execute(self, workflow: Workflow, trigger: Trigger) -> Executed:
         skipped = self._running[workflow.name] = []
         try:
             reservation = self.dispatcher.reserve(workflow, bounded=False)
@@ -171,7 +172,8 @@ class Scheduler:
         """One record for all the ticks a long run swallowed."""
         record = ExecutionRecord(
             id=ids.execution_id(), workflow=workflow.name, version=workflow.version,
-            trigger="pull", status="skipped", started_at=utc_iso(skipped[0]), duration_ms=0.0,
+            trigger=Trigger.PULL, status=Status.SKIPPED, started_at=utc_iso(skipped[0]),
+            duration_ms=0.0,
             error=(f"{len(skipped)} tick(s) skipped between {utc_iso(skipped[0])} and "
                    f"{utc_iso(skipped[-1])}: the previous run was still going"))
         await self.store.record(record)

@@ -163,8 +163,8 @@ class Daemon:
         detail = "; ".join(f"{name}: saw {self.self_test[name].seen!r}" for name in failed)
         if self.isolation.mode == "strict":
             raise IsolationError(f"isolation self-test failed, refusing to serve: {detail}")
-        logs.logger.error("ISOLATION SELF-TEST FAILED (isolation = %r, serving anyway): %s",
-                          self.isolation.mode, detail)
+        logs.event("isolation-self-test-failed", level=logging.ERROR, mode=self.isolation.mode,
+                   serving="anyway", failed=detail)
 
     async def _listen(self, app: web.Application, address: str) -> None:
         host, port = split_host_port(address)
@@ -207,7 +207,7 @@ class Daemon:
                 await prune_environments(self.store, self.environments,
                                          self.config.env_keep_days * 86400)
             except (OSError, StoreError, aiosqlite.Error) as exc:
-                logs.logger.warning("pruning environments failed: %s", exc)
+                logs.event("environments-prune-failed", level=logging.WARNING, error=str(exc))
             await asyncio.sleep(ENV_PRUNE_INTERVAL_S)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -291,6 +291,6 @@ def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
     except (ConfigError, OSError, IsolationError) as exc:
-        logs.logger.error("cannot start: %s", exc)
+        logs.event("cannot-start", level=logging.ERROR, error=str(exc))
         return 1
     return 0

@@ -11,7 +11,7 @@ power loss can take back the last few commits.
 """
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +20,8 @@ from typing import Any
 
 import aiosqlite
 import orjson
+
+from wfd.domain import Kind, SettingsChange, Status, Trigger
 
 MIGRATIONS = [
     """
@@ -106,7 +108,7 @@ class Workflow:
     """A workflow as stored, with its current version's code."""
 
     name: str
-    kind: str
+    kind: Kind
     enabled: bool
     version: int
     catch_key: str
@@ -150,8 +152,8 @@ class ExecutionRecord:
     id: str
     workflow: str
     version: int
-    trigger: str
-    status: str
+    trigger: Trigger
+    status: Status
     started_at: str
     duration_ms: float
     http_status: int | None = None
@@ -194,7 +196,7 @@ _EXECUTION_COLUMNS = (
 def _workflow(row: Any) -> Workflow:
     return Workflow(
         name=row[0],
-        kind=row[1],
+        kind=Kind(row[1]),
         enabled=bool(row[2]),
         version=row[3],
         catch_key=row[4],
@@ -213,16 +215,71 @@ def _workflow(row: Any) -> Workflow:
 
 
 def _execution(row: Any) -> ExecutionRecord:
-    return ExecutionRecord(*row[:11], output_truncated=bool(row[11]))
+    return ExecutionRecord(
+        id=row[0], workflow=row[1], version=row[2], trigger=Trigger(row[3]),
+        status=Status(row[4]), started_at=row[5], duration_ms=row[6], http_status=row[7],
+        error=row[8], traceback=row[9], output=row[10], output_truncated=bool(row[11]))
 
 
-def merge_settings(stored: dict, change: dict) -> dict:
+class SettingsTooLarge(StoreError):
+    """A settings change would make the stored object larger than its limit."""
+
+
+def changed_since(given: dict[str, Any], change: SettingsChange) -> SettingsChange:
+    """The part of an execution's settings change that really changes what it was given.
+
+    A key sent with the value the execution was given, or removed although
+    it was never given, is no change of the execution's: applying it would
+    undo what another execution changed meanwhile. Only the rest is merged.
+    """
+    return {"set": {key: value for key, value in change["set"].items()
+                    if not (key in given and _same(given[key], value))},
+            "unset": [key for key in change["unset"] if key in given]}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values: 1, 1.0 and True are three different values."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
+
+
+def check_kind(name: str, stored: Kind, kind: Kind) -> None:
+    """A workflow keeps the kind of its first deploy: raise StoreError for another.
+
+    The store checks it where it writes, in the deploy's transaction, so no
+    concurrent deploy can slip in between; the deploy handler asks first
+    too, to refuse before the code is checked in a child.
+    """
+    if kind != stored:
+        raise StoreError(f"{name} is a {stored} workflow; its kind cannot change")
+
+
+def merge_settings(stored: dict[str, Any], change: SettingsChange) -> dict[str, Any]:
     """Apply a workflow's key-level change (`set`, `unset`) to stored settings."""
     merged = dict(stored)
-    merged.update(change.get("set", {}))
-    for key in change.get("unset", []):
+    merged.update(change["set"])
+    for key in change["unset"]:
         merged.pop(key, None)
     return merged
+
+
+def settings_json(settings: dict[str, Any], max_bytes: int) -> bytes:
+    """Settings as stored, or SettingsTooLarge: the one check of the settings size.
+
+    Measured here, on what would be written, for every writer (an execution's
+    merge, `wfd ctl settings set`): the size a child computes from its own
+    view cannot know what other executions stored meanwhile.
+    """
+    encoded = orjson.dumps(settings)
+    if len(encoded) > max_bytes:
+        raise SettingsTooLarge(f"settings would be {len(encoded)} bytes, over the limit of "
+                               f"{max_bytes} bytes (settings_kb = {max_bytes // 1024})")
+    return encoded
 
 
 class Store:
@@ -255,7 +312,7 @@ class Store:
     async def _migrate(self) -> None:
         async with self._transaction() as db:
             async with db.execute("PRAGMA user_version") as cursor:
-                (current,) = await cursor.fetchone()
+                (current,) = await cursor.fetchone() or (0,)
             for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
                 for statement in filter(str.strip, script.split(";")):
                     await db.execute(statement)
@@ -302,18 +359,18 @@ class Store:
             rows = await self._fetchall(f"{_WORKFLOW_SELECT} WHERE w.name IN ({marks})", *names)
         return [_workflow(row) for row in rows]
 
-    async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any],
+    async def deploy(self, name: str, kind: Kind, code: str, limits: dict[str, Any],
                      schedule: dict[str, Any] | None, catch_key: str,
                      requirements: dict[str, Any] | None = None,
                      environment: dict[str, Any] | None = None) -> Workflow:
         """Store `code` as the next version of `name`, creating the workflow if new.
 
-        A new deploy replaces the limits and schedule given; limits not named
-        keep their previous overrides. `catch_key` is used for a new workflow only.
+        `limits` (the workflow's overrides) and `schedule` are stored as given.
+        `catch_key` is used for a new workflow only.
         """
         now = utc_iso()
         async with self._transaction() as db:
-            async with db.execute("SELECT kind, version, limits FROM workflows WHERE name = ?",
+            async with db.execute("SELECT kind FROM workflows WHERE name = ?",
                                   (name,)) as cursor:
                 row = await cursor.fetchone()
             if row is None:
@@ -324,16 +381,15 @@ class Store:
                     (name, kind, catch_key, orjson.dumps(limits).decode(),
                      _json_or_null(schedule), now, now))
             else:
-                if row[0] != kind:
-                    raise StoreError(f"{name} is a {row[0]} workflow; its kind cannot change")
+                check_kind(name, row[0], kind)
                 async with db.execute("SELECT max(version) FROM versions WHERE workflow = ?",
                                       (name,)) as cursor:
-                    version = (await cursor.fetchone())[0] + 1
-                merged = {**orjson.loads(row[2]), **limits}
+                    (latest,) = await cursor.fetchone() or (0,)
+                    version = latest + 1
                 await db.execute(
                     "UPDATE workflows SET version = ?, limits = ?, schedule = ?, updated_at = ?"
                     " WHERE name = ?",
-                    (version, orjson.dumps(merged).decode(),
+                    (version, orjson.dumps(limits).decode(),
                      _json_or_null(schedule), now, name))
             await db.execute(
                 "INSERT INTO versions (workflow, version, code, created_at, requirements,"
@@ -390,13 +446,17 @@ class Store:
 
     # -- settings and executions -----------------------------------------------
 
-    async def change_settings(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
-        """Apply an operator's `set`/`unset` change; returns the new settings."""
+    async def change_settings(self, name: str, change: SettingsChange,
+                              max_bytes: int) -> dict[str, Any]:
+        """Apply an operator's `set`/`unset` change; returns the new settings.
+
+        Raises SettingsTooLarge, writing nothing, when the result would be
+        over `max_bytes`.
+        """
         async with self._transaction() as db:
-            stored = await _settings(db, name)
-            merged = merge_settings(stored, change)
+            merged = merge_settings(await _settings(db, name), change)
             await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
-                             (orjson.dumps(merged).decode(), name))
+                             (settings_json(merged, max_bytes).decode(), name))
         return merged
 
     async def change_env(self, name: str, values: dict[str, str], unset: list[str]
@@ -414,30 +474,34 @@ class Store:
                                   " ORDER BY key", (name,)) as cursor:
                 return [row[0] for row in await cursor.fetchall()]
 
-    async def finish(self, record: ExecutionRecord, change: dict[str, Any] | None,
-                     max_settings_bytes: int) -> ExecutionRecord:
-        """Record an execution and merge its settings change, in one transaction.
+    async def finish(self, workflow: str, change: SettingsChange | None,
+                     given: dict[str, Any], max_settings_bytes: int,
+                     record_for: Callable[[str | None], ExecutionRecord]) -> ExecutionRecord:
+        """Merge an execution's settings change and store its record, in one transaction.
 
-        The merge happens against the settings as stored now, not as the
-        execution saw them, so concurrent executions that touch different keys
-        both keep their changes. A merge that would exceed the size limit is
-        refused and the record says so.
+        Only what the execution changed relative to the settings it was
+        `given` is merged, against the settings as stored now, so concurrent
+        executions keep each other's changes. A merge that would exceed the
+        size limit is refused, whatever the child said: nothing of it is
+        written, and `record_for` is given the reason (None when nothing was
+        refused). The record it returns is stored as is.
         """
         async with self._transaction() as db:
             try:
-                stored = await _settings(db, record.workflow)
+                stored = await _settings(db, workflow)
             except StoreError:
-                return record  # deleted while it ran: nothing to keep
-            if change and (change["set"] or change["unset"]):
-                merged = orjson.dumps(merge_settings(stored, change))
-                if len(merged) > max_settings_bytes:
-                    record.status, record.http_status = "error", (
-                        500 if record.http_status else None)
-                    record.error = (f"settings would be {len(merged)} bytes, over the "
-                                    f"limit of {max_settings_bytes}; nothing was kept")
+                return record_for(None)  # deleted while it ran: nothing to keep
+            refused = None
+            changed = changed_since(given, change or {"set": {}, "unset": []})
+            if changed["set"] or changed["unset"]:
+                try:
+                    merged = settings_json(merge_settings(stored, changed), max_settings_bytes)
+                except SettingsTooLarge as exc:
+                    refused = f"{exc}; nothing was kept"
                 else:
                     await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
-                                     (merged.decode(), record.workflow))
+                                     (merged.decode(), workflow))
+            record = record_for(refused)
             await _insert_execution(db, record)
         return record
 
@@ -536,7 +600,7 @@ class Store:
         async with self._transaction() as db, db.execute(pragma) as cursor:
             await cursor.fetchall()  # each step frees one page: run it to the end
         (after,) = await self._fetchone("PRAGMA freelist_count")
-        return (before - after) * page_size
+        return int((before - after) * page_size)
 
     # -- export and import ------------------------------------------------------
 
@@ -610,7 +674,8 @@ async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
         row = await cursor.fetchone()
     if row is None:
         raise StoreError(f"no workflow named {name}")
-    return orjson.loads(row[0])
+    settings: dict[str, Any] = orjson.loads(row[0])
+    return settings
 
 
 async def _insert_execution(db: aiosqlite.Connection, record: ExecutionRecord) -> None:

@@ -1,8 +1,8 @@
 """The scheduler's timer core: due times for many keys, and one task that fires them.
 
 It knows nothing of workflows, the store or the executor. The scheduler puts
-each enabled pull workflow's next due time in a ``TimerQueue`` under the
-workflow's name, runs ``TimerQueue.run(fire)`` as one task, and in ``fire``
+each enabled pull workflow's next due time in a `TimerQueue` under the
+workflow's name, runs `TimerQueue.run(fire)` as one task, and in `fire`
 hands the run to the executor and sets the workflow's next due time.
 
 Timers are one-shot: a key leaves the queue when it fires, and stays out
@@ -10,12 +10,7 @@ until the caller sets it again. Due times are wall-clock UTC datetimes,
 because that is what schedules and the store speak; the task sleeps on the
 event loop's monotonic clock and reads the wall clock again on waking, so a
 clock stepped backwards never fires a timer early. A clock stepped forwards
-is noticed within ``MAX_SLEEP_S``: the task never sleeps longer than that.
-
-Every firing has an identity, ``firing_id(key, due)``, that depends only on
-the key and the due time. Recording it before acting lets the caller make a
-firing idempotent: a restart or retry that meets the same identity again
-knows the tick was already handled.
+is noticed within `MAX_SLEEP_S`: the task never sleeps longer than that.
 
 Not thread-safe: call every method from the event loop's thread.
 """
@@ -30,7 +25,7 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-log = logging.getLogger(__name__)
+from wfd import logs
 
 # The longest single sleep. It bounds how late a timer fires after the wall
 # clock is stepped forwards (the monotonic sleep does not see the step), at
@@ -41,11 +36,6 @@ Fire = Callable[[str, datetime], object]
 # (due as POSIX seconds, insertion order, key, due): ordered by due time, ties
 # in insertion order, so keys and datetimes are never compared.
 _Entry = tuple[float, int, str, datetime]
-
-
-def firing_id(key: str, due: datetime) -> str:
-    """The identity of one firing: ``"name:2025-01-01T10:00:00+00:00"``."""
-    return f"{key}:{due.isoformat()}"
 
 
 def _utc_now() -> datetime:
@@ -61,14 +51,14 @@ def _as_utc(value: datetime) -> datetime:
 class TimerQueue:
     """Due times by key, in a heap with lazy removal, and the task that fires them.
 
-    ``set`` and ``remove`` are O(log n) and O(1): a replaced or removed entry
+    `set` and `remove` are O(log n) and O(1): a replaced or removed entry
     stays in the heap, is recognised as stale because the key now maps to a
     different entry, and is dropped when it reaches the top. The heap is
     rebuilt when stale entries outnumber live ones, so churn cannot grow it
     without bound.
 
-    ``now`` is the wall clock, replaceable so tests can move it;
-    ``max_sleep_s`` bounds each sleep (see ``MAX_SLEEP_S``).
+    `now` is the wall clock, replaceable so tests can move it;
+    `max_sleep_s` bounds each sleep (see `MAX_SLEEP_S`).
     """
 
     def __init__(
@@ -87,12 +77,12 @@ class TimerQueue:
         return len(self._live)
 
     def due_of(self, key: str) -> datetime | None:
-        """The pending due time of ``key`` (UTC), or None if it has none."""
+        """The pending due time of `key` (UTC), or None if it has none."""
         entry = self._live.get(key)
         return None if entry is None else entry[3]
 
     def set(self, key: str, due: datetime) -> None:
-        """Make ``key`` fire at ``due``, replacing any due time it had.
+        """Make `key` fire at `due`, replacing any due time it had.
 
         A due time in the past fires at once. Waking the sleeping task only
         when the new entry heads the heap is enough: any other entry is due
@@ -107,12 +97,12 @@ class TimerQueue:
         self._compact_if_sparse()
 
     def remove(self, key: str) -> None:
-        """Cancel ``key``'s pending firing, if any."""
+        """Cancel `key`'s pending firing, if any."""
         if self._live.pop(key, None) is not None:
             self._compact_if_sparse()
 
     def pop_due(self, now: datetime) -> list[tuple[str, datetime]]:
-        """Take every entry due at or before ``now`` out of the queue, earliest first."""
+        """Take every entry due at or before `now` out of the queue, earliest first."""
         limit = _as_utc(now).timestamp()
         due: list[tuple[str, datetime]] = []
         while self._heap and self._heap[0][0] <= limit:
@@ -123,11 +113,11 @@ class TimerQueue:
         return due
 
     async def run(self, fire: Fire) -> None:
-        """Call ``fire(key, due)`` for each timer as it falls due, until ``close()``.
+        """Call `fire(key, due)` for each timer as it falls due, until `close()`.
 
-        ``fire`` runs on the loop and must return quickly (start a task for
-        real work). It may call ``set`` and ``remove``. An exception from it
-        is logged with the firing's identity and does not stop other timers.
+        `fire` runs on the loop and must return quickly (start a task for
+        real work). It may call `set` and `remove`. An exception from it
+        is logged with the key and due time and does not stop other timers.
         """
         if self._running:
             raise RuntimeError("TimerQueue.run is already running")
@@ -141,7 +131,7 @@ class TimerQueue:
             self._running = False
 
     def close(self) -> None:
-        """Stop ``run`` at its next wake-up, which this triggers at once."""
+        """Stop `run` at its next wake-up, which this triggers at once."""
         self._closed = True
         self._wake()
 
@@ -149,7 +139,8 @@ class TimerQueue:
         try:
             fire(key, due)
         except Exception:
-            log.exception("timer callback failed for %s", firing_id(key, due))
+            logs.event("timer-callback-failed", level=logging.ERROR, exc_info=True, key=key,
+                       due=due.isoformat())
 
     def _seconds_to_next(self) -> float:
         """How long to sleep: to the earliest live due time, rounded up to 1 ms.

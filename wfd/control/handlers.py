@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import logging
 import sys
 import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -9,20 +10,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from wfd import catch, envvars, ids, logs
 from wfd.admission import Overloaded
-from wfd.config import Config, ConfigError, Limits
+from wfd.config import Config, ConfigError, Limits, redeployed_overrides
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.dispatch import Dispatcher
+from wfd.domain import Kind, SettingsChange, Trigger
 from wfd.environments import BuildError, Environments, prune_environments
 from wfd.files import WorkflowFiles
 from wfd.requirements import Requirements, RequirementsError, declared, top_level_imports
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
-from wfd.store import ExecutionRecord, Store, Workflow, merge_settings
+from wfd.store import ExecutionRecord, Store, Workflow, check_kind
 
 LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
 
@@ -89,19 +89,18 @@ class Commands:
         `{"deployed"}`, so that `wfd ctl deploy` shows the build as it goes.
         """
         check_name(name)
-        if kind not in ("catch", "pull"):
-            raise CommandError(f"kind must be catch or pull, got {kind!r}")
-        overrides = {k: v for k, v in (limits or {}).items() if v is not None}
-        unknown = sorted(set(overrides) - set(LIMIT_FLAGS))
+        kind = _kind(kind)
+        unknown = sorted({k for k, v in (limits or {}).items() if v is not None}
+                         - set(LIMIT_FLAGS))
         if unknown:
             raise CommandError(f"unknown limit(s): {', '.join(unknown)}")
         existing = await self.store.workflow(name)
-        if existing and existing.kind != kind:
-            raise CommandError(f"{name} is a {existing.kind} workflow; its kind cannot change")
+        if existing:
+            check_kind(name, existing.kind, kind)
+        overrides = redeployed_overrides(existing.limits if existing else {}, limits or {})
         schedule = self.parse_schedule(kind, schedule)
         try:
-            effective = self.config.limits.merged({**(existing.limits if existing else {}),
-                                                   **overrides}).validate()
+            effective = self.config.limits.merged(overrides).validate()
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
         if requirements is not None and not isinstance(requirements, str):
@@ -137,7 +136,8 @@ class Commands:
             raise CommandError(f"deploy refused, {_stays(deploy.existing)}: the environment "
                                f"could not be built:\n{exc}") from None
         except Exception as exc:  # a stream must end with an answer, never a closed socket
-            logs.logger.exception("environment build failed")
+            logs.event("deploy-build-crashed", level=logging.ERROR, exc_info=True,
+                       workflow=deploy.name)
             raise CommandError(f"deploy refused, {_stays(deploy.existing)}: internal error "
                                f"while building the environment: {exc}") from None
         finally:
@@ -173,14 +173,14 @@ class Commands:
         result = {"name": name, "kind": deploy.kind, "version": workflow.version}
         if environment is not None:
             result["environment"] = environment["hash"]
-        if deploy.kind == "catch":
+        if deploy.kind == Kind.CATCH:
             result["url"] = self._url(workflow)
         return result
 
     @staticmethod
-    def parse_schedule(kind: str, schedule: dict[str, Any] | None) -> dict[str, Any] | None:
+    def parse_schedule(kind: Kind, schedule: dict[str, Any] | None) -> dict[str, Any] | None:
         """The stored form of `--every`/`--cron`/`--tz`, refused with a clear message."""
-        if kind == "catch":
+        if kind == Kind.CATCH:
             if schedule and any(schedule.values()):
                 raise CommandError("a catch workflow takes no schedule (--every, --cron, --tz)")
             return None
@@ -203,7 +203,7 @@ class Commands:
 
     async def url(self, name: str) -> str:
         workflow = await self._workflow(name)
-        if workflow.kind != "catch":
+        if workflow.kind != Kind.CATCH:
             raise CommandError(f"{name} is a pull workflow; only catch workflows have a URL")
         return self._url(workflow)
 
@@ -237,12 +237,10 @@ class Commands:
     async def settings_unset(self, name: str, keys: list[str]) -> dict[str, Any]:
         return await self._change_settings(name, {"set": {}, "unset": keys})
 
-    async def _change_settings(self, name: str, change: dict[str, Any]) -> dict[str, Any]:
+    async def _change_settings(self, name: str, change: SettingsChange) -> dict[str, Any]:
         workflow = await self._workflow(name)
         limit = self.dispatcher.limits(workflow).settings_kb * 1024
-        if len(orjson.dumps(merge_settings(workflow.settings, change))) > limit:
-            raise CommandError(f"settings would be over the limit of {limit} bytes")
-        return await self.store.change_settings(name, change)
+        return await self.store.change_settings(name, change, limit)
 
     async def env(self, name: str) -> list[str]:
         """The names of a workflow's environment variables; values never leave the daemon."""
@@ -295,25 +293,23 @@ class Commands:
         """Execute now with the trigger `manual`, and say how it went."""
         workflow = await self._workflow(name)
         request = None
-        if workflow.kind == "catch":
+        if workflow.kind == Kind.CATCH:
             request = {"Content-Type": "application/json",
                        **catch.json_fields({} if data is None else data)}
         try:
-            if workflow.kind == "pull":
+            if workflow.kind == Kind.PULL:
                 executed = await self.scheduler.run_now(workflow)
             else:
-                executed = await self.dispatcher.execute(workflow, "manual", request)
+                executed = await self.dispatcher.execute(workflow, Trigger.MANUAL, request)
         except Overloaded as exc:
             raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
         except Busy as exc:
             raise CommandError(str(exc)) from None
         out: dict[str, Any] = executed.record.summary()
-        if workflow.kind == "catch":
+        if workflow.kind == Kind.CATCH:
             response = executed.response
             if response is None:
-                body = catch.status_body(executed.record.status, executed.record.id).decode()
-                response = {"status_code": executed.record.http_status, "body": body,
-                            "headers": {"Content-Type": "application/json"}}
+                response = catch.status_response(executed.record.status, executed.record.id)
             out["response"] = response
         return out
 
@@ -372,7 +368,7 @@ class Commands:
 
     async def rotate_key(self, name: str) -> dict[str, Any]:
         workflow = await self._workflow(name)
-        if workflow.kind != "catch":
+        if workflow.kind != Kind.CATCH:
             raise CommandError(f"{name} is a pull workflow; only catch workflows have a key")
         workflow = await self.store.set_catch_key(name, ids.catch_key())
         logs.event("key-rotated", workflow=name)
@@ -440,7 +436,7 @@ class _Deploy:
     """A deploy request once checked, on its way to becoming a version."""
 
     name: str
-    kind: str
+    kind: Kind
     code: str
     overrides: dict[str, Any]
     schedule: dict[str, Any] | None
@@ -459,8 +455,7 @@ def _check_exported(item: dict[str, Any]) -> None:
     stored and then be invisible (its code is joined on that version).
     """
     name, versions = item["name"], item.get("versions")
-    if item.get("kind") not in ("catch", "pull"):
-        raise CommandError(f"{name}: kind must be catch or pull, got {item.get('kind')!r}")
+    _kind(item.get("kind"), f"{name}: ")
     if not isinstance(versions, list) or not all(isinstance(v, dict) for v in versions):
         raise CommandError(f"{name}: versions must be a list of objects")
     if item.get("version") not in {v.get("version") for v in versions}:
@@ -474,6 +469,15 @@ def _check_exported(item: dict[str, Any]) -> None:
             envvars.check_value(envvars.check_name(key), value)
     except envvars.EnvError as exc:
         raise CommandError(f"{name}: {exc}") from None
+
+
+def _kind(value: Any, where: str = "") -> Kind:
+    """The kind a deploy or an import names, refused with a clear message."""
+    try:
+        return Kind(value)
+    except ValueError:
+        kinds = " or ".join(Kind)
+        raise CommandError(f"{where}kind must be {kinds}, got {value!r}") from None
 
 
 def _full(record: ExecutionRecord) -> dict[str, Any]:

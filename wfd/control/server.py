@@ -8,10 +8,11 @@ connect is an administrator, so the socket is created mode 0600 (0660 with
 import asyncio
 import contextlib
 import grp
+import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ class ControlServer:
         try:
             while line := await reader.readline():
                 answer = await self._answer(line)
-                if isinstance(answer.get("result"), AsyncIterator):
+                if isinstance(answer.get("result"), AsyncGenerator):
                     answer = await self._stream(answer["id"], answer["result"], reader, writer)
                 writer.write(orjson.dumps(answer) + b"\n")
                 await writer.drain()
@@ -81,7 +82,7 @@ class ControlServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _stream(self, request_id: Any, items: AsyncIterator[dict[str, Any]],
+    async def _stream(self, request_id: Any, items: AsyncGenerator[dict[str, Any], None],
                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> dict[str, Any]:
         """Send each item as `{"id", "ok", "item"}`; return the final reply line.
@@ -112,23 +113,23 @@ class ControlServer:
             await items.aclose()
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
-        request_id = None
+        request_id = command = None
         try:
             request = orjson.loads(line)
-            request_id = request.get("id")
-            handler = self.commands.get(request.get("command"))
+            request_id, command = request.get("id"), request.get("command")
+            handler = self.commands.get(command)
             if handler is None:
-                raise CommandError(f"unknown command {request.get('command')!r}")
+                raise CommandError(f"unknown command {command!r}")
             args = request.get("args") or {}
             started = time.perf_counter()
             result = await handler(**args)
-            logs.event("ctl", command=request["command"],
-                       ms=round((time.perf_counter() - started) * 1000, 1), level=10)
+            logs.event("ctl", level=logging.DEBUG, command=command,
+                       ms=round((time.perf_counter() - started) * 1000, 1))
             return {"id": request_id, "ok": True, "result": result}
         except (CommandError, StoreError, ConfigError) as exc:
             return {"id": request_id, "ok": False, "error": str(exc)}
         except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
             return {"id": request_id, "ok": False, "error": f"malformed request: {exc}"}
         except Exception as exc:
-            logs.logger.exception("control command failed")
+            logs.event("ctl-failed", level=logging.ERROR, exc_info=True, command=command)
             return {"id": request_id, "ok": False, "error": f"internal error: {exc}"}

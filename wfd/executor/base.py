@@ -12,7 +12,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from sandbox import protocol
 from wfd.config import MIB, Limits
+from wfd.domain import Kind, SettingsChange, Status, WorkflowResponse
 from wfd.environments import Environment
 
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -24,7 +26,7 @@ class Job:
 
     execution_id: str
     name: str
-    kind: str
+    kind: Kind
     version: int
     code: str
     limits: Limits
@@ -54,7 +56,7 @@ class Job:
         """
         limits = self.limits
         job: dict[str, Any] = {
-            "protocol": 1,
+            "protocol": protocol.VERSION,
             "mode": self.mode,
             "kind": self.kind,
             "name": self.name,
@@ -70,7 +72,6 @@ class Job:
                 "open_files": limits.open_files,
                 "file_size_bytes": limits.file_size_mb * MIB,
                 "tmp_bytes": limits.tmp_mb * MIB,
-                "settings_bytes": limits.settings_kb * 1024,
                 "response_bytes": self.response_bytes,
             },
         }
@@ -85,10 +86,10 @@ class Job:
 class Outcome:
     """How an execution ended, in the daemon's terms (SPEC 5 statuses)."""
 
-    status: str
+    status: Status
     duration_ms: float
-    response: dict[str, Any] | None = None
-    settings_change: dict[str, Any] | None = None
+    response: WorkflowResponse | None = None
+    settings_change: SettingsChange | None = None
     error: str | None = None
     traceback: str | None = None
     output: str = ""

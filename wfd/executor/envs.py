@@ -17,12 +17,14 @@ can grow (say, to environment and network policy) without touching the rest.
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from wfd import logs
+from wfd.domain import Status
 from wfd.environments import Environment, Environments
 from wfd.executor.base import Executor, Job, Outcome
 from wfd.isolation import selftest
@@ -88,7 +90,7 @@ class EnvironmentExecutors:
         try:
             slot = await self.warm(key_of(job), job.environment, list(job.preload))
         except OSError as exc:
-            return Outcome("error", 0.0, error=f"the environment's executor could not start: "
+            return Outcome(Status.ERROR, 0.0, error=f"the environment's executor could not start: "
                                                f"{exc}")
         slot.running += 1
         slot.last_used = time.monotonic()
@@ -110,6 +112,7 @@ class EnvironmentExecutors:
             await self._make_room()
             slot = self._slot(key, environment, sorted(set(preload)))
             self.slots[key] = slot
+        assert slot.started is not None  # set by _slot
         try:
             await asyncio.shield(slot.started)
         except Exception:
@@ -137,8 +140,8 @@ class EnvironmentExecutors:
         slot.self_test = "failed: " + ", ".join(failed) if failed else "passed"
         logs.event("environment-executor-started", hash=key, self_test=slot.self_test)
         if failed:
-            logs.logger.error("ISOLATION SELF-TEST FAILED in environment %s: %s", key,
-                              ", ".join(failed))
+            logs.event("isolation-self-test-failed", level=logging.ERROR, environment=key,
+                       failed=",".join(failed))
             if self.isolation.mode == "strict":  # as at start-up: refuse, never run weaker
                 await slot.executor.close()
                 raise OSError(f"the isolation self-test failed in environment {key}: "

@@ -47,6 +47,7 @@ class Pipes:
         self.result_r, self.result_w = os.pipe()
 
     def theirs(self) -> list[int]:
+        """The child's ends, in the order of `sandbox.protocol.PIPES`."""
         return [self.job_r, self.output_w, self.result_w]
 
     def close_theirs(self) -> None:
@@ -101,8 +102,13 @@ async def drain(fd: int, into: Captured) -> None:
 
 async def ready(fd: int, watch: Callable[..., Any], unwatch: Callable[[int], Any]) -> None:
     """Wait until the loop reports `fd` ready (for reading or writing, by `watch`)."""
-    ready = asyncio.get_running_loop().create_future()
-    watch(fd, lambda: ready.done() or ready.set_result(None))
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    watch(fd, wake)
     try:
         await ready
     finally:

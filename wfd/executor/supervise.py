@@ -11,14 +11,16 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import orjson
 
+from sandbox.protocol import EXIT_JOIN_FAILED
 from wfd.config import MIB
+from wfd.domain import SettingsChange, Status, WorkflowResponse
 from wfd.executor.base import ChildLost, Job, Outcome
 from wfd.executor.pipes import Captured, Pipes, drain, feed
-from wfd.isolation.cgroups import JOIN_FAILED_EXIT, ExecutionCgroup
+from wfd.isolation.cgroups import ExecutionCgroup
 
 # How long to keep reading a child's pipes after it exited: a process that
 # escaped its group (and so the kill) may still hold them open.
@@ -71,11 +73,11 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
         await asyncio.gather(*readers, feeder, return_exceptions=True)
     duration_ms = (time.perf_counter() - started) * 1000
     if lost is not None:
-        outcome = Outcome("error", duration_ms, error=lost)
+        outcome = Outcome(Status.ERROR, duration_ms, error=lost)
     else:
         how = _Ended(_signal_of(returncode, signal_exits), returncode, timed_out,
                      cgroup is not None and cgroup.memory_oom(),
-                     cgroup is not None and returncode == JOIN_FAILED_EXIT)
+                     cgroup is not None and returncode == EXIT_JOIN_FAILED)
         outcome = _judge(job, how, result, duration_ms)
     outcome.output = output.data.decode("utf-8", "replace")
     outcome.output_truncated = output.truncated
@@ -84,7 +86,7 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
     return outcome
 
 
-async def _reported_or_ended(ended: "asyncio.Future[int]", result_reader: asyncio.Task,
+async def _reported_or_ended(ended: "asyncio.Future[int]", result_reader: "asyncio.Task[None]",
                              result: "Captured", timeout_s: float) -> bool:
     """Wait until the child ends or its result is complete; False at the timeout.
 
@@ -95,7 +97,7 @@ async def _reported_or_ended(ended: "asyncio.Future[int]", result_reader: asynci
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    waiting: set[asyncio.Future] = {ended, result_reader}
+    waiting: set[asyncio.Future[Any]] = {ended, result_reader}
     while True:
         done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - loop.time()),
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -148,27 +150,28 @@ def _judge(job: Job, ended: _Ended, result: Captured, duration_ms: float) -> Out
     """
     limits = job.limits
     if ended.timed_out:
-        return Outcome("timeout", duration_ms, error=f"timed out after {limits.timeout_s:g} s")
+        return Outcome(Status.TIMEOUT, duration_ms, error=f"timed out after {limits.timeout_s:g} s")
     if result.truncated:
-        return Outcome("error", duration_ms, error="the result was too large")
+        return Outcome(Status.ERROR, duration_ms, error="the result was too large")
     oom = (f"the memory limit of {limits.memory_mb} MiB was reached: the kernel killed "
            "a process of the execution")
     if result.data:
         outcome = _parse_result(result.data, duration_ms)
-        if ended.oom_killed and outcome.status != "success":
-            outcome.status, outcome.error = "memory", f"{oom}; then: {outcome.error}"
+        if ended.oom_killed and outcome.status != Status.SUCCESS:
+            outcome.status, outcome.error = Status.MEMORY, f"{oom}; then: {outcome.error}"
         return outcome
     if ended.oom_killed:
-        return Outcome("memory", duration_ms, error=oom)
+        return Outcome(Status.MEMORY, duration_ms, error=oom)
     if ended.signal in (signal.SIGXCPU, signal.SIGKILL):
-        return Outcome("cpu", duration_ms, error=f"CPU time limit of {limits.cpu_s} s exceeded")
+        return Outcome(Status.CPU, duration_ms,
+                       error=f"CPU time limit of {limits.cpu_s} s exceeded")
     if ended.signal is not None:
         name = signal.Signals(ended.signal).name
-        return Outcome("error", duration_ms, error=f"the process was killed by {name}")
+        return Outcome(Status.ERROR, duration_ms, error=f"the process was killed by {name}")
     if ended.join_failed:
-        return Outcome("error", duration_ms, error="boot failed: the process could not "
-                       f"join its cgroup (exit {JOIN_FAILED_EXIT})")
-    return Outcome("error", duration_ms, error=f"the process exited with code "
+        return Outcome(Status.ERROR, duration_ms, error="boot failed: the process could not "
+                       f"join its cgroup (exit {EXIT_JOIN_FAILED})")
+    return Outcome(Status.ERROR, duration_ms, error=f"the process exited with code "
                    f"{ended.returncode} without reporting a result")
 
 
@@ -177,22 +180,24 @@ def _parse_result(data: bytes, duration_ms: float) -> Outcome:
     try:
         result = orjson.loads(data)
         outcome = result["outcome"]
-        if outcome == "success":
+        if outcome == Status.SUCCESS:
             response = result.get("response")
             change = result.get("settings") or {"set": {}, "unset": []}
             if not (_valid_response(response) and isinstance(change.get("set"), dict)
                     and isinstance(change.get("unset"), list)):
                 raise ValueError
-            return Outcome("success", duration_ms, response=response, settings_change=change)
-        if outcome in ("error", "memory"):
-            return Outcome(outcome, duration_ms, error=str(result.get("error")),
+            return Outcome(Status.SUCCESS, duration_ms, response=response,
+                           settings_change=cast(SettingsChange, change))
+        if outcome in (Status.ERROR, Status.MEMORY):
+            return Outcome(Status(outcome), duration_ms, error=str(result.get("error")),
                            traceback=str(result.get("traceback") or ""))
     except (ValueError, KeyError, TypeError, AttributeError):
         pass
-    return Outcome("error", duration_ms, error="the process reported a malformed result")
+    return Outcome(Status.ERROR, duration_ms, error="the process reported a malformed result")
 
 
-def _valid_response(response: Any) -> bool:
+def _valid_response(response: Any) -> TypeGuard[WorkflowResponse | None]:
+    """The child's response is None or a complete `WorkflowResponse`."""
     if response is None:
         return True
     return (isinstance(response, dict)

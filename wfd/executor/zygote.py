@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from sandbox.protocol import MESSAGE_BYTES, RESULT_FD, ZygoteArgs
 from wfd import logs
 from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
 from wfd.executor.pipes import Pipes
@@ -31,8 +32,6 @@ from wfd.executor.supervise import supervise
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
 
-# A forked child finds its result pipe on fd 3 (sandbox/spare.py).
-RESULT_FD = 3
 BOOT_TIMEOUT_S = 30.0
 # How often the supervisor pings the zygote and checks for changed packages;
 # a zygote that has not answered for PING_TIMEOUT_S is killed as hung.
@@ -42,7 +41,6 @@ PING_TIMEOUT_S = 10.0
 STABLE_S = 10.0
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 60.0
-MESSAGE_BYTES = 65536
 
 
 class BootFailed(Exception):
@@ -50,47 +48,50 @@ class BootFailed(Exception):
 
 
 class ZygoteProcess:
-    """One zygote process and the executions it holds. `start` does the work."""
+    """One running zygote and the executions it holds.
 
-    def __init__(self, command: Sequence[str], preload: Sequence[str],
-                 spares: tuple[int, int]) -> None:
-        self.command = list(command)
-        self.preload = list(preload)
-        self.spares = spares
-        self.process: asyncio.subprocess.Process | None = None
-        self.channel: socket.socket | None = None
-        self.workdirs = ""
+    Made by `launch` once the process runs, so everything here exists for
+    its whole life: the process, the channel (already read from) and
+    `exited`, which ends with the process.
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process, channel: socket.socket,
+                 workdirs: str) -> None:
+        self.process = process
+        self.channel = channel
+        self.workdirs = workdirs
         self.booted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending: dict[str, asyncio.Future[int]] = {}
         self.pool: dict[str, int] = {}
         self.last_answer = time.monotonic()
-        self.exited: asyncio.Task[int] | None = None
+        asyncio.get_running_loop().add_reader(channel.fileno(), self._read)
+        self.exited: asyncio.Task[int] = asyncio.create_task(self._wait())
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    async def start(self) -> None:
+    @classmethod
+    async def launch(cls, command: Sequence[str], mode: str, preload: Sequence[str],
+                     spares: tuple[int, int]) -> "ZygoteProcess":
         """Exec the zygote with one end of a socketpair; return once it runs."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.workdirs = tempfile.mkdtemp(prefix="wfd-zygote-")
-        env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": self.workdirs,
-               "TMPDIR": self.workdirs}
+        workdirs = tempfile.mkdtemp(prefix="wfd-zygote-")
+        env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": workdirs, "TMPDIR": workdirs}
+        args = ZygoteArgs(mode, theirs.fileno(), workdirs, *spares, tuple(preload))
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.command, str(theirs.fileno()), self.workdirs,
-                *map(str, self.spares), *self.preload,
+            process = await asyncio.create_subprocess_exec(
+                *command, *args.argv(),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),), start_new_session=True, env=env)
         except BaseException:
             ours.close()
+            shutil.rmtree(workdirs, True)
             raise
         finally:
             theirs.close()
         ours.setblocking(False)
-        self.channel = ours
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._read)
-        self.exited = asyncio.create_task(self._wait())
+        return cls(process, ours, workdirs)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def run(self, execution_id: str, fds: list[int]) -> "asyncio.Future[int]":
         """Ask for a child to run the job on `fds`; the future gives its return code."""
@@ -117,7 +118,7 @@ class ZygoteProcess:
 
     def stop(self) -> None:
         """Kill the zygote; its children die with it (PR_SET_PDEATHSIG)."""
-        if self.process and self.process.returncode is None:
+        if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
 
@@ -204,7 +205,7 @@ class ZygoteExecutor:
         self.preload = list(preload)
         self.spares = (spares_min, spares_max)
         self.isolation = isolation
-        self.command = isolation.zygote_argv(files_root)
+        self.command = isolation.zygote_command(files_root)
         self.fallback = SpawnExecutor(isolation)
         self.state = "stopped"
         self.current: ZygoteProcess | None = None
@@ -214,14 +215,14 @@ class ZygoteExecutor:
         self._booted_at = 0.0
         self._stamp: tuple[int, ...] = ()
         self._retired: set[ZygoteProcess] = set()
-        self._changed: asyncio.Event | None = None
-        self._settled: asyncio.Event | None = None
+        # Set by `configure` (restart with the new preload) and by each settled state.
+        self._changed = asyncio.Event()
+        self._settled = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._dirs = package_dirs()
 
     async def start(self) -> None:
         """Boot the first zygote and wait until it is ready or has failed once."""
-        self._changed, self._settled = asyncio.Event(), asyncio.Event()
         self._task = asyncio.create_task(self._supervise())
         await self._settled.wait()
 
@@ -321,20 +322,27 @@ class ZygoteExecutor:
         """Start a zygote and wait for its `ready`; None (and why, logged) if it failed."""
         if self.current is None:
             self._set_state("starting")
-        zygote = ZygoteProcess(self.command, self.preload, self.spares)
         self._changed.clear()
         self._stamp = packages_stamp(self._dirs)
         try:
-            await zygote.start()
+            zygote = await ZygoteProcess.launch(self.command, self.isolation.zygote_mode,
+                                                self.preload, self.spares)
+        except OSError as exc:
+            self._boot_failed(exc)
+            return None
+        try:
             await asyncio.wait_for(asyncio.shield(zygote.booted), BOOT_TIMEOUT_S)
-        except (BootFailed, OSError, TimeoutError) as exc:
+        except (BootFailed, TimeoutError) as exc:
             zygote.stop()
-            if zygote.exited is not None:
-                await zygote.exited
-            self.last_error = str(exc) or type(exc).__name__
-            logs.event("zygote-boot-failed", error=self.last_error, preload=self.preload)
+            await zygote.exited
+            self._boot_failed(exc)
             return None
         return zygote
+
+    def _boot_failed(self, exc: Exception) -> None:
+        """Say why a zygote did not boot; the supervisor backs off and cold-spawns."""
+        self.last_error = str(exc) or type(exc).__name__
+        logs.event("zygote-boot-failed", error=self.last_error, preload=self.preload)
 
     def _use(self, zygote: ZygoteProcess) -> None:
         """Make a freshly booted zygote current; retire the one it replaces."""

@@ -39,6 +39,7 @@ ZYGOTE_FILES = "/wfd/files"
 ENV_DIR = "/wfd/env"
 BUILD_DIR = "/wfd/build"
 CACHE_DIR = "/wfd/cache"
+TOOLS_DIR = "/wfd/tools"
 ETC_FILES = (
     "resolv.conf",
     "hosts",
@@ -73,15 +74,15 @@ def _within(path: Path, roots: list[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
-def runtime_roots(python: str, extra_ro: list[Path]) -> list[Path]:
+def runtime_roots(python: str) -> list[Path]:
     """Directories to bind read-only so `python -I -m sandbox` works inside.
 
     Our own interpreter's prefixes (venv and its base) when `python` is ours,
-    the sandbox package, and extra_ro; /usr is bound anyway.  Nested paths are
-    dropped so each tree is mounted once.
+    and the sandbox package; /usr is bound anyway.  Nested paths are dropped
+    so each tree is mounted once.
     """
     exe = Path(python)
-    candidates = [Path(p) for p in extra_ro]
+    candidates: list[Path] = []
     prefixes = _prefixes()
     if _within(exe, prefixes) or _within(exe.resolve(), prefixes):
         candidates += prefixes
@@ -93,7 +94,9 @@ def runtime_roots(python: str, extra_ro: list[Path]) -> list[Path]:
         if not _within(path, [Path("/usr"), *roots]):
             roots.append(path)
     if not _within(exe.resolve(), [Path("/usr"), *roots]):
-        raise ValueError(f"{python} is outside every bound path; add its prefix to extra_ro")
+        bound = ", ".join(str(p) for p in [Path("/usr"), *roots])
+        raise ValueError(f"{python} is outside every path the sandbox binds ({bound}): run wfd "
+                         "with the Python it is installed in, or one under /usr")
     return roots
 
 
@@ -172,12 +175,12 @@ def _bind_environment(environment: Path | None) -> list[str]:
 def command(
     python: str,
     workdir_size_bytes: int,
-    extra_ro: list[Path] | None = None,
     *,
     uid: int = SANDBOX_UID,
     privileged: bool | None = None,
     files: Path | None = None,
     writable: dict[str, Path] | None = None,
+    read_only: dict[str, Path] | None = None,
     environment: Path | None = None,
 ) -> list[str]:
     """Argv prefix; append `[python, "-I", "-m", "sandbox"]` (or any command) to it.
@@ -186,12 +189,13 @@ def command(
     unprivileged identity is obtained (see the module docstring). `files`,
     the workflow's persistent directory on the host, appears at WORKFLOW_DIR;
     `writable` maps paths inside to host directories (an environment being
-    built, uv's cache); `environment`, a workflow environment, is read-only
+    built, uv's cache), `read_only` likewise (uv's own directory, for a
+    build); `environment`, a workflow environment, is read-only
     at ENV_DIR (never at its host path, which is inside the data directory).
     """
     if privileged is None:
         privileged = os.geteuid() == 0
-    roots = runtime_roots(python, extra_ro or [])
+    roots = runtime_roots(python)
     return [
         shutil.which("bwrap") or "bwrap",
         "--unshare-pid", "--unshare-ipc", "--unshare-uts",
@@ -205,6 +209,9 @@ def command(
         *(_bind_files(files, WORKFLOW_DIR) if files else []),
         *[arg for inside, host in (writable or {}).items()
           for arg in _bind_files(host, inside)],
+        *[arg for inside, host in (read_only or {}).items()
+          for arg in ["--perms", "0755", "--dir", str(Path(inside).parent),
+                      "--ro-bind", str(host), inside]],
         *_bind_environment(environment),
         *_identity(uid, privileged),
     ]  # fmt: skip
@@ -218,8 +225,7 @@ _MOUNT_PROC_SH = 'mount -t proc -o nosuid,nodev,noexec proc /proc && exec "$@"'
 ZYGOTE_SCRATCH_BYTES = 1 << 20
 
 
-def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
-                   uid: int = SANDBOX_UID, privileged: bool | None = None,
+def zygote_command(python: str, *, uid: int = SANDBOX_UID, privileged: bool | None = None,
                    files_root: Path | None = None, environment: Path | None = None
                    ) -> list[str]:
     """Argv prefix for the zygote: the same view as an execution's, but shared, so read-only.
@@ -236,7 +242,7 @@ def zygote_command(python: str, extra_ro: list[Path] | None = None, *,
     """
     if privileged is None:
         privileged = os.geteuid() == 0
-    roots = runtime_roots(python, extra_ro or [])
+    roots = runtime_roots(python)
     size = str(ZYGOTE_SCRATCH_BYTES)
     if privileged:
         proc = ["--dir", "/proc"]

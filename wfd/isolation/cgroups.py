@@ -24,21 +24,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("wfd.cgroups")
+from sandbox.protocol import EXIT_JOIN_FAILED
+from wfd import logs
 
 PARENT_NAME = "wfd"
 DAEMON_LEAF = "daemon"
 EXEC_PREFIX = "exec-"
 CPU_PERIOD_US = 100_000
-# Exit status of the join prefix when the child could not enter its cgroup:
-# the executor reports it as "boot failed", never as a workflow error.
-JOIN_FAILED_EXIT = 125
 # The child joins its cgroup itself, before exec, so nothing it forks can start
 # outside the group (moving it from the parent after spawn races with its first fork).
 # Arguments: procs files, then "--", then the command.  `echo $$` is one write().
+# A failed join exits EXIT_JOIN_FAILED, reported as "boot failed", never as
+# a workflow error.
 _JOIN_SH = (
     'p=$$; while [ "$1" != -- ]; do echo "$p" > "$1" || exit '
-    f'{JOIN_FAILED_EXIT}; shift; done; shift; exec "$@"'
+    f'{EXIT_JOIN_FAILED}; shift; done; shift; exec "$@"'
 )
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Polls start fast and back off: a process that just wrote its result is
@@ -130,11 +130,6 @@ class ExecutionCgroup(ABC):
                 os.close(fd)
             raise
         return fds
-
-    def add(self, pid: int) -> None:
-        """Move an already running process in (used for the daemon itself, and tests)."""
-        for d in self.dirs:
-            _write(d / "cgroup.procs", str(pid))
 
     def pids(self) -> list[int]:
         """Processes currently in the group (in any of its hierarchies)."""
@@ -338,7 +333,7 @@ def _stale_cleanup(parent: Path) -> None:
         try:
             child.rmdir()
         except OSError as e:
-            log.warning("stale cgroup %s not removed: %s", child, e)
+            logs.event("stale-cgroup-kept", level=logging.WARNING, path=child, error=str(e))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -367,7 +362,8 @@ def _detect_v2(root: Path, paths: dict[str, str], pid: int) -> V2Backend | None:
     own = mount / paths[""].lstrip("/")
     available = set((own / "cgroup.controllers").read_text().split())
     if not {"memory", "pids"} <= available:
-        log.info("cgroup v2 at %s lacks memory/pids (has %s)", own, sorted(available))
+        logs.event("cgroup-v2-unusable", path=own, reason="no memory and pids controllers",
+                   controllers=",".join(sorted(available)))
         return None
     wanted = sorted({"memory", "pids", "cpu"} & available)
     try:
@@ -377,7 +373,7 @@ def _detect_v2(root: Path, paths: dict[str, str], pid: int) -> V2Backend | None:
         _write(leaf / "cgroup.procs", str(pid))
         _write(own / "cgroup.subtree_control", " ".join("+" + c for c in wanted))
     except OSError as e:
-        log.info("cgroup v2 subtree %s not delegated to us: %s", own, e)
+        logs.event("cgroup-v2-unusable", path=own, reason="not delegated to us", error=str(e))
         return None
     _stale_cleanup(own)
     return V2Backend(own, set(wanted))
@@ -399,11 +395,13 @@ def _detect_v1(root: Path, paths: dict[str, str], pid: int) -> V1Backend | None:
             _stale_instances(shared)
             (shared / str(pid)).mkdir(exist_ok=True)
         except OSError as e:
-            log.info("cgroup v1 %s not writable: %s", ctrl, e)
+            logs.event("cgroup-v1-unusable", controller=ctrl, reason="not writable",
+                       error=str(e))
             continue
         parents[ctrl] = shared / str(pid)
     if not {"pids", "memory"} <= parents.keys():
-        log.info("cgroup v1 pids+memory not both writable (have %s)", sorted(parents))
+        logs.event("cgroup-v1-unusable", reason="pids and memory not both writable",
+                   writable=",".join(sorted(parents)))
         return None
     return V1Backend(parents)
 

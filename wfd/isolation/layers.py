@@ -11,10 +11,12 @@ only. `layers()` says which are active, for `wfd ctl status` and /healthz.
 """
 
 import contextlib
+import logging
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sandbox import protocol
 from wfd import logs
 from wfd.config import MIB, Limits
 from wfd.isolation import bwrap, cgroups
@@ -82,12 +84,14 @@ class Isolation:
         if not support.available:
             if mode == "strict":
                 raise IsolationError(strict_advice(support.reason))
-            logs.logger.error("isolation best-effort: NO namespaces, unprivileged identity "
-                              "or filesystem view: %s", support.reason)
+            logs.event("isolation-degraded", level=logging.ERROR, mode=mode,
+                       off="namespaces, unprivileged identity, filesystem view",
+                       reason=support.reason)
         backend = _detect_cgroups()
         if backend is None:
-            logs.logger.warning("no writable cgroup tree: limits are rlimits only; a fork bomb "
-                                "is bounded per uid by RLIMIT_NPROC, not per execution")
+            logs.event("no-cgroups", level=logging.WARNING,
+                       effect="limits are rlimits only; a fork bomb is bounded per uid by "
+                              "RLIMIT_NPROC, not per execution")
         return cls(mode, python, support, backend)
 
     @property
@@ -101,10 +105,12 @@ class Isolation:
         The zygote's children have the same layers as a cold spawn, built
         differently (docs/isolation.md, "The zygote"); the details say how.
         """
-        missing = self.support.reason if self.support else 'isolation = "none"'
+        support = self.support
+        missing = (support.reason or "unavailable") if support else 'isolation = "none"'
         sandbox = self.sandboxed
+        mode = support.mode if support else None
         forked = executor == "zygote"
-        version = self.support.version if self.support else None
+        version = support.version if support else None
         survivors = [name for name, on in (("pid namespace", sandbox),
                                            ("cgroup kill", self.backend is not None)) if on]
         namespaces = (f"{version}: pid, ipc, uts, mount; network shared"
@@ -117,7 +123,7 @@ class Isolation:
             "rlimits": Layer(True, "memory, CPU, file size, open files, processes, no core; "
                                    "PR_SET_PDEATHSIG, no_new_privs"),
             "namespaces": Layer(sandbox, namespaces if sandbox else missing),
-            "identity": Layer(sandbox, f"uid {bwrap.SANDBOX_UID} via {self.support.mode}"
+            "identity": Layer(sandbox, f"uid {bwrap.SANDBOX_UID} via {mode}"
                               + (", zygote included; no capabilities" if forked else "")
                               if sandbox else missing),
             "filesystem": Layer(sandbox, filesystem if sandbox else missing),
@@ -132,7 +138,8 @@ class Isolation:
             return "no writable cgroup v2 subtree nor v1 pids+memory: rlimits only"
         described = self.backend.describe()
         paths = described.get("paths") or {"": described.get("path")}
-        return f"{described['cgroup']} at {', '.join(map(str, paths.values()))}"
+        where = paths.values() if isinstance(paths, dict) else [paths]
+        return f"{described['cgroup']} at {', '.join(map(str, where))}"
 
     def cgroup_for(self, limits: Limits, execution_id: str) -> cgroups.ExecutionCgroup | None:
         """A fresh cgroup for one execution, or None where the host has none.
@@ -148,7 +155,7 @@ class Isolation:
     def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None,
              files: Path | None = None) -> list[str]:
         """The whole command line of one execution: cgroup join, bwrap, interpreter."""
-        command = [self.python, "-I", "-m", "sandbox"]
+        command = [self.python, "-I", "-m", protocol.CHILD_MODULE]
         if self.sandboxed:
             command = [*bwrap.command(self.interpreter, limits.tmp_mb * MIB, files=files,
                                       environment=self.environment), *command]
@@ -169,17 +176,22 @@ class Isolation:
         return {"source": f"{bwrap.ZYGOTE_FILES}/{files.name}" if files else None,
                 "target": bwrap.WORKFLOW_DIR, "hide": bwrap.ZYGOTE_FILES}
 
-    def zygote_argv(self, files_root: Path | None = None) -> list[str]:
-        """The zygote's command line up to its arguments: bwrap when sandboxed, and its mode.
+    def zygote_command(self, files_root: Path | None = None) -> list[str]:
+        """The zygote's command line up to its arguments (`protocol.ZygoteArgs`).
 
         Its children join their cgroup and build their namespaces themselves
         (sandbox/isolate.py), so nothing per execution appears here.
         """
-        command = [self.python, "-I", "-m", "sandbox.zygote"]
-        if self.sandboxed:
-            return [*bwrap.zygote_command(self.interpreter, files_root=files_root,
-                                          environment=self.environment), *command, "sandbox"]
-        return [*command, "plain"]
+        command = [self.python, "-I", "-m", protocol.ZYGOTE_MODULE]
+        if not self.sandboxed:
+            return command
+        return [*bwrap.zygote_command(self.interpreter, files_root=files_root,
+                                      environment=self.environment), *command]
+
+    @property
+    def zygote_mode(self) -> str:
+        """Sandbox mode under bwrap: each execution builds namespaces of its own."""
+        return protocol.MODE_SANDBOX if self.sandboxed else protocol.MODE_PLAIN
 
     def close(self) -> None:
         """Remove the daemon's own cgroup parents (at shutdown)."""
@@ -192,5 +204,5 @@ def _detect_cgroups() -> cgroups.CgroupBackend | None:
     try:
         return cgroups.detect()
     except OSError as exc:
-        logs.logger.warning("cgroup detection failed: %s", exc)
+        logs.event("cgroup-detection-failed", level=logging.WARNING, error=str(exc))
         return None

@@ -23,6 +23,7 @@ import orjson
 
 from wfd import ids
 from wfd.config import Config
+from wfd.domain import Kind, Status
 from wfd.executor import Executor, Job, Outcome
 from wfd.isolation.layers import Isolation
 
@@ -190,14 +191,15 @@ async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[
 
 
 def _job(config: Config, request: dict[str, Any]) -> Job:
-    return Job(execution_id=ids.execution_id(), name="wfd-self-test", kind="catch", version=0,
+    return Job(execution_id=ids.execution_id(), name="wfd-self-test", kind=Kind.CATCH, version=0,
                code=PROBE, limits=config.limits, request=request)
 
 
 def _seen(outcome: Outcome) -> tuple[bool, dict[str, Any]]:
     """Whether the probe ran, and what it saw."""
-    ran = outcome.status == "success" and outcome.response is not None
-    return ran, orjson.loads(outcome.response["body"]) if ran else {}
+    if outcome.status != Status.SUCCESS or outcome.response is None:
+        return False, {}
+    return True, orjson.loads(outcome.response["body"])
 
 
 def failures(checks: dict[str, Check]) -> list[str]:

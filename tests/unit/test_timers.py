@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import uvloop
 
-from wfd.timers import TimerQueue, firing_id
+from wfd.timers import TimerQueue
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 RunLoop = Callable[[Coroutine[Any, Any, None]], None]
@@ -225,9 +225,11 @@ def test_failing_callback_is_logged_and_others_still_fire(
             assert await rec.until(lambda: rec.names() == ["bad", "good"])
 
         await running(queue, fire, body)
-        assert f"timer callback failed for {firing_id('bad', bad_due)}" in caplog.text
+        [failed] = [r for r in caplog.records if r.getMessage() == "timer-callback-failed"]
+        assert failed.wfd_fields == {"key": "bad", "due": bad_due.isoformat()}
+        assert failed.exc_info and "boom" in caplog.text
 
-    with caplog.at_level(logging.ERROR, logger="wfd.timers"):
+    with caplog.at_level(logging.ERROR, logger="wfd"):
         run_loop(main())
 
 
@@ -274,7 +276,7 @@ def test_due_times_are_stored_in_utc_and_naive_ones_refused() -> None:
     queue.set("job", paris)
     assert queue.due_of("job") == paris
     assert queue.due_of("job").tzinfo is UTC
-    assert firing_id("job", queue.due_of("job")) == "job:2025-06-01T10:00:00+00:00"
+    assert queue.due_of("job").isoformat() == "2025-06-01T10:00:00+00:00"
     with pytest.raises(ValueError, match=r"^due times must be timezone-aware"):
         queue.set("job", datetime(2025, 6, 1, 12))
 
