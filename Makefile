@@ -14,7 +14,7 @@ VENV := $(PREFIX)/venv
 # systemd is the running init system: the same test as sd_booted(3).
 SYSTEMD := $(wildcard /run/systemd/system)
 
-.PHONY: install uninstall verify-unit system-deps run stop test test-fast lint bench
+.PHONY: install uninstall verify-unit system-deps run stop test test-fast lint bench check-v2
 
 # -- development ---------------------------------------------------------------
 # `make run` sets up .venv and starts a local daemon with an example workflow;
@@ -29,18 +29,21 @@ $(DEV_VENV)/.installed: pyproject.toml
 	$(DEV_VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-# Executions run under bubblewrap (isolation = "strict"); setpriv is util-linux.
+# Executions run under bubblewrap (isolation = "strict"); setpriv and nsenter are
+# util-linux; pasta (passt) and ip (iproute2) give each its network namespace;
+# mkfs.ext4 (e2fsprogs) and mount make the workflows' size-capped directories.
 system-deps:
 	@command -v bwrap >/dev/null && command -v setpriv >/dev/null && command -v curl >/dev/null \
-		&& command -v mkfs.ext4 >/dev/null \
+	&& command -v pasta >/dev/null && command -v ip >/dev/null && command -v nsenter >/dev/null \
+	&& command -v mkfs.ext4 >/dev/null \
 	|| if [ "$$(id -u)" = 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux curl \
-			e2fsprogs mount \
-			>/dev/null; \
+			passt iproute2 e2fsprogs mount >/dev/null; \
 	else \
-		echo "wfd needs bubblewrap, util-linux and curl:" \
-			"sudo apt-get install bubblewrap util-linux curl" >&2; exit 1; \
+		echo "wfd needs bubblewrap, util-linux, passt, iproute2, e2fsprogs and curl:" \
+			"sudo apt-get install bubblewrap util-linux passt iproute2 e2fsprogs curl" >&2; \
+		exit 1; \
 	fi
 
 run: system-deps $(DEV_VENV)/.installed
@@ -59,11 +62,18 @@ lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .
 	$(DEV_VENV)/bin/mypy
 
+# wfd.service on a cgroup v2 kernel with controllers, in a qemu guest (.ci/check-v2
+# says how; several minutes without KVM, so not part of CI). Needs root.
+check-v2: $(DEV_VENV)/.installed
+	.ci/check-v2
+
 bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_timers.py
 	$(DEV_VENV)/bin/python bench/bench_scheduler.py
 	$(DEV_VENV)/bin/python bench/bench_retention.py
 	$(DEV_VENV)/bin/python bench/bench_executors.py
+	$(DEV_VENV)/bin/python bench/bench_delivery.py
+	$(DEV_VENV)/bin/python bench/bench_hostile.py
 	$(DEV_VENV)/bin/python bench/bench_environments.py
 
 # -- installing as a service -----------------------------------------------------
@@ -80,6 +90,7 @@ install:
 	umask 022 && { test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV); }
 	umask 022 && $(VENV)/bin/pip install --quiet $(CURDIR)
 	install -m 0644 systemd/README.md $(PREFIX)/README.md
+	install -D -m 0755 systemd/delegate-cgroup-v1 $(PREFIX)/libexec/delegate-cgroup-v1
 	ln -sf $(VENV)/bin/wfd $(BIN_DIR)/wfd
 	echo 'export WFD_SOCKET=/run/wfd/wfd.sock' > $(PROFILE_DIR)/wfd.sh
 	install -D -m 0644 systemd/wfd.service $(UNIT_DIR)/wfd.service
@@ -109,11 +120,14 @@ endif
 	@echo "and user wfd. Remove them only once nothing there is needed:"
 	@echo "  rm -rf /var/lib/wfd $(CONFIG_DIR) && userdel wfd"
 
-# verify needs ExecStart's binary to exist: check a copy pointed at /bin/true.
+# verify needs the Exec binaries to exist: check a copy pointed at /bin/true and
+# at the checkout's delegate-cgroup-v1.
 # verify exits 0 even for unknown keys, so any message it prints fails here.
 verify-unit:
 	@tmp=$$(mktemp -d) && \
-	sed 's#^ExecStart=/opt/wfd/venv/bin/wfd#ExecStart=/bin/true#' systemd/wfd.service \
+	sed -e 's#^ExecStart=/opt/wfd/venv/bin/wfd#ExecStart=/bin/true#' \
+		-e 's#^ExecStartPre=+/opt/wfd/libexec/#ExecStartPre=+$(CURDIR)/systemd/#' \
+		systemd/wfd.service \
 		> $$tmp/wfd.service && \
 	messages=$$(systemd-analyze verify $$tmp/wfd.service 2>&1); status=$$?; \
 	if [ -n "$$messages" ]; then echo "$$messages" >&2; status=1; fi; \

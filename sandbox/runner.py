@@ -17,7 +17,7 @@ import traceback
 import types
 from typing import Any
 
-from sandbox import limits, protocol, rules
+from sandbox import limits, protocol, rules, seccomp
 from sandbox.request import RequestDict
 
 ARGUMENTS = {"catch": ("_request", "settings"), "pull": ("settings",)}
@@ -52,6 +52,8 @@ def execute(job: dict[str, Any]) -> int:
     try:
         limits.apply(job["limits"])
         os.environ.update(job.get("env") or {})
+        if job.get("forbid_namespaces"):
+            seccomp.forbid_namespaces()
     except Exception:
         traceback.print_exc()
         return protocol.EXIT_BOOT_FAILED

@@ -51,7 +51,8 @@ class Daemon:
     """A `wfd serve` process with helpers to drive it as a user would."""
 
     def __init__(self, data_dir: Path, config: str = "", extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, admin: bool = False):
+                 env: dict[str, str] | None = None, admin: bool = False,
+                 prefix: tuple[str, ...] = ()):
         self.data_dir = data_dir
         self.port = free_port()
         # With `admin`, /healthz and /metrics move to their own port (admin_listen).
@@ -63,6 +64,8 @@ class Daemon:
         self.config_file.write_text(config)
         self.log_file = data_dir.parent / f"{data_dir.name}.log"
         self.extra_args = extra_args
+        # A command the daemon runs under, e.g. `unshare --pid --fork`.
+        self.prefix = prefix
         self.process: subprocess.Popen | None = None
 
     @property
@@ -79,7 +82,7 @@ class Daemon:
         log = self.log_file.open("ab")
         admin = ("--admin-listen", f"127.0.0.1:{self.admin_port}") if self.admin_port else ()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "wfd", "serve", "--config", str(self.config_file),
+            [*self.prefix, sys.executable, "-m", "wfd", "serve", "--config", str(self.config_file),
              "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}",
              "--socket", self.socket, *admin, *self.extra_args],
             stdout=log, stderr=log, start_new_session=True, env=self.env)
@@ -152,9 +155,9 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
     def make(config: str = "", data_dir: Path | None = None, start: bool = True,
              extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-             admin: bool = False) -> Daemon:
+             admin: bool = False, prefix: tuple[str, ...] = ()) -> Daemon:
         daemon = Daemon(data_dir or tmp_path / f"data{len(started)}", config, extra_args,
-                        env, admin)
+                        env, admin, prefix)
         started.append(daemon)
         return daemon.start() if start else daemon
 
@@ -228,6 +231,9 @@ class StandIn:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        # What a workflow calling it must be deployed with (executions do not
+        # reach the host's loopback otherwise): `deploy(..., *server.allow_net)`.
+        self.allow_net = ("--allow-net", f"127.0.0.1/32:{self.server.server_address[1]}")
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:

@@ -94,12 +94,13 @@ def test_unsafe_exec_id_rejected(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def v1() -> cgroups.CgroupBackend:
+def v1() -> Iterator[cgroups.V1Backend]:
     """The real backend on this host; CI is the same kind of host, so absence is a failure."""
     backend = cgroups.detect()
     if not isinstance(backend, cgroups.V1Backend):
         pytest.fail(f"expected writable cgroup v1 pids+memory on this host, got {backend!r}")
-    return backend
+    yield backend
+    backend.close()
 
 
 @pytest.fixture
@@ -214,14 +215,99 @@ def test_kill_reaches_setsid_double_forked_grandchild(make_cg) -> None:
     assert cg.pids() == []
 
 
-def test_v1_groups_are_per_daemon_and_only_dead_daemons_groups_are_removed(v1) -> None:
+def test_v1_removes_only_the_groups_whose_owner_is_gone(v1) -> None:
     shared = v1.parents["pids"].parent
-    dead = shared / "999999999"  # above any pid_max: a daemon that is gone
+    dead = shared / "999999999-0badcafe"  # a daemon that was SIGKILLed: nobody holds its lock
     (dead / "exec-left-behind").mkdir(parents=True)
     live = v1.create("fresh-and-empty", 1 << 20, 4)
-    assert isinstance(cgroups.detect(), cgroups.V1Backend)  # another daemon starting
+    other = cgroups.detect()  # another daemon starting
+    assert isinstance(other, cgroups.V1Backend)
     assert not dead.exists()
+    assert all(d.exists() for d in live.dirs)
+    assert other.parents["pids"] != v1.parents["pids"]
+    other.close()
     assert all(d.exists() for d in live.dirs)
     live.close()
     v1.close()
     assert not any(parent.exists() for parent in v1.parents.values())
+
+
+def test_v1_what_a_gone_daemon_left_running_is_killed_with_its_group(v1) -> None:
+    dead = v1.parents["pids"].parent / "999999999-0badf00d"
+    group = dead / "exec-survivor"
+    group.mkdir(parents=True)
+    survivor = subprocess.Popen(
+        ["/bin/sh", "-c", f'echo $$ > {group}/cgroup.procs && exec sleep 300'])
+    try:
+        wait_for(lambda: (group / "cgroup.procs").read_text().split() == [str(survivor.pid)],
+                 what="survivor in the dead daemon's group")
+        other = cgroups.detect()  # the next daemon to start
+        assert other is not None
+        assert survivor.wait(timeout=5) == -9
+        assert not dead.exists()
+        other.close()
+    finally:
+        survivor.kill()
+        survivor.wait()
+
+
+# ---------------------------------------------------------------- v1, fake cgroupfs
+
+
+def make_fake_v1(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for ctrl in ("pids", "memory", "cpu"):
+        (root / ctrl / "system.slice").mkdir(parents=True, exist_ok=True)
+    self_cgroup = tmp_path / "self_cgroup"
+    self_cgroup.write_text("3:pids:/system.slice\n2:memory:/system.slice\n"
+                           "1:cpu:/system.slice\n0::/system.slice\n")
+    return root, self_cgroup
+
+
+def test_v1_daemons_with_the_same_pid_in_other_namespaces_keep_their_groups(
+    tmp_path: Path,
+) -> None:
+    # Pid 42 in a container and pid 42 on the host: the number says nothing.
+    first = cgroups.detect(*make_fake_v1(tmp_path), pid=42)
+    second = cgroups.detect(*make_fake_v1(tmp_path), pid=42)
+    assert isinstance(first, cgroups.V1Backend) and isinstance(second, cgroups.V1Backend)
+    assert first.parents["pids"].name.startswith("42-")
+    assert set(first.parents.values()).isdisjoint(second.parents.values())
+    second.close()
+    assert all(parent.is_dir() for parent in first.parents.values())
+    assert not any(parent.exists() for parent in second.parents.values())
+    first.close()
+
+
+def test_v1_a_live_owner_invisible_here_is_judged_by_its_lock_not_its_pid(
+    tmp_path: Path,
+) -> None:
+    # 999999999 is above any pid_max: in this namespace that daemon looks dead.
+    elsewhere = cgroups.detect(*make_fake_v1(tmp_path), pid=999999999)
+    assert isinstance(elsewhere, cgroups.V1Backend)
+    shared = elsewhere.parents["pids"].parent
+    gone = shared / "7-0badcafe"
+    (gone / "exec-left-behind").mkdir(parents=True)
+    starting = cgroups.detect(*make_fake_v1(tmp_path), pid=1)
+    assert starting is not None
+    assert all(parent.is_dir() for parent in elsewhere.parents.values())
+    assert not gone.exists()
+    starting.close()
+    elsewhere.close()
+
+
+def test_v2_subtree_taken_by_a_live_daemon_is_left_alone(tmp_path: Path) -> None:
+    root, self_cgroup = make_fake_v2(tmp_path)
+    own = root / "system.slice" / "wfd.service"
+    first = cgroups.detect(root, self_cgroup, pid=1)
+    assert first is not None
+    running = first.create("running", memory_bytes=1 << 20, pids_max=4)
+    why: list[str] = []
+    assert cgroups.detect(root, self_cgroup, pid=2, why=why) is None
+    assert why[0] == f"cgroup v2 {own} is already used by another wfd daemon"
+    assert running.dirs[0].is_dir()
+    first.close()
+    (own / "exec-left-behind").mkdir()  # the owner is gone: its groups may go
+    again = cgroups.detect(root, self_cgroup, pid=3)
+    assert again is not None and not (own / "exec-left-behind").exists()
+    again.close()

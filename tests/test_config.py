@@ -23,6 +23,10 @@ def serve(tmp_path, config_text, *flags):
     ("listen = 'nope'\n", "listen address must be HOST:PORT, got 'nope'"),
     ("log_format = 'xml'\n", "log_format must be 'text' or 'json'"),
     ("this is not toml\n", "cannot read config"),
+    ("[isolation]\nrequire_cgroup = false\n", "unknown [isolation] key(s): require_cgroup"),
+    ("[isolation]\nrequire_cgroups = 'no'\n",
+     "[isolation] require_cgroups must be true or false, got 'no'"),
+    ("[isolation]\nmode = 'strictest'\n", "isolation must be one of strict"),
 ])
 def test_bad_config_is_refused_at_start_with_a_clear_message(tmp_path, text, message):
     result = serve(tmp_path, text)

@@ -99,8 +99,8 @@ def test_executions_and_logs_shapes(daemon, name):
     log = daemon.ctl("logs", ids[0]).stdout
     assert "status: success" in log and "--- output ---\nhello log" in log
     table = daemon.ctl("executions", name).stdout.splitlines()
-    assert table[0].split() == ["ID", "STARTED_AT", "TRIGGER", "STATUS", "HTTP_STATUS",
-                                "DURATION_MS", "VERSION"]
+    assert table[0].split() == ["ID", "STARTED_AT", "TRIGGER", "ATTEMPT", "STATUS", "DELIVERY",
+                                "HTTP_STATUS", "DURATION_MS", "VERSION"]
     assert len(table) == 4
 
 

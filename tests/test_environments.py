@@ -143,10 +143,13 @@ def test_an_idle_zygote_stops_and_the_least_recently_used_makes_room(
     def zygotes() -> dict[str, str]:
         return {e["workflows"][0]: e["zygote"]["state"] for e in daemon.ctl_json("envs")}
 
+    # A proven environment's request cold-spawns while its zygote starts again.
     assert body(url(daemon, f"{name}-a")).startswith("six 1.16.0")
-    assert zygotes() == {f"{name}-a": "ready", f"{name}-b": "stopped"}
+    wait_for(lambda: zygotes() == {f"{name}-a": "ready", f"{name}-b": "stopped"}, timeout=30,
+             what="a's zygote to start in b's place")
     assert body(url(daemon, f"{name}-b")).startswith("six 1.17.0")
-    assert zygotes() == {f"{name}-a": "stopped", f"{name}-b": "ready"}
+    wait_for(lambda: zygotes() == {f"{name}-a": "stopped", f"{name}-b": "ready"}, timeout=30,
+             what="b's zygote to start in a's place")
     wait_for(lambda: zygotes()[f"{name}-b"] == "stopped", timeout=10,
              what="the idle zygote to stop")
     assert body(url(daemon, f"{name}-b")).startswith("six 1.17.0")  # starts again

@@ -17,7 +17,8 @@ def test_export_then_import_reproduces_every_workflow_version_and_setting(
     for suffix, versions in (("a", 3), ("b", 1), ("c", 2)):
         for version in range(1, versions + 1):
             source.deploy(f"{name}-{suffix}", code(f"{suffix}{version}"),
-                          "--timeout", str(5 + version))
+                          "--timeout", str(5 + version),
+                          *(("--allow-net", "10.9.0.0/16:443") if suffix == "c" else ()))
     source.ctl("rollback", f"{name}-a", "2")
     source.ctl("settings", f"{name}-a", "set", 'NESTED:={"k": [1, 2.5, null]}', "TOKEN=t")
     source.ctl("settings", f"{name}-c", "set", "N:=3")
@@ -33,8 +34,10 @@ def test_export_then_import_reproduces_every_workflow_version_and_setting(
         workflow = f"{name}-{suffix}"
         assert target.ctl_json("versions", workflow) == source.ctl_json("versions", workflow)
         assert target.ctl_json("settings", workflow) == source.ctl_json("settings", workflow)
-        assert target.ctl_json("show", workflow)["effective_limits"] == source.ctl_json(
-            "show", workflow)["effective_limits"]
+        shown, original = target.ctl_json("show", workflow), source.ctl_json("show", workflow)
+        assert shown["effective_limits"] == original["effective_limits"]
+        assert shown["network"] == original["network"]
+    assert target.ctl_json("show", f"{name}-c")["allow_net"] == ["10.9.0.0/16:443"]
     moved = target.ctl("url", f"{name}-a").stdout.strip()
     assert moved == source.ctl("url", f"{name}-a").stdout.strip().replace(
         source.base, target.base)

@@ -344,14 +344,55 @@ def test_it_runs_as_an_unprivileged_uid_without_capabilities(hostile, canary, na
     assert_contained(response, record, "success", 200, canary)
 
 
-def test_outbound_network_still_works(hostile, canary, name, standin):
-    server = standin()
-    server.routes[("GET", "/ping")] = (200, {}, "pong")
+def test_no_namespace_of_its_own_to_mount_a_tmpfs_past_the_cap(hostile, canary, name):
+    # A user namespace would give it the capabilities to mount a tmpfs of any
+    # size (100 MB here, past tmp_mb = 32), or a network namespace of its own: refused outright,
+    # directly and through a program; threads and fork still work.
     code = workflow("""
-        return {"status_code": 200, "body": requests.get(_request["url"], timeout=10).text}
-        """, prelude="import requests")
-    response, record = call(hostile, name, code, data={"url": f"{server.url}/ping"})
-    assert response.text == "pong"
+        tool = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+             "mount -t tmpfs -o size=400m none /tmp && for i in 1 2 3 4 5 6 7 8 9 10; do "
+             "dd if=/dev/zero of=/tmp/$i bs=1M count=10 || exit 3; done && echo WROTE"],
+            capture_output=True, text=True)
+        seen = {"tool": (tool.returncode, "WROTE" in tool.stdout)}
+        libc = ctypes.CDLL(None, use_errno=True)
+        for label, flags in (("user", 0x10000000), ("user+mount", 0x10020000),
+                             ("net", 0x40000000)):
+            seen[label] = errno.errorcode.get(ctypes.get_errno()) \\
+                if libc.unshare(flags) else "created"
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+        thread.join()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        seen["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        return {"status_code": 200, "body": json.dumps(seen)}
+        """, prelude="import ctypes, errno, json, os, subprocess, threading")
+    response, record = call(hostile, name, code)
+    assert response.json() == {"user": "EPERM", "user+mount": "EPERM", "net": "EPERM",
+                               "tool": [1, False], "fork": 7}, response.text
+    assert_contained(response, record, "success", 200, canary)
+
+
+def test_a_loopback_service_is_reachable_only_on_the_port_allowed(hostile, canary, name,
+                                                                   standin):
+    server, other = standin(), standin()
+    for each in (server, other):
+        each.routes[("GET", "/ping")] = (200, {}, "pong")
+    code = workflow("""
+        seen = [requests.get(_request["url"], timeout=10).text]
+        try:
+            requests.get(_request["other"], timeout=10)
+            seen.append("reached")
+        except requests.ConnectionError as exc:
+            seen.append(type(exc.args[0].reason).__name__)
+        return {"status_code": 200, "body": json.dumps(seen)}
+        """, prelude="import json, requests")
+    response, record = call(hostile, name, code, *server.allow_net,
+                            data={"url": f"{server.url}/ping", "other": f"{other.url}/ping"})
+    assert response.json() == ["pong", "NewConnectionError"]
+    assert other.requests == []
     assert_contained(response, record, "success", 200, canary)
 
 

@@ -5,7 +5,8 @@ so this is the case environments exist for. The workflow file is rendered
 inside its environment by a first workflow calling the package's template
 function, deployed with `--requirements` as a user would, and run against
 a local stand-in of the vendor's API (Adzuna's, plain HTTP, reached through
-HTTP_PROXY set with `wfd ctl env`). Settings are set as strings, the way
+HTTP_PROXY set with `wfd ctl env`, its one loopback port allowed with
+`--allow-net`). Settings are set as strings, the way
 HrFlow's environment properties are (an app id of 12345 stays "12345").
 """
 
@@ -53,7 +54,7 @@ def test_a_generated_adzuna_pull_workflow_gets_past_import_and_the_vendor_calls(
 
     requirements = file(daemon, "requirements.txt", f"{CONNECTORS}\n")
     deployed = daemon.ctl("deploy", name, file(daemon, "adzuna.py", code), "--pull",
-                          "--every", "1d", "--requirements", requirements)
+                          "--every", "1d", "--requirements", requirements, *vendor.allow_net)
     assert "reusing environment" in deployed.stderr
     assert daemon.ctl_json("show", name)["requirements"]["dependencies"] == [CONNECTORS]
     daemon.ctl("settings", name, "set", "__workflow_id=wf-1", "connector_auth_app_id=12345",

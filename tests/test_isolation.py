@@ -16,9 +16,11 @@ from conftest import Daemon, wait_for
 
 # A PATH without bwrap or setpriv: how a host without bubblewrap looks to the daemon.
 NO_BWRAP = {"PATH": "/nonexistent"}
-SANDBOX_LAYERS = ("namespaces", "identity", "filesystem")
+SANDBOX_LAYERS = ("namespaces", "identity", "filesystem", "network")
+NETWORK_CHECKS = ("daemon_port_unreachable", "abstract_socket_unreachable",
+                  "private_range_denied")
 SANDBOX_CHECKS = ("data_dir_hidden", "host_processes_hidden", "other_executions_hidden",
-                  "unprivileged", "runtime_read_only")
+                  "unprivileged", "runtime_read_only", *NETWORK_CHECKS)
 
 
 def layers(daemon: Daemon) -> dict[str, bool]:
@@ -110,7 +112,8 @@ def test_none_reports_every_sandbox_layer_off_and_what_the_probe_got_through(mak
     daemon = make_daemon('isolation = "none"\n')
     active = layers(daemon)
     assert active == {"rlimits": True, "namespaces": False, "identity": False,
-                      "filesystem": False, "cgroup": False, "no_survivors": False}
+                      "filesystem": False, "network": False, "cgroup": False,
+                      "no_survivors": False}
     checks = self_test(daemon)
     # Run as root here: the probe really read the data dir and saw the daemon.
     assert not checks["data_dir_hidden"]["held"] and not checks["host_processes_hidden"]["held"]
@@ -118,6 +121,46 @@ def test_none_reports_every_sandbox_layer_off_and_what_the_probe_got_through(mak
                                                                 "scratch_not_shared"]
     health = requests.get(f"{daemon.base}/healthz", timeout=5).json()
     assert health["isolation"]["active"] == ["rlimits"]
+
+
+@pytest.fixture
+def broken_pasta(tmp_path) -> dict[str, str]:
+    """A PATH whose `pasta` does not run: how a host without a working passt looks."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "pasta").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "pasta").chmod(0o755)
+    return {"PATH": f"{fake}:/usr/local/bin:/usr/bin:/bin:/usr/sbin"}
+
+
+def test_strict_without_the_network_layer_refuses_to_start_and_says_what_to_do(make_daemon,
+                                                                               broken_pasta):
+    daemon = make_daemon(start=False, env=broken_pasta)
+    assert daemon.spawn().wait(30) == 1
+    log = daemon.log()
+    assert "cannot-start" in log and "pasta does not run" in log, log
+    assert "apt-get install passt iproute2" in log and 'isolation = "best-effort"' in log
+
+
+def test_best_effort_without_the_network_layer_says_so_and_runs_on_the_host_network(
+        make_daemon, name, standin, broken_pasta):
+    daemon = make_daemon('isolation = "best-effort"\n', env=broken_pasta)
+    active = layers(daemon)
+    assert not active["network"] and active["namespaces"] and active["filesystem"]
+    detail = daemon.ctl_json("status")["isolation"]["layers"]["network"]["detail"]
+    assert "pasta does not run" in detail
+    checks = self_test(daemon)
+    assert {n: checks[n]["expected"] for n in NETWORK_CHECKS} == dict.fromkeys(
+        NETWORK_CHECKS, False)
+    assert not checks["daemon_port_unreachable"]["held"]  # the host's loopback: reached
+    assert "executions share the HOST'S NETWORK" in daemon.log()
+    assert "ISOLATION SELF-TEST FAILED" not in daemon.log()
+    server = standin()
+    server.routes[("GET", "/")] = (200, {}, "host")
+    url = daemon.deploy(name, 'import requests\ndef workflow(_request, settings):\n'
+                              '    return {"status_code": 200, "body": requests.get('
+                              '_request["url"], timeout=10).text}\n')
+    assert requests.post(url, json={"url": server.url}, timeout=30).text == "host"
 
 
 def test_the_probes_survivor_is_killed_even_without_any_layer(make_daemon):

@@ -73,7 +73,7 @@ def test_seed_catch_example(daemon, name, standin):
         201, {}, {"code": 201, "message": "profile parsed", "data": {}})
     other.routes[("POST", "/notify")] = (200, {}, {"id": "evt-42"})
 
-    url = daemon.deploy(name, SEED_CATCH)
+    url = daemon.deploy(name, SEED_CATCH, *files.allow_net, *hrflow.allow_net, *other.allow_net)
     daemon.ctl("settings", name, "set", "API_KEY=ask_secret", "USER_EMAIL=ops@example.com",
                f"API_URL={hrflow.url}/v1/", "SOURCE_KEY=src_123",
                f"OTHER_SERVICE_URL={other.url}/notify")
@@ -109,10 +109,11 @@ def test_seed_pull_example_advances_its_cursor(daemon, name, standin):
     hrflow.routes[("POST", "/v1/profile/parsing/file")] = (201, {}, {"code": 201})
 
     code = SEED_PULL.format(endpoint=f"{storage.url}/records")
-    daemon.deploy(name, code, "--every", "1h", kind="--pull")  # settings first, then the timer
+    allow = (*storage.allow_net, *hrflow.allow_net)
+    daemon.deploy(name, code, "--every", "1h", *allow, kind="--pull")  # settings, then timer
     daemon.ctl("settings", name, "set", "API_KEY=k", "USER_EMAIL=u@example.com",
                f"API_URL={hrflow.url}/v1/", "SOURCE_KEY=src", "LAST_UID=u0")
-    daemon.deploy(name, code, "--every", "1s", kind="--pull")
+    daemon.deploy(name, code, "--every", "1s", kind="--pull")  # keeps its allowances
     wait_for(lambda: daemon.ctl_json("settings", name)["LAST_UID"] == "u2", timeout=20,
              what="the cursor to reach u2")
     uploads = [r["body"] for r in hrflow.requests]

@@ -17,11 +17,12 @@ import pytest
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD_DIR / "wfd.service"
 EXAMPLE_CONFIG = SYSTEMD_DIR / "wfd.toml"
-SANDBOX_NAMESPACES = {"user", "mnt", "pid", "ipc", "uts"}
-ALL_NAMESPACES = SANDBOX_NAMESPACES | {"net", "cgroup"}
+SANDBOX_NAMESPACES = {"user", "mnt", "pid", "ipc", "uts", "net"}
+ALL_NAMESPACES = SANDBOX_NAMESPACES | {"cgroup"}
 # `systemd-analyze security` exposure measured with systemd 252 (lower is
 # better, 0-10); lower this when hardening improves, never raise it quietly.
-MEASURED_EXPOSURE = 2.8
+# 2.8 -> 2.9: RestrictNamespaces= now allows net (each execution's network).
+MEASURED_EXPOSURE = 2.9
 TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 
@@ -93,6 +94,9 @@ def test_stop_lets_the_daemon_drain(service: dict[str, str], example: dict) -> N
 
 def test_daemon_owns_its_cgroup_subtree(service: dict[str, str]) -> None:
     assert service["Delegate"] == "yes"
+    # cgroup v1: the one privileged step gives the service's user its pids,
+    # memory and cpu groups, which Delegate=yes does not on v1.
+    assert service["ExecStartPre"] == f"+/opt/wfd/libexec/delegate-cgroup-v1 {service['User']}"
     # Read-only /sys/fs/cgroup would leave the delegation unusable.
     assert service.get("ProtectControlGroups", "no") == "no"
     # A workflow OOM-killed in its own cgroup must not stop the whole service.
@@ -109,7 +113,10 @@ def test_bubblewrap_can_build_its_sandbox(service: dict[str, str]) -> None:
     assert service.get("ProcSubset", "all") == "all"
     assert service.get("ProtectHostname", "no") == "no"  # seccomp-blocks sethostname
     allowed_calls = service["SystemCallFilter"].split()
-    assert {"@mount", "sethostname"} <= set(allowed_calls)
+    assert {"@mount", "sethostname", "setns"} <= set(allowed_calls)
+    # pasta, the executions' network, needs the tun device inside PrivateDevices.
+    assert service["BindPaths"] == "/dev/net/tun"
+    assert service["DeviceAllow"] == "/dev/net/tun rw"
 
 
 def test_workflows_keep_outbound_network(service: dict[str, str]) -> None:
@@ -138,7 +145,9 @@ def verifiable_copy(directory: Path) -> Path:
     """
     unit = directory / UNIT.name
     unit.write_text(
-        UNIT.read_text().replace("ExecStart=/opt/wfd/venv/bin/wfd", f"ExecStart={sys.executable}")
+        UNIT.read_text()
+        .replace("ExecStart=/opt/wfd/venv/bin/wfd", f"ExecStart={sys.executable}")
+        .replace("=+/opt/wfd/libexec/", f"=+{SYSTEMD_DIR}/")
     )
     return unit
 

@@ -5,27 +5,42 @@ dispatcher lives here: the route, the key check, the refusals, turning
 headers, query and body into fields, and the reply.
 """
 
+import asyncio
 import base64
+import functools
 import hmac
+import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from aiohttp import web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from multidict import CIMultiDictProxy, MultiDictProxy
 
-from wfd import domain, ids, logs
-from wfd.admission import Overloaded
+from wfd import domain, idempotency, ids, logs, signatures
+from wfd.admission import BodyHold, Overloaded, Reservation
 from wfd.config import Config
+from wfd.delivery import Deliveries
 from wfd.dispatch import Dispatcher
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
-from wfd.store import Store
+from wfd.idempotency import Idempotency
+from wfd.metrics import Metrics
+from wfd.store import DeliveryPolicy, RequestFields, Store, Workflow
 
 ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")
 # Framing is the server's business, not the workflow's: these would corrupt the response.
 DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 EXECUTION_HEADER = "X-Wfd-Execution-Id"
 CATCH_ROUTE = r"/teams/{team}/{name}/{runtime:python3\.\d+}/{key}"
+# Bodies from this size on are parsed in a thread, so the event loop keeps
+# answering other requests: 10 MiB of urlencoded form takes ~2 s to parse.
+PARSE_IN_THREAD_BYTES = 256 * 1024
+# Large bodies parsed at once. As Python objects a body costs 5x (JSON) to 20x
+# (a form of tiny fields) its size, so this bounds that memory; and the
+# event loop keeps most of the GIL against one busy thread.
+PARSE_THREADS = 1
 # Compared against when a workflow is unknown, so both paths do the same work.
 _NO_KEY = ids.catch_key()
 
@@ -72,32 +87,87 @@ def json_fields(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"body": value}
 
 
-async def body_fields(request: web.Request, content_type: str) -> dict[str, Any]:
-    """The body's fields, read within the app's size limit.
+class PayloadTooLarge(Exception):
+    """The body passed `max_body_mb` while being read (HTTP 413)."""
 
-    aiohttp stops reading with HTTPRequestEntityTooLarge as soon as the body
-    passes `client_max_size`, so an oversized body is never held whole.
+
+async def read_body(request: web.Request, content_type: str, limit: int,
+                    whole: bool) -> bytearray | MultiDictProxy[Any]:
+    """The raw body (a parsed form for multipart), read no further than `limit` bytes.
+
+    Read chunk by chunk rather than with `request.read()`, which would keep a
+    second copy of the body alive for as long as the request lives. `whole`:
+    the raw bytes even of a multipart body (a signature covers them).
     """
-    if content_type == "multipart/form-data":
+    if content_type == "multipart/form-data" and not whole:
         try:
-            form = await request.post()
+            return await request.post()  # streams files to temporary files
         except web.HTTPRequestEntityTooLarge:
-            raise
-        except Exception as exc:
+            raise PayloadTooLarge from None
+        except (ValueError, AssertionError, UnicodeDecodeError) as exc:
             raise BadRequest(f"malformed multipart body: {exc}") from None
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge
+    return body
+
+
+def request_json(fields: dict[str, Any], content_type: str,
+                 body: bytearray | MultiDictProxy[Any] | dict[str, Any],
+                 charset: str | None) -> bytes:
+    """`_request` as the JSON the child reads: `fields`, then the body's.
+
+    Serialized as soon as it is parsed so that what waits for a slot is one
+    compact copy, not Python objects 5 to 20 times the body's size (nothing
+    may keep a reference to them). CPU-bound: the caller runs it in a thread
+    for a large body. `body` may be fields parsed already (signed multipart).
+    """
+    parsed = body if isinstance(body, dict) else parse_body(content_type, body, charset)
+    request = {**fields, **parsed}
+    try:
+        return orjson.dumps(request)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise BadRequest(f"body cannot be handed to the workflow: {exc}") from None
+
+
+def parse_body(content_type: str, body: bytearray | MultiDictProxy[Any],
+               charset: str | None) -> dict[str, Any]:
+    """The body's fields (SPEC 2): a JSON object's keys, form fields, files."""
+    if isinstance(body, MultiDictProxy):
         return _grouped([(name, _file_field(value) if isinstance(value, web.FileField)
-                          else value) for name, value in form.items()])
-    body = await request.read()
+                          else value) for name, value in body.items()])
     if content_type == "application/json":
         try:
             return json_fields(orjson.loads(body))
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"malformed JSON body: {exc}") from None
     try:
-        text = body.decode(request.charset or "utf-8")
+        text = body.decode(charset or "utf-8")
         return _grouped(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text)))
     except (UnicodeDecodeError, LookupError, ValueError) as exc:
         raise BadRequest(f"malformed form body: {exc}") from None
+
+
+async def _multipart_from_bytes(request: web.Request, raw: bytes) -> dict[str, Any]:
+    """The fields of a multipart body read earlier, as `request.post()` would give them."""
+    stream = StreamReader(request.protocol, limit=len(raw) + 1, loop=asyncio.get_running_loop())
+    stream.feed_data(raw)
+    stream.feed_eof()
+    pairs: list[tuple[str, Any]] = []
+    async for part in MultipartReader(request.headers, stream):
+        if not isinstance(part, BodyPartReader) or part.name is None:
+            raise ValueError("nested or unnamed multipart part")
+        content = bytes(await part.read(decode=True))
+        if part.filename:
+            pairs.append((part.name, {
+                "filename": part.filename,
+                "content_type": part.headers.get("Content-Type", "application/octet-stream"),
+                "size": len(content), "content": base64.b64encode(content).decode()}))
+        else:
+            pairs.append((part.name, content.decode(part.get_charset(default="utf-8"))))
+    return _grouped(pairs)
 
 
 def _file_field(field: web.FileField) -> dict[str, Any]:
@@ -141,18 +211,34 @@ def workflow_reply(response: WorkflowResponse, execution_id: str) -> web.Respons
 
 
 class CatchHandler:
-    """Answers `POST /teams/{team}/{name}/python3.{minor}/{key}`."""
+    """Answers `POST /teams/{team}/{name}/python3.{minor}/{key}`.
 
-    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+    After the cheap refusals (405, 404, 415, 413 by Content-Length), the
+    body's declared size is held against the pending-bytes budget (503 past
+    it) and the body is read within `body_timeout_s` (408 and close past
+    it), holding no execution slot. It is then parsed, in a thread when
+    large, and only then does the execution queue for a slot.
+    """
+
+    def __init__(self, store: Store, dispatcher: Dispatcher, metrics: Metrics,
+                 deliveries: Deliveries) -> None:
         self.store = store
         self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.deliveries = deliveries
+        self.idempotency = Idempotency(store)
+        self._parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="wfd-parse")
 
     @property
     def config(self) -> Config:
         """The dispatcher's, so that a SIGHUP reload reaches the catch routes too."""
         return self.dispatcher.config
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    def close(self) -> None:
+        """Stop the parsing threads (the listener is closed)."""
+        self._parsers.shutdown(wait=False, cancel_futures=True)
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
         execution_id = ids.execution_id()
         if request.method != "POST":
             return json_reply(405, "method_not_allowed", execution_id, {"Allow": "POST"})
@@ -166,29 +252,132 @@ class CatchHandler:
         content_type = self._content_type(request)
         if content_type not in ACCEPTED_TYPES:
             return json_reply(415, "unsupported_media_type", execution_id)
-        if (request.content_length or 0) > self.config.max_body_bytes:
-            return json_reply(413, "payload_too_large", execution_id)
+        limit = self.config.max_body_bytes
+        declared = request.content_length
+        # Refused before the body is read: closing then spares the daemon
+        # reading and discarding what is left of it (aiohttp's lingering).
+        if (declared or 0) > limit:
+            return await send_and_close(request, json_reply(413, "payload_too_large",
+                                                            execution_id))
         try:
-            reservation = self.dispatcher.reserve(workflow)
-        except Overloaded:
-            logs.event("overloaded", workflow=workflow.name, id=execution_id)
-            return json_reply(503, "overloaded", execution_id, {"Retry-After": "1"})
+            # A body without Content-Length (chunked) may be as large as the limit.
+            hold = self.dispatcher.hold_body(limit if declared is None else declared)
+        except Overloaded as exc:
+            return await send_and_close(request, self._overloaded(workflow, execution_id, exc))
         try:
+            return await self._admit(request, workflow, content_type, hold, execution_id)
+        finally:
+            hold.release()
+
+    async def _admit(self, request: web.Request, workflow: Workflow, content_type: str,
+                     hold: BodyHold, execution_id: str) -> web.StreamResponse:
+        """Read, check and parse the body, then queue for a slot and deliver."""
+        policy = await self.store.delivery_policy(workflow.name)
+        whole = policy.scheme in signatures.SIGNS_BODY
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                body: bytearray | MultiDictProxy[Any] | dict[str, Any] = await read_body(
+                    request, content_type, self.config.max_body_bytes, whole)
+            raw = bytes(body) if whole and isinstance(body, bytearray) else None
+            if policy.scheme and not self._signed(workflow, policy.scheme, policy.secret,
+                                                  request, raw, execution_id):
+                return json_reply(401, "invalid_signature", execution_id)
+            key = idempotency.request_key(request.headers, policy.scheme)
+            if content_type == "multipart/form-data" and raw is not None:
+                try:
+                    body = await _multipart_from_bytes(request, raw)
+                except Exception as exc:
+                    raise BadRequest(f"malformed multipart body: {exc}") from None
+            del raw
             fields = header_fields(request.raw_headers)
             fields.update(self._query(request))
-            fields.update(await body_fields(request, content_type))
-        except web.HTTPRequestEntityTooLarge:
-            reservation.cancel()
-            return json_reply(413, "payload_too_large", execution_id)
-        except BadRequest:
-            reservation.cancel()
+            work = functools.partial(request_json, fields, content_type, body, request.charset)
+            if (request.content_length or PARSE_IN_THREAD_BYTES) >= PARSE_IN_THREAD_BYTES:
+                serialized = await asyncio.get_running_loop().run_in_executor(
+                    self._parsers, work)
+            else:
+                serialized = work()
+        except TimeoutError:
+            self.metrics.client_timeout("body")
+            return await send_and_close(request, json_reply(408, "request_timeout",
+                                                            execution_id))
+        except PayloadTooLarge:
+            return await send_and_close(request, json_reply(413, "payload_too_large",
+                                                            execution_id))
+        except (BadRequest, idempotency.BadKey):
             return json_reply(400, "bad_request", execution_id)
-        except BaseException:
+        except ConnectionError:  # the client went away mid-body: nobody to answer
+            return json_reply(400, "bad_request", execution_id)
+        del work, body  # only the serialized copy waits
+        hold.resize(len(serialized))
+        request_fields = orjson.Fragment(serialized)
+        try:
+            reservation = self.dispatcher.reserve(workflow, body=hold)
+        except Overloaded as exc:
+            return self._overloaded(workflow, execution_id, exc)
+        run_async = policy.async_ or prefers_async(request.headers)
+        if key is not None:
+            return await self._once(key, workflow, policy, request_fields, reservation,
+                                    execution_id, run_async)
+        return (await self._deliver(workflow, policy, request_fields, reservation,
+                                    execution_id, run_async))[0]
+
+    @staticmethod
+    def _overloaded(workflow: Workflow, execution_id: str, exc: Overloaded) -> web.Response:
+        logs.event("overloaded", workflow=workflow.name, id=execution_id, reason=str(exc))
+        return json_reply(503, "overloaded", execution_id, {"Retry-After": "1"})
+
+    async def _once(self, key: str, workflow: Workflow, policy: DeliveryPolicy,
+                    fields: RequestFields, reservation: Reservation, execution_id: str,
+                    run_async: bool) -> web.Response:
+        """A request with an idempotency key: the first response again, or deliver it."""
+        async with self.idempotency.hold(workflow.name, key, execution_id) as slot:
+            if slot.first is not None:
+                reservation.cancel()
+                return idempotency.replayed(slot.first)
+            response, status = await self._deliver(workflow, policy, fields, reservation,
+                                                   execution_id, run_async, key)
+            if status not in ("accepted", "interrupted"):
+                slot.answer = idempotency.stored(response)
+            return response
+
+    async def _deliver(self, workflow: Workflow, policy: DeliveryPolicy, fields: RequestFields,
+                       reservation: Reservation, execution_id: str, run_async: bool,
+                       key: str | None = None) -> tuple[web.Response, str]:
+        """Run the request now, or queue it durably and answer 202; the reply and a status.
+
+        The 202 of an async request with an idempotency key is stored with
+        the delivery, in the commit that makes the delivery durable.
+        """
+        if run_async:
             reservation.cancel()
-            raise
-        executed = await self.dispatcher.execute(workflow, Trigger.CATCH, fields, reservation,
-                                                 execution_id)
-        return reply(executed.record.status, executed.response, execution_id)
+            response = json_reply(202, "accepted", execution_id,
+                                  {"Preference-Applied": "respond-async"})
+            await self.deliveries.accept(workflow, fields, execution_id, key,
+                                         idempotency.stored(response) if key else None)
+            return response, "accepted"
+        executed = await self.deliveries.run(workflow, policy, Trigger.CATCH, fields,
+                                             reservation, execution_id)
+        return reply(executed.record.status, executed.response, execution_id), \
+            executed.record.status
+
+    def _signed(self, workflow: Workflow, scheme: str, secret: str | None,
+                request: web.Request, raw: bytes | None, execution_id: str) -> bool:
+        """Whether the request passes the workflow's signature check; counts and logs if not.
+
+        A scheme without a secret (imported without `--with-secrets`) refuses
+        everything until `wfd ctl verify` gives it one.
+        """
+        try:
+            if not secret:
+                raise signatures.InvalidSignature("no secret is set: run wfd ctl verify")
+            signatures.verify(scheme, secret, request.headers, raw or b"", time.time())
+        except signatures.InvalidSignature as exc:
+            self.metrics.signature_rejected(workflow.name, scheme)
+            logs.event("invalid-signature", workflow=workflow.name, scheme=scheme,
+                       id=execution_id, reason=str(exc))
+            return False
+        return True
 
     @staticmethod
     def _content_type(request: web.Request) -> str:
@@ -200,6 +389,30 @@ class CatchHandler:
         query = request.query
         return {name: values[0] if len(values) == 1 else values
                 for name in query for values in [query.getall(name)]}
+
+
+async def send_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response`, then close the connection: the rest of the body is not awaited.
+
+    aiohttp would otherwise keep reading what is left of the body, up to its
+    lingering time (10 s), before closing: under a flood of refused 10 MiB
+    bodies that reading costs more than everything else. A client that reads
+    the answer while it sends (curl, aiohttp) sees it; one that only reads
+    once its body is sent may see the connection reset instead, which means
+    the same: try again later.
+    """
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
+    return response
+
+
+def prefers_async(headers: CIMultiDictProxy[str]) -> bool:
+    """`Prefer: respond-async` (RFC 7240), among other preferences or not."""
+    return any(token.split(";", 1)[0].strip().lower() == "respond-async"
+               for value in headers.getall("Prefer", []) for token in value.split(","))
 
 
 def reply(status: Status, response: WorkflowResponse | None, execution_id: str

@@ -21,6 +21,9 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--isolation", choices=("strict", "best-effort", "none"),
                         help="sandbox executions (default strict; docs/isolation.md)")
+    parser.add_argument("--no-require-cgroups", dest="require_cgroups", action="store_const",
+                        const=False, help="let strict start without a cgroup per execution "
+                        "(rlimits only for memory and processes)")
     args = parser.parse_args(argv)
 
     import functools
@@ -33,7 +36,7 @@ def serve_main(argv: list[str]) -> int:
         config_module.load, args.config, data_dir=args.data_dir, listen=args.listen,
         admin_listen=args.admin_listen, public_url=args.public_url, team=args.team,
         socket=args.socket, log_format=args.log_format, log_level=args.log_level,
-        isolation=args.isolation)
+        isolation=args.isolation, require_cgroups=args.require_cgroups)
     try:
         config = loader()
     except config_module.ConfigError as exc:

@@ -9,20 +9,21 @@ that transaction commits, so an acknowledged change survives a crash.
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from wfd import domain, ids, logs
-from wfd.admission import Admission, Overloaded, Reservation
+from wfd.admission import Admission, BodyHold, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
 from wfd.environments import BuildError, Environments
 from wfd.executor import Executor, Job, Outcome
 from wfd.files import FilesError, WorkflowFiles
+from wfd.isolation.network import Policy
 from wfd.requirements import top_level_imports
-from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
+from wfd.store import ExecutionRecord, RequestFields, Store, Workflow, utc_iso
 
 
 @dataclass(frozen=True)
@@ -63,27 +64,47 @@ class Dispatcher:
     def limits(self, workflow: Workflow) -> Limits:
         return self.config.limits.merged(workflow.limits)
 
-    def reserve(self, workflow: Workflow, bounded: bool = True) -> Reservation:
+    def network(self, workflow: Workflow | None = None) -> Policy:
+        """Where its executions may connect: the daemon's allowances and the workflow's own."""
+        return Policy.of(*self.config.network.allow, *(workflow.allow_net if workflow else ()))
+
+    def hold_body(self, size: int) -> BodyHold:
+        """Count a request body about to be read; raises Overloaded past the budget or stopping."""
+        if self.draining:
+            raise Overloaded("the daemon is stopping")
+        return self.admission.hold_body(size)
+
+    def reserve(self, workflow: Workflow, bounded: bool = True,
+                body: BodyHold | None = None) -> Reservation:
         """Queue an execution of `workflow`; raises Overloaded when full or stopping."""
         if self.draining:
             raise Overloaded("the daemon is stopping")
-        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded)
+        return self.admission.reserve(workflow.name, self.limits(workflow).concurrency, bounded,
+                                      body)
 
     async def execute(self, workflow: Workflow, trigger: Trigger,
-                      request: dict[str, Any] | None = None,
+                      request: RequestFields | None = None,
                       reservation: Reservation | None = None,
-                      execution_id: str | None = None) -> Executed:
-        """Run `workflow` once and store what happened."""
+                      execution_id: str | None = None,
+                      lineage: dict[str, Any] | None = None,
+                      on_start: Callable[[], Awaitable[None]] | None = None) -> Executed:
+        """Run `workflow` once and store what happened.
+
+        `lineage` is copied into the record: an async delivery's `attempt` and
+        `first_attempt_id`, a replay's `replay_of`, the stored `request_id`.
+        `on_start` is awaited once the execution holds its slot, before it
+        starts (an async delivery is marked running then, not while it waits).
+        """
         reservation = reservation or self.reserve(workflow)
         limits = self.limits(workflow)
         job = Job(execution_id=execution_id or ids.execution_id(), name=workflow.name,
                   kind=workflow.kind, version=workflow.version, code=workflow.code,
                   limits=limits, settings=workflow.settings,
                   request=request if workflow.kind == Kind.CATCH else None,
-                  response_bytes=self.config.max_body_bytes, env=workflow.env,
-                  preload=self._preload(workflow))
-        task = asyncio.create_task(self._execute(job, trigger, reservation,
-                                                 workflow.environment))
+                  response_bytes=self.config.max_body_bytes, network=self.network(workflow),
+                  env=workflow.env, preload=self._preload(workflow))
+        task = asyncio.create_task(self._execute(job, trigger, reservation, lineage or {},
+                                                 on_start, workflow.environment))
         self._inflight.add(task)
         self._interruptible.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -102,10 +123,14 @@ class Dispatcher:
         return self._preloads[key]
 
     async def _execute(self, job: Job, trigger: Trigger, reservation: Reservation,
+                       lineage: dict[str, Any],
+                       on_start: Callable[[], Awaitable[None]] | None,
                        environment: dict[str, Any] | None = None) -> Executed:
         started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
         try:
             async with reservation:
+                if on_start is not None:
+                    await on_start()
                 started_at, started = datetime.now(UTC), time.perf_counter()
                 outcome = await self._run(job, environment)
         except asyncio.CancelledError:
@@ -120,7 +145,7 @@ class Dispatcher:
         record = await self.store.finish(job.name, outcome.settings_change, job.settings,
                                          job.limits.settings_kb * 1024,
                                          functools.partial(_record, job, trigger, started_at,
-                                                           outcome))
+                                                           outcome, lineage))
         logs.event("execution", id=record.id, workflow=record.workflow,
                    version=record.version, trigger=trigger, status=record.status,
                    duration_ms=round(record.duration_ms, 1), http=record.http_status)
@@ -175,12 +200,19 @@ class Dispatcher:
         return interrupted
 
     async def check(self, name: str, kind: Kind, code: str, limits: Limits,
+                    allow_net: list[str] | None = None,
                     env: dict[str, str] | None = None,
                     environment: dict[str, Any] | None = None,
                     preload: tuple[str, ...] = ()) -> str | None:
-        """Deploy-time check of new code in a child; the problem, or None if fine."""
+        """Deploy-time check of new code in a child; the problem, or None if fine.
+
+        It runs under the workflow's egress policy and in its environment, so
+        a zygote for that pair is on its way before the first execution.
+        """
+        network = Policy.of(*self.config.network.allow, *(allow_net or ()))
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
-                  code=code, limits=limits, mode="check", env=env or {}, preload=preload)
+                  code=code, limits=limits, mode="check", network=network, env=env or {},
+                  preload=preload)
         started = time.perf_counter()
         outcome = await self._run(job, environment)
         if outcome.status == Status.SUCCESS:
@@ -191,7 +223,7 @@ class Dispatcher:
 
 
 def _record(job: Job, trigger: Trigger, started_at: datetime, outcome: Outcome,
-            refused: str | None = None) -> ExecutionRecord:
+            lineage: dict[str, Any], refused: str | None = None) -> ExecutionRecord:
     """The execution's record; `refused` says why the store refused its settings change.
 
     A refused change fails the execution: nothing it changed was kept, and a
@@ -206,4 +238,4 @@ def _record(job: Job, trigger: Trigger, started_at: datetime, outcome: Outcome,
         status=outcome.status, started_at=utc_iso(started_at),
         duration_ms=outcome.duration_ms, http_status=http_status, error=outcome.error,
         traceback=outcome.traceback, output=outcome.output,
-        output_truncated=outcome.output_truncated)
+        output_truncated=outcome.output_truncated, **lineage)

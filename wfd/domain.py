@@ -18,11 +18,12 @@ class Kind(StrEnum):
 
 
 class Trigger(StrEnum):
-    """What started one execution: `manual` is `wfd ctl run`."""
+    """What started one execution: `manual` is `wfd ctl run`, `replay` `wfd ctl replay`."""
 
     CATCH = "catch"
     PULL = "pull"
     MANUAL = "manual"
+    REPLAY = "replay"
 
 
 class Status(StrEnum):

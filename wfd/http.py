@@ -9,6 +9,8 @@ from aiohttp.typedefs import Handler, Middleware
 from wfd import metrics as metrics_module
 from wfd.catch import CATCH_ROUTE, CatchHandler
 from wfd.config import Config
+from wfd.connections import ConnectionGuard
+from wfd.delivery import Deliveries
 from wfd.dispatch import Dispatcher
 from wfd.metrics import Metrics
 from wfd.store import Store
@@ -50,14 +52,25 @@ def counted(metrics: Metrics) -> Middleware:
 
 
 def catch_app(config: Config, store: Store, dispatcher: Dispatcher,
-              health: Health, metrics: Metrics) -> web.Application:
-    """The public listener: catch routes, plus /healthz and /metrics unless on admin_listen."""
+              health: Health, metrics: Metrics, deliveries: Deliveries,
+              guard: ConnectionGuard) -> web.Application:
+    """The public listener: catch routes, plus /healthz and /metrics unless on admin_listen.
+
+    Serve it on a `GuardedSite` with the same `guard`: its middleware tells
+    the guard when a request's headers are complete.
+    """
     app = web.Application(client_max_size=config.max_body_bytes,
-                          middlewares=[counted(metrics)])
-    app.router.add_route("*", CATCH_ROUTE, CatchHandler(store, dispatcher), name="catch")
+                          middlewares=[guard.middleware, counted(metrics)])
+    catch = CatchHandler(store, dispatcher, metrics, deliveries)
+    app.router.add_route("*", CATCH_ROUTE, catch, name="catch")
+    app.on_cleanup.append(lambda _: _closed(catch))
     if not config.admin_listen:
         add_admin_routes(app, health, metrics)
     return app
+
+
+async def _closed(catch: CatchHandler) -> None:
+    catch.close()
 
 
 def add_admin_routes(app: web.Application, health: Health,

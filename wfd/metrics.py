@@ -50,14 +50,61 @@ class Metrics:
         self.skipped_ticks = Counter(
             "wfd_skipped_ticks", "Pull ticks skipped because the previous run was still going.",
             ["workflow"], registry=registry)
+        self.invalid_signatures = Counter(
+            "wfd_invalid_signatures", "Catch requests refused (401) for a missing or bad "
+            "signature, by workflow and scheme.", ["workflow", "scheme"], registry=registry)
+        self.deliveries = Counter(
+            "wfd_deliveries", "Async deliveries by what happened to them: accepted, retried "
+            "(an attempt failed, another is queued), done, dead (no attempt left).",
+            ["workflow", "state"], registry=registry)
+        self.delivery_queue = Gauge(
+            "wfd_delivery_queue_depth", "Async deliveries due and waiting to run.",
+            registry=registry)
+        self.delivery_oldest = Gauge(
+            "wfd_delivery_oldest_age_seconds", "How long the async delivery that has waited "
+            "longest since it fell due has waited (0 when none waits).", registry=registry)
         self.http_requests = Counter(
             "wfd_http_requests", "HTTP responses sent, by route and status code.",
             ["route", "code"], registry=registry)
+        # Hostile clients (SPEC 8).
+        self.open_connections = Gauge(
+            "wfd_open_connections", "Connections open on the catch listener.",
+            registry=registry)
+        self.connections_refused = Counter(
+            "wfd_connections_refused", "Connections refused (503) past max_connections.",
+            registry=registry)
+        self.client_timeouts = Counter(
+            "wfd_client_timeouts", "Requests answered 408: headers past header_timeout_s, "
+            "or a body past body_timeout_s.", ["phase"], registry=registry)
+        self.pending_body_bytes = Gauge(
+            "wfd_pending_body_bytes", "Bytes of request bodies being read or waiting for a "
+            "slot (bounded by max_pending_mb).", registry=registry)
 
     def watch_admission(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
         """Read queue depth and running children at scrape time, never stale."""
         self.queue_depth.set_function(waiting)
         self.running.set_function(running)
+
+    def watch_clients(self, open_connections: Callable[[], float],
+                      pending_body_bytes: Callable[[], float]) -> None:
+        """Read open connections and pending body bytes at scrape time."""
+        self.open_connections.set_function(open_connections)
+        self.pending_body_bytes.set_function(pending_body_bytes)
+
+    def connection_refused(self) -> None:
+        self.connections_refused.inc()
+
+    def client_timeout(self, phase: str) -> None:
+        """A client too slow with its headers ("header") or its body ("body")."""
+        self.client_timeouts.labels(phase).inc()
+
+    def watch_deliveries(self, depth: Callable[[], tuple[int, float]]) -> None:
+        """Read the delivery queue's depth and oldest age at scrape time."""
+        self.delivery_queue.set_function(lambda: depth()[0])
+        self.delivery_oldest.set_function(lambda: depth()[1])
+
+    def delivery(self, workflow: str, state: str) -> None:
+        self.deliveries.labels(workflow, state).inc()
 
     def execution_finished(self, workflow: str, status: str, duration_s: float) -> None:
         self.executions.labels(workflow, status).inc()
@@ -70,6 +117,9 @@ class Metrics:
     def tick_skipped(self, workflow: str) -> None:
         """Called by the scheduler for a tick skipped because a run was still going."""
         self.skipped_ticks.labels(workflow).inc()
+
+    def signature_rejected(self, workflow: str, scheme: str) -> None:
+        self.invalid_signatures.labels(workflow, scheme).inc()
 
     def http_response(self, route: str, code: int) -> None:
         self.http_requests.labels(route, str(code)).inc()

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from wfd import logs
+from wfd import idempotency, logs
 from wfd.config import Retention
 from wfd.store import ExecutionRecord, Store, utc_iso
 
@@ -76,9 +76,13 @@ class Pruner:
                                                          self.batch):
             deleted += batch
             await asyncio.sleep(0)
-        if deleted:
+        # Stored requests and finished deliveries go with the last record that needs them.
+        delivery = await self.store.prune_delivery(
+            utc_iso((now or datetime.now(UTC)) - idempotency.WINDOW))
+        if deleted or delivery:
             reclaimed = await self._reclaim()
-            logs.event("pruned", executions=deleted, bytes_reclaimed=reclaimed)
+            logs.event("pruned", executions=deleted, delivery_rows=delivery,
+                       bytes_reclaimed=reclaimed)
         return deleted
 
     async def _reclaim(self) -> int:

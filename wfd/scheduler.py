@@ -105,11 +105,12 @@ class Scheduler:
             await self.store.set_next_due(name, utc_iso(due))
         self.timers.set(name, due)
 
-    async def run_now(self, workflow: Workflow) -> Executed:
-        """A manual run (`wfd ctl run`): refused while a run is in progress."""
+    async def run_now(self, workflow: Workflow, trigger: Trigger = Trigger.MANUAL,
+                      lineage: dict[str, Any] | None = None) -> Executed:
+        """A manual run (`wfd ctl run`, `replay`): refused while a run is in progress."""
         if workflow.name in self._running:
             raise Busy(f"{workflow.name} has a run in progress; pull runs never overlap")
-        return await self._execute(workflow, Trigger.MANUAL)
+        return await self._execute(workflow, trigger, lineage)
 
     def _fire(self, name: str, due: datetime) -> None:
         """Called by the timer loop: queue the tick; never block the loop.
@@ -158,11 +159,13 @@ class Scheduler:
                 # the count is never written after the store is closed.
                 await self.store.add_skipped(workflow.name, 1)
 
-    async def _execute(self, workflow: Workflow, trigger: Trigger) -> Executed:
+    async def _execute(self, workflow: Workflow, trigger: Trigger,
+                       lineage: dict[str, Any] | None = None) -> Executed:
         skipped = self._running[workflow.name] = []
         try:
             reservation = self.dispatcher.reserve(workflow, bounded=False)
-            return await self.dispatcher.execute(workflow, trigger, reservation=reservation)
+            return await self.dispatcher.execute(workflow, trigger, reservation=reservation,
+                                                 lineage=lineage)
         finally:
             del self._running[workflow.name]
             if skipped:

@@ -26,12 +26,14 @@ from aiohttp import web
 from wfd import http, logs, sdnotify
 from wfd.admission import Admission
 from wfd.config import Config, ConfigError, split_host_port
+from wfd.connections import ConnectionGuard, GuardedSite
 from wfd.control.handlers import Commands
 from wfd.control.server import ControlServer
+from wfd.delivery import Deliveries
 from wfd.dispatch import Dispatcher
 from wfd.environments import Environments, prune_environments
-from wfd.executor import ZygoteExecutor, make_executor
-from wfd.executor.envs import EnvironmentExecutors
+from wfd.executor import make_executor
+from wfd.executor.router import ExecutorRouter
 from wfd.files import WorkflowFiles, private_mounts
 from wfd.isolation import selftest
 from wfd.isolation.layers import Isolation, IsolationError
@@ -44,7 +46,8 @@ from wfd.store import ExecutionRecord, Store, StoreError
 # semaphores or the kind of executor. A changed value is logged as needing a
 # restart and ignored.
 RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
-                "max_body_mb", "global_concurrency", "executor")
+                "max_body_mb", "global_concurrency", "executor", "network", "require_cgroups",
+                "keepalive_s")
 # After the drain, how long the listeners give handlers to send their responses.
 RESPONSE_FLUSH_S = 5.0
 ENV_PRUNE_INTERVAL_S = 3600.0
@@ -67,19 +70,23 @@ class Daemon:
         self.self_test: dict[str, selftest.Check] = {}
         self.store = Store(config.db_path)
         self.environments = Environments(config.envs_root, isolation, config.envs_cache)
-        self.executor = EnvironmentExecutors(
-            make_executor(config, isolation), isolation, self.environments,
-            lambda around, preload: make_executor(self.config, around, preload), config)
-        self.admission = Admission(config.concurrency, config.queue_max)
+        self.executor = ExecutorRouter(config, isolation, self.environments, make_executor)
+        self.admission = Admission(config.concurrency, config.queue_max,
+                                   config.max_pending_bytes)
         self.metrics = Metrics()
         self.metrics.watch_admission(lambda: self.admission.waiting,
                                      lambda: self.admission.running)
+        self.guard = ConnectionGuard(lambda: self.config, self.metrics)
+        self.metrics.watch_clients(lambda: self.guard.open,
+                                   lambda: self.admission.pending_bytes)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission,
                                      self.files, self.environments)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
+        self.deliveries = Deliveries(self.store, self.dispatcher, self.metrics)
+        self.metrics.watch_deliveries(self.deliveries.depth)
         self.pruner = Pruner(self.store, lambda: self.config.retention)
         self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,
-                                 self.status)
+                                 self.status, self.deliveries)
         self.dispatcher.listeners += [self._count, self.pruner.note, self.commands.publish]
         self.control = ControlServer(config.socket_path, self.commands.table(),
                                      config.socket_group)
@@ -117,6 +124,9 @@ class Daemon:
             "running": self.admission.running,
             "waiting": self.admission.waiting,
             "concurrency": self.admission.concurrency,
+            "connections": self.guard.open,
+            "max_connections": config.connection_limit,
+            "pending_body_bytes": self.admission.pending_bytes,
             "workflow_files": self.files.describe(),
             **executor,
             "isolation": {"mode": self.isolation.mode,
@@ -139,9 +149,10 @@ class Daemon:
         await self.check_isolation()
         await self.control.start()
         await self.scheduler.start()
+        await self.deliveries.start()
         catch_app = http.catch_app(self.config, self.store, self.dispatcher, self.health,
-                                   self.metrics)
-        await self._listen(catch_app, self.config.listen)
+                                   self.metrics, self.deliveries, self.guard)
+        await self._listen(catch_app, self.config.listen, self.guard)
         if self.config.admin_listen:
             await self._listen(http.admin_app(self.health, self.metrics),
                                self.config.admin_listen)
@@ -166,13 +177,19 @@ class Daemon:
         logs.event("isolation-self-test-failed", level=logging.ERROR, mode=self.isolation.mode,
                    serving="anyway", failed=detail)
 
-    async def _listen(self, app: web.Application, address: str) -> None:
+    async def _listen(self, app: web.Application, address: str,
+                      guard: ConnectionGuard | None = None) -> None:
+        """Serve `app` on `address`; with `guard`, bounded connections and header deadline."""
         host, port = split_host_port(address)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=RESPONSE_FLUSH_S)
+                               shutdown_timeout=RESPONSE_FLUSH_S,
+                               keepalive_timeout=self.config.keepalive_s)
         await runner.setup()
         self._runners.append(runner)
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        if guard is None:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        else:
+            await GuardedSite(runner, host, port, guard, reuse_address=True).start()
 
     def request_stop(self, signum: int) -> None:
         """Signal handler: only records the request; the loop does the work."""
@@ -224,7 +241,9 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._stop_accepting()
         await self.scheduler.close()
+        self.deliveries.stop_taking()
         interrupted = await self.dispatcher.drain(self.config.grace_s)
+        await self.deliveries.close()
         self.commands.end_streams()
         await self.control.close()
         for runner in reversed(self._runners):
@@ -272,10 +291,8 @@ class Daemon:
         self.dispatcher.config = config  # limits, and the catch routes' team
         self.commands.config = config
         self.admission.queue_max = config.queue_max
-        self.executor.config = config  # env_idle_s, max_zygotes
-        if isinstance(self.executor.default, ZygoteExecutor):  # restarts it if they changed
-            self.executor.default.configure(config.preload, config.spares_min,
-                                            config.spares_max)
+        self.admission.max_pending_bytes = config.max_pending_bytes
+        self.executor.configure(config)  # idle and LRU bounds; restarts zygotes if changed
         logs.setup(config.log_format, config.log_level)
         self.pruner.wake()
 
@@ -287,7 +304,9 @@ def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
         # Before the loop: detection may move this process between cgroups,
         # which must happen before any thread (aiosqlite) exists.
         files = WorkflowFiles(config.files_root, private_mounts(config.files_root))
-        daemon = Daemon(config, Isolation.detect(config.isolation), loader, files)
+        isolation = Isolation.detect(config.isolation, resolv_conf=config.network.resolv_conf,
+                                     require_cgroups=config.require_cgroups)
+        daemon = Daemon(config, isolation, loader, files)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
     except (ConfigError, OSError, IsolationError) as exc:

@@ -11,6 +11,7 @@ power loss can take back the last few commits.
 """
 
 import asyncio
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -70,6 +71,55 @@ MIGRATIONS = [
     """
     CREATE INDEX executions_by_started ON executions (started_at);
     """,
+    # delivery (SPEC 11): signatures, the durable queue of async deliveries,
+    # stored requests for replay, idempotency keys, and each record's lineage.
+    """
+    CREATE TABLE delivery_policies (
+        workflow TEXT PRIMARY KEY REFERENCES workflows (name) ON DELETE CASCADE,
+        policy TEXT NOT NULL DEFAULT '{}',
+        scheme TEXT,
+        secret TEXT
+    );
+    CREATE TABLE requests (
+        id TEXT PRIMARY KEY,
+        workflow TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX requests_by_created ON requests (created_at);
+    CREATE TABLE deliveries (
+        id TEXT PRIMARY KEY,
+        workflow TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'dead')),
+        attempt INTEGER NOT NULL,
+        attempt_id TEXT NOT NULL,
+        due_at TEXT NOT NULL,
+        accepted_at TEXT NOT NULL,
+        last_status TEXT
+    );
+    CREATE INDEX deliveries_by_state ON deliveries (state, workflow);
+    CREATE TABLE idempotency (
+        workflow TEXT NOT NULL,
+        key TEXT NOT NULL,
+        execution_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        status INTEGER,
+        headers TEXT,
+        body BLOB,
+        PRIMARY KEY (workflow, key)
+    );
+    CREATE INDEX idempotency_by_created ON idempotency (created_at);
+    ALTER TABLE executions ADD COLUMN attempt INTEGER;
+    ALTER TABLE executions ADD COLUMN first_attempt_id TEXT;
+    ALTER TABLE executions ADD COLUMN replay_of TEXT;
+    ALTER TABLE executions ADD COLUMN request_id TEXT;
+    CREATE INDEX executions_by_request ON executions (request_id);
+    CREATE INDEX executions_by_first_attempt ON executions (first_attempt_id);
+    """,
+    # network: the workflow's own egress allowances (CIDR[:PORT] strings, JSON list).
+    """
+    ALTER TABLE workflows ADD COLUMN allow_net TEXT NOT NULL DEFAULT '[]';
+    """,
     # environments (SPEC 10): a workflow's environment variables, kept apart
     # from its settings because they are secrets: never shown, never exported
     # unless asked.
@@ -103,6 +153,11 @@ def utc_iso(moment: datetime | None = None) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# A request's fields: a dict, or the JSON the catch handler serialized once
+# (an orjson.Fragment, wfd/catch.py) so a waiting request is one compact copy.
+RequestFields = dict[str, Any] | orjson.Fragment
+
+
 @dataclass(frozen=True)
 class Workflow:
     """A workflow as stored, with its current version's code."""
@@ -120,6 +175,7 @@ class Workflow:
     code: str
     next_due: str | None = None
     skipped: int = 0
+    allow_net: list[str] = field(default_factory=list)
     # Environment variables: secrets, so out of repr (and of public()).
     env: dict[str, str] = field(default_factory=dict, repr=False)
     # The current version's declared packages and resolved environment (None:
@@ -140,6 +196,7 @@ class Workflow:
             "updated_at": self.updated_at,
             "next_due": self.next_due,
             "skipped": self.skipped,
+            "allow_net": self.allow_net,
             "requirements": self.requirements,
             "environment": self.environment and self.environment["hash"],
         }
@@ -161,6 +218,14 @@ class ExecutionRecord:
     traceback: str | None = None
     output: str = ""
     output_truncated: bool = False
+    # Delivery lineage (SPEC 11): the attempt of an async delivery and its
+    # first attempt's id, the execution a replay re-ran, the stored request.
+    attempt: int | None = None
+    first_attempt_id: str | None = None
+    replay_of: str | None = None
+    request_id: str | None = None
+    # Read, never written: the state of the delivery this attempt belongs to.
+    delivery: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """The record without its (possibly large) output and traceback."""
@@ -174,15 +239,66 @@ class ExecutionRecord:
             "duration_ms": round(self.duration_ms, 3),
             "http_status": self.http_status,
             "error": self.error,
+            "attempt": self.attempt,
+            "first_attempt_id": self.first_attempt_id,
+            "replay_of": self.replay_of,
+            "delivery": self.delivery,
         }
 
 
-_WORKFLOW_COLUMNS = (
-    "w.name, w.kind, w.enabled, w.version, w.catch_key, w.settings, w.limits, "
-    "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped, "
-    "(SELECT json_group_object(e.key, e.value) FROM workflow_env e WHERE e.workflow = w.name),"
-    " v.requirements, v.environment"
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """How a catch workflow takes deliveries (SPEC 11); defaults until deployed with flags.
+
+    The secret never leaves the daemon except in `export --with-secrets`.
+    """
+
+    async_: bool = False
+    retries: int = 3
+    retry_backoff_s: float = 10.0
+    store_requests: bool = True
+    scheme: str | None = None
+    secret: str | None = field(default=None, repr=False)
+
+    def public(self) -> dict[str, Any]:
+        """What `wfd ctl show` gives: everything but the secret."""
+        return {"async": self.async_, "retries": self.retries,
+                "retry_backoff_s": self.retry_backoff_s,
+                "store_requests": self.store_requests, "verify": self.scheme or "off"}
+
+
+POLICY_KEYS = {"async": "async_", "retries": "retries", "retry_backoff_s": "retry_backoff_s",
+               "store_requests": "store_requests"}
+
+
+def _policy(row: Any) -> DeliveryPolicy:
+    if row is None:
+        return DeliveryPolicy()
+    stored = orjson.loads(row[0])
+    return DeliveryPolicy(**{POLICY_KEYS[k]: v for k, v in stored.items() if k in POLICY_KEYS},
+                          scheme=row[1], secret=row[2])
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An async delivery as the worker takes it from the queue."""
+
+    id: str
+    workflow: str
+    attempt: int
+    request: dict[str, Any]
+
+
+# One entry per column, in the order _workflow reads them.
+_WORKFLOW_FIELDS = (
+    "w.name", "w.kind", "w.enabled", "w.version", "w.catch_key", "w.settings", "w.limits",
+    "w.schedule", "w.created_at", "w.updated_at", "v.code", "w.next_due", "w.skipped",
+    "w.allow_net",
+    "(SELECT json_group_object(e.key, e.value) FROM workflow_env e WHERE e.workflow = w.name)",
+    "v.requirements", "v.environment",
 )
+_WORKFLOW_COLUMNS = ", ".join(_WORKFLOW_FIELDS)
+_WORKFLOW_WIDTH = len(_WORKFLOW_FIELDS)
 _WORKFLOW_SELECT = (
     f"SELECT {_WORKFLOW_COLUMNS} FROM workflows w "
     "JOIN versions v ON v.workflow = w.name AND v.version = w.version"
@@ -190,6 +306,13 @@ _WORKFLOW_SELECT = (
 _EXECUTION_COLUMNS = (
     "id, workflow, version, trigger, status, started_at, duration_ms, http_status, "
     "error, traceback, output, output_truncated"
+)
+_LINEAGE_COLUMNS = "attempt, first_attempt_id, replay_of, request_id"
+# A record with its lineage and the state of its delivery, if it had one.
+_EXECUTION_SELECT = (
+    "SELECT " + ", ".join(f"e.{c.strip()}" for c in _EXECUTION_COLUMNS.split(","))
+    + ", " + ", ".join(f"e.{c.strip()}" for c in _LINEAGE_COLUMNS.split(","))
+    + ", d.state FROM executions e LEFT JOIN deliveries d ON d.id = e.first_attempt_id"
 )
 
 
@@ -208,9 +331,10 @@ def _workflow(row: Any) -> Workflow:
         code=row[10],
         next_due=row[11],
         skipped=row[12],
-        env=orjson.loads(row[13]) if row[13] else {},
-        requirements=orjson.loads(row[14]) if row[14] else None,
-        environment=orjson.loads(row[15]) if row[15] else None,
+        allow_net=orjson.loads(row[13]),
+        env=orjson.loads(row[14]) if row[14] else {},
+        requirements=orjson.loads(row[15]) if row[15] else None,
+        environment=orjson.loads(row[16]) if row[16] else None,
     )
 
 
@@ -218,7 +342,9 @@ def _execution(row: Any) -> ExecutionRecord:
     return ExecutionRecord(
         id=row[0], workflow=row[1], version=row[2], trigger=Trigger(row[3]),
         status=Status(row[4]), started_at=row[5], duration_ms=row[6], http_status=row[7],
-        error=row[8], traceback=row[9], output=row[10], output_truncated=bool(row[11]))
+        error=row[8], traceback=row[9], output=row[10], output_truncated=bool(row[11]),
+        attempt=row[12], first_attempt_id=row[13], replay_of=row[14], request_id=row[15],
+        delivery=row[16])
 
 
 class SettingsTooLarge(StoreError):
@@ -361,11 +487,13 @@ class Store:
 
     async def deploy(self, name: str, kind: Kind, code: str, limits: dict[str, Any],
                      schedule: dict[str, Any] | None, catch_key: str,
+                     allow_net: list[str] | None = None,
                      requirements: dict[str, Any] | None = None,
                      environment: dict[str, Any] | None = None) -> Workflow:
         """Store `code` as the next version of `name`, creating the workflow if new.
 
-        `limits` (the workflow's overrides) and `schedule` are stored as given.
+        `limits` (the workflow's overrides) and `schedule` are stored as given;
+        the network allowances too, or kept as they were when `allow_net` is None.
         `catch_key` is used for a new workflow only.
         """
         now = utc_iso()
@@ -377,9 +505,9 @@ class Store:
                 version = 1
                 await db.execute(
                     "INSERT INTO workflows (name, kind, version, catch_key, limits, schedule,"
-                    " created_at, updated_at) VALUES (?, ?, 1, ?, ?, ?, ?, ?)",
+                    " created_at, updated_at, allow_net) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
                     (name, kind, catch_key, orjson.dumps(limits).decode(),
-                     _json_or_null(schedule), now, now))
+                     _json_or_null(schedule), now, now, orjson.dumps(allow_net or []).decode()))
             else:
                 check_kind(name, row[0], kind)
                 async with db.execute("SELECT max(version) FROM versions WHERE workflow = ?",
@@ -387,10 +515,10 @@ class Store:
                     (latest,) = await cursor.fetchone() or (0,)
                     version = latest + 1
                 await db.execute(
-                    "UPDATE workflows SET version = ?, limits = ?, schedule = ?, updated_at = ?"
-                    " WHERE name = ?",
-                    (version, orjson.dumps(limits).decode(),
-                     _json_or_null(schedule), now, name))
+                    "UPDATE workflows SET version = ?, limits = ?, schedule = ?, updated_at = ?,"
+                    " allow_net = coalesce(?, allow_net) WHERE name = ?",
+                    (version, orjson.dumps(limits).decode(), _json_or_null(schedule), now,
+                     None if allow_net is None else orjson.dumps(allow_net).decode(), name))
             await db.execute(
                 "INSERT INTO versions (workflow, version, code, created_at, requirements,"
                 " environment) VALUES (?, ?, ?, ?, ?, ?)",
@@ -435,6 +563,8 @@ class Store:
             await db.execute("DELETE FROM versions WHERE workflow = ?", (name,))
             await db.execute("DELETE FROM executions WHERE workflow = ?", (name,))
             await db.execute("DELETE FROM workflow_env WHERE workflow = ?", (name,))
+            for table in ("deliveries", "requests", "idempotency"):
+                await db.execute(f"DELETE FROM {table} WHERE workflow = ?", (name,))
 
     async def versions(self, name: str) -> list[dict[str, Any]]:
         current = (await self._require(name)).version
@@ -540,13 +670,11 @@ class Store:
 
     async def executions(self, name: str, limit: int = 20) -> list[ExecutionRecord]:
         rows = await self._fetchall(
-            f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE workflow = ?"
-            " ORDER BY id DESC LIMIT ?", name, limit)
+            f"{_EXECUTION_SELECT} WHERE e.workflow = ? ORDER BY e.id DESC LIMIT ?", name, limit)
         return [_execution(row) for row in rows]
 
     async def execution(self, execution_id: str) -> ExecutionRecord | None:
-        row = await self._fetchone(
-            f"SELECT {_EXECUTION_COLUMNS} FROM executions WHERE id = ?", execution_id)
+        row = await self._fetchone(f"{_EXECUTION_SELECT} WHERE e.id = ?", execution_id)
         return _execution(row) if row else None
 
     async def counts(self) -> dict[str, int]:
@@ -563,6 +691,188 @@ class Store:
         (pages,) = await self._fetchone("PRAGMA page_count")
         (free,) = await self._fetchone("PRAGMA freelist_count")
         return {"db_bytes": pages * page_size, "db_free_bytes": free * page_size}
+
+    # -- delivery: policies, stored requests, the async queue, idempotency ------
+
+    async def delivery_policy(self, name: str) -> DeliveryPolicy:
+        """The workflow's delivery policy (the defaults if none was set)."""
+        return _policy(await self._fetchone(
+            "SELECT policy, scheme, secret FROM delivery_policies WHERE workflow = ?", name))
+
+    async def set_delivery_policy(self, name: str, changes: dict[str, Any]) -> DeliveryPolicy:
+        """Merge `changes` (keys of POLICY_KEYS) into the stored policy; others keep theirs."""
+        async with self._transaction() as db:
+            stored = await _policy_row(db, name)
+            merged = {**orjson.loads(stored[0]), **changes}
+            await db.execute("UPDATE delivery_policies SET policy = ? WHERE workflow = ?",
+                             (orjson.dumps(merged).decode(), name))
+        return await self.delivery_policy(name)
+
+    async def set_verification(self, name: str, scheme: str | None,
+                               secret: str | None) -> DeliveryPolicy:
+        """Set (or with None, remove) the signature scheme and secret of a workflow."""
+        async with self._transaction() as db:
+            await _policy_row(db, name)
+            await db.execute(
+                "UPDATE delivery_policies SET scheme = ?, secret = ? WHERE workflow = ?",
+                (scheme, secret, name))
+        return await self.delivery_policy(name)
+
+    async def save_request(self, request_id: str, workflow: str,
+                           request: RequestFields) -> None:
+        """Keep a request for replay, once its record is stored; pruned with the last
+        record that refers to it (`prune_delivery`)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO requests (id, workflow, body, created_at)"
+                " VALUES (?, ?, ?, ?)", (request_id, workflow, _pack(request), utc_iso()))
+
+    async def stored_request(self, request_id: str) -> dict[str, Any] | None:
+        row = await self._fetchone("SELECT body FROM requests WHERE id = ?", request_id)
+        return _unpack(row[0]) if row else None
+
+    async def accept_delivery(self, delivery_id: str, workflow: str, request: RequestFields,
+                              idempotency_key: str | None = None,
+                              response: tuple[int, dict[str, str], bytes] | None = None
+                              ) -> str:
+        """Queue an async delivery durably: request, queue entry and idempotency key, one commit.
+
+        Returns when the commit is done, so that a 202 sent afterwards is a
+        promise that survives a crash. The first attempt's id is the delivery's.
+        """
+        now = utc_iso()
+        async with self._transaction() as db:
+            await db.execute("INSERT INTO requests (id, workflow, body, created_at)"
+                             " VALUES (?, ?, ?, ?)",
+                             (delivery_id, workflow, _pack(request), now))
+            await db.execute(
+                "INSERT INTO deliveries (id, workflow, state, attempt, attempt_id, due_at,"
+                " accepted_at) VALUES (?, ?, 'queued', 1, ?, ?, ?)",
+                (delivery_id, workflow, delivery_id, now, now))
+            if idempotency_key is not None and response is not None:
+                await _put_idempotency(db, workflow, idempotency_key, delivery_id, now, response)
+        return now
+
+    async def queued_deliveries(self, name: str | None = None) -> list[tuple[str, str, str]]:
+        """(id, workflow, due_at) of every delivery waiting to run (of `name`, if given)."""
+        if name is None:
+            rows = await self._fetchall(
+                "SELECT id, workflow, due_at FROM deliveries WHERE state = 'queued'")
+        else:
+            rows = await self._fetchall("SELECT id, workflow, due_at FROM deliveries"
+                                        " WHERE state = 'queued' AND workflow = ?", name)
+        return [tuple(row) for row in rows]
+
+    async def running_deliveries(self) -> list[tuple[str, str, int, str, str | None]]:
+        """(id, workflow, attempt, attempt_id, that attempt's recorded status) of each
+        delivery that was running when the daemon last stopped."""
+        return [tuple(row) for row in await self._fetchall(
+            "SELECT d.id, d.workflow, d.attempt, d.attempt_id, e.status FROM deliveries d"
+            " LEFT JOIN executions e ON e.id = d.attempt_id WHERE d.state = 'running'")]
+
+    async def queued_delivery(self, delivery_id: str
+                              ) -> tuple[Workflow, DeliveryPolicy, Delivery] | None:
+        """A queued delivery with its request, workflow and policy, in one query
+        (None: not queued any more, or deleted): the worker reads this per attempt."""
+        row = await self._fetchone(
+            f"SELECT {_WORKFLOW_COLUMNS}, p.policy, p.scheme, p.secret, d.attempt, r.body"
+            " FROM deliveries d JOIN requests r ON r.id = d.id"
+            " JOIN workflows w ON w.name = d.workflow"
+            " JOIN versions v ON v.workflow = w.name AND v.version = w.version"
+            " LEFT JOIN delivery_policies p ON p.workflow = w.name"
+            " WHERE d.id = ? AND d.state = 'queued'", delivery_id)
+        if row is None:
+            return None
+        workflow = _workflow(row[:_WORKFLOW_WIDTH])
+        policy = _policy(row[_WORKFLOW_WIDTH:_WORKFLOW_WIDTH + 3]
+                         if row[_WORKFLOW_WIDTH] is not None else None)
+        return workflow, policy, Delivery(delivery_id, workflow.name, row[-2],
+                                          _unpack(row[-1]))
+
+    async def start_delivery(self, delivery_id: str, attempt_id: str) -> None:
+        """Mark a delivery running as `attempt_id`, once that attempt has its slot.
+
+        A delivery found running at start-up was cut off by a crash: its
+        attempt is recorded `interrupted` and it is retried (`running_deliveries`).
+        """
+        async with self._transaction() as db:
+            await db.execute("UPDATE deliveries SET state = 'running', attempt_id = ?"
+                             " WHERE id = ? AND state = 'queued'", (attempt_id, delivery_id))
+
+    async def settle_delivery(self, delivery_id: str, status: str, retry_at: str | None,
+                              keep_request: bool) -> str | None:
+        """After an attempt: `done` on success, queued again at `retry_at`, or `dead`.
+
+        Without `keep_request` (`--no-store-requests`) the request goes as
+        soon as the delivery cannot run again. Returns the new state (None:
+        the delivery is gone, its workflow deleted).
+        """
+        if status == "success":
+            state = "done"
+        elif retry_at is not None:
+            state = "queued"
+        else:
+            state = "dead"
+        async with self._transaction() as db:
+            if state == "queued":
+                cursor = await db.execute(
+                    "UPDATE deliveries SET state = 'queued', attempt = attempt + 1,"
+                    " due_at = ?, last_status = ? WHERE id = ?", (retry_at, status, delivery_id))
+            else:
+                cursor = await db.execute(
+                    "UPDATE deliveries SET state = ?, last_status = ? WHERE id = ?",
+                    (state, status, delivery_id))
+                if not keep_request:
+                    await db.execute("DELETE FROM requests WHERE id = ?", (delivery_id,))
+        return state if cursor.rowcount else None
+
+    async def dead_deliveries(self, name: str) -> list[dict[str, Any]]:
+        rows = await self._fetchall(
+            "SELECT id, attempt, attempt_id, accepted_at, last_status FROM deliveries"
+            " WHERE workflow = ? AND state = 'dead' ORDER BY id", name)
+        return [{"id": r[0], "workflow": name, "attempts": r[1], "last_attempt_id": r[2],
+                 "accepted_at": r[3], "last_status": r[4]} for r in rows]
+
+    async def revive_delivery(self, delivery_id: str) -> None:
+        """A dead delivery replayed with success is done."""
+        async with self._transaction() as db:
+            await db.execute("UPDATE deliveries SET state = 'done' WHERE id = ? AND state = 'dead'",
+                             (delivery_id,))
+
+    async def idempotent(self, workflow: str, key: str, since: str
+                         ) -> tuple[int, dict[str, str], bytes] | None:
+        """The response kept for `key`'s first request, if it came after `since`."""
+        row = await self._fetchone(
+            "SELECT status, headers, body FROM idempotency"
+            " WHERE workflow = ? AND key = ? AND created_at >= ?", workflow, key, since)
+        return (row[0], orjson.loads(row[1]), bytes(row[2])) if row else None
+
+    async def answer_idempotency(self, workflow: str, key: str, execution_id: str,
+                                 response: tuple[int, dict[str, str], bytes]) -> None:
+        """Keep the first response to `key` for its repeats."""
+        async with self._transaction() as db:
+            await _put_idempotency(db, workflow, key, execution_id, utc_iso(), response)
+
+    async def prune_delivery(self, idempotent_before: str) -> int:
+        """Forget what no kept record needs any more; how many rows went.
+
+        Idempotency keys older than their window; finished deliveries none of
+        whose attempts is still recorded; stored requests that neither a
+        record nor a delivery refers to (a request is stored after its record).
+        """
+        async with self._transaction() as db:
+            deleted = 0
+            for sql, args in (
+                    ("DELETE FROM idempotency WHERE created_at < ?", (idempotent_before,)),
+                    ("DELETE FROM deliveries WHERE state IN ('done', 'dead') AND id NOT IN"
+                     " (SELECT first_attempt_id FROM executions"
+                     "  WHERE first_attempt_id IS NOT NULL)", ()),
+                    ("DELETE FROM requests WHERE id NOT IN (SELECT id FROM deliveries)"
+                     " AND id NOT IN (SELECT request_id FROM executions"
+                     "  WHERE request_id IS NOT NULL)", ())):
+                cursor = await db.execute(sql, args)
+                deleted += cursor.rowcount
+        return deleted
 
     # -- retention ---------------------------------------------------------------
 
@@ -607,13 +917,19 @@ class Store:
     async def export(self, with_secrets: bool = False) -> list[dict[str, Any]]:
         """Every workflow with all its versions and settings, for a backup.
 
-        Environment variables are secrets: only their names, unless `with_secrets`.
+        Secrets only `with_secrets`: environment variables are exported by
+        name alone, and without its signing secret an import keeps the scheme
+        and refuses every request until a secret is set again.
         """
         out = []
         for workflow in await self.workflows():
             rows = await self._fetchall(
                 "SELECT version, code, created_at, requirements, environment FROM versions"
                 " WHERE workflow = ? ORDER BY version", workflow.name)
+            policy = await self.delivery_policy(workflow.name)
+            delivery = policy.public()
+            if with_secrets and policy.secret:
+                delivery["secret"] = policy.secret
             out.append({
                 **workflow.public(),
                 "catch_key": workflow.catch_key,
@@ -624,6 +940,7 @@ class Store:
                              for v, c, t, r, e in rows],
                 "env": dict(workflow.env) if with_secrets else None,
                 "env_names": sorted(workflow.env),
+                "delivery": delivery,
             })
         return out
 
@@ -638,12 +955,13 @@ class Store:
                         raise StoreError(f"a workflow named {name} exists already")
                 await db.execute(
                     "INSERT INTO workflows (name, kind, enabled, version, catch_key, settings,"
-                    " limits, schedule, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " limits, schedule, created_at, updated_at, allow_net)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, item["kind"], int(item["enabled"]), item["version"],
                      item["catch_key"], orjson.dumps(item["settings"]).decode(),
                      orjson.dumps(item["limits"]).decode(), _json_or_null(item["schedule"]),
-                     item["created_at"], item["updated_at"]))
+                     item["created_at"], item["updated_at"],
+                     orjson.dumps(item.get("allow_net", [])).decode()))
                 await db.executemany(
                     "INSERT INTO versions (workflow, version, code, created_at, requirements,"
                     " environment) VALUES (?, ?, ?, ?, ?, ?)",
@@ -653,6 +971,8 @@ class Store:
                 await db.executemany(
                     "INSERT INTO workflow_env (workflow, key, value) VALUES (?, ?, ?)",
                     [(name, key, value) for key, value in (item.get("env") or {}).items()])
+                if item.get("delivery"):
+                    await _import_policy(db, name, item["delivery"])
         return [item["name"] for item in workflows]
 
 
@@ -680,11 +1000,52 @@ async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
 
 async def _insert_execution(db: aiosqlite.Connection, record: ExecutionRecord) -> None:
     await db.execute(
-        f"INSERT INTO executions ({_EXECUTION_COLUMNS})"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO executions ({_EXECUTION_COLUMNS}, {_LINEAGE_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (record.id, record.workflow, record.version, record.trigger, record.status,
          record.started_at, record.duration_ms, record.http_status, record.error,
-         record.traceback, record.output, int(record.output_truncated)))
+         record.traceback, record.output, int(record.output_truncated),
+         record.attempt, record.first_attempt_id, record.replay_of, record.request_id))
+
+
+async def _import_policy(db: aiosqlite.Connection, name: str, exported: dict[str, Any]) -> None:
+    policy = {k: exported[k] for k in POLICY_KEYS if k in exported}
+    scheme = exported.get("verify")
+    await db.execute(
+        "INSERT INTO delivery_policies (workflow, policy, scheme, secret) VALUES (?, ?, ?, ?)",
+        (name, orjson.dumps(policy).decode(), None if scheme in (None, "off") else scheme,
+         exported.get("secret")))
+
+
+def _pack(request: RequestFields) -> bytes:
+    """A stored request: JSON, deflated (webhook JSON shrinks 3-5 times, for ~20 µs)."""
+    return zlib.compress(orjson.dumps(request), 1)
+
+
+def _unpack(blob: bytes) -> dict[str, Any]:
+    request: dict[str, Any] = orjson.loads(zlib.decompress(blob))
+    return request
+
+
+async def _policy_row(db: aiosqlite.Connection, name: str) -> Any:
+    """The workflow's policy row, created with the defaults if it has none."""
+    async with db.execute("SELECT 1 FROM workflows WHERE name = ?", (name,)) as cursor:
+        if await cursor.fetchone() is None:
+            raise StoreError(f"no workflow named {name}")
+    await db.execute("INSERT OR IGNORE INTO delivery_policies (workflow) VALUES (?)", (name,))
+    async with db.execute("SELECT policy, scheme, secret FROM delivery_policies"
+                          " WHERE workflow = ?", (name,)) as cursor:
+        return await cursor.fetchone()
+
+
+async def _put_idempotency(db: aiosqlite.Connection, workflow: str, key: str,
+                           execution_id: str, created_at: str,
+                           response: tuple[int, dict[str, str], bytes]) -> None:
+    status, headers, body = response
+    await db.execute(
+        "INSERT OR REPLACE INTO idempotency (workflow, key, execution_id, created_at, status,"
+        " headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (workflow, key, execution_id, created_at, status, orjson.dumps(headers).decode(), body))
 
 
 def _json_or_null(value: Any) -> str | None:

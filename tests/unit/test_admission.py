@@ -33,18 +33,24 @@ async def settle() -> None:
 
 def test_the_queue_refuses_beyond_its_bound_before_anything_waits() -> None:
     admission = gates(1, 2)
-    first, second = admission.reserve("a", 5), admission.reserve("b", 5)
+    first, second = admission.reserve("a", 5), admission.reserve("a", 5)
     with pytest.raises(Overloaded, match="2 executions are already waiting"):
-        admission.reserve("c", 5)
+        admission.reserve("a", 5)
     assert admission.waiting == 2
+    # A full queue still takes a workflow below its share (2 places among 2 workflows).
+    other = admission.reserve("b", 5)
+    with pytest.raises(Overloaded):
+        admission.reserve("b", 5)
+    assert admission.waiting == 3
     # A timer run is never refused: there is at most one per workflow.
     admission.reserve("pull", 1, bounded=False)
-    assert admission.waiting == 3
+    assert admission.waiting == 4
     first.cancel()
     first.cancel()  # twice leaves the queue once
     second.cancel()
+    other.cancel()
     assert admission.waiting == 1
-    admission.reserve("c", 5)
+    admission.reserve("a", 5)
 
 
 def test_a_workflows_limit_holds_its_next_execution_in_the_queue() -> None:

@@ -17,9 +17,11 @@ from wfd.catch import (
     EXECUTION_HEADER,
     BadRequest,
     CatchHandler,
-    body_fields,
+    PayloadTooLarge,
     header_fields,
     json_fields,
+    parse_body,
+    read_body,
     reply,
     status_body,
     workflow_reply,
@@ -51,12 +53,14 @@ def test_a_json_object_gives_its_keys_anything_else_arrives_as_body(value: Any,
 
 
 def parsed(content_type: str, data: Any, max_size: int = 1 << 20) -> Any:
-    """What body_fields makes of `data` sent with `content_type`, or the exception's name."""
+    """What read_body and parse_body make of `data` sent with `content_type`, or the
+    exception's name."""
 
     async def handler(request: web.Request) -> web.Response:
         try:
-            return web.json_response(await body_fields(request, content_type))
-        except (BadRequest, web.HTTPRequestEntityTooLarge) as exc:
+            body = await read_body(request, content_type, max_size, whole=False)
+            return web.json_response(parse_body(content_type, body, request.charset))
+        except (BadRequest, PayloadTooLarge) as exc:
             return web.json_response(type(exc).__name__)
 
     async def main() -> Any:
@@ -109,7 +113,7 @@ def test_a_body_over_the_limit_stops_being_read() -> None:
     assert parsed("application/json", b'"' + b"x" * 98 + b'"', max_size=100) == {
         "body": "x" * 98}
     assert parsed("application/json", b'"' + b"x" * 99 + b'"', max_size=100) == (
-        "HTTPRequestEntityTooLarge")
+        "PayloadTooLarge")
 
 
 def seen(path: str, headers: dict[str, str]) -> Any:

@@ -29,7 +29,7 @@ from wfd.control.client import (
     final,
     replies,
 )
-from wfd.control.render import render
+from wfd.control.render import escape_controls, render
 
 LIMIT_OPTIONS = (("--timeout", "timeout_s", float), ("--memory", "memory_mb", int),
                  ("--cpu", "cpu_s", int), ("--processes", "processes", int),
@@ -90,6 +90,20 @@ def _parser() -> argparse.ArgumentParser:
                         help="packages the workflow needs, one requirement per line")
     for flag, dest, kind_of in LIMIT_OPTIONS:
         deploy.add_argument(flag, dest=dest, type=kind_of)
+    deploy.add_argument("--async", dest="async_", action=argparse.BooleanOptionalAction,
+                        help="catch: queue every request and answer 202 (--no-async: run "
+                             "it and answer with its response)")
+    deploy.add_argument("--retries", type=int, help="catch, async: attempts after the first "
+                        "(default 3)")
+    deploy.add_argument("--retry-backoff-s", type=float, help="catch, async: first retry "
+                        "delay, doubling (default 10)")
+    deploy.add_argument("--store-requests", action=argparse.BooleanOptionalAction,
+                        help="catch: keep requests for replay (default; --no-store-requests "
+                             "keeps none)")
+    deploy.add_argument("--allow-net", dest="allow_net", action="append", metavar="CIDR[:PORT]",
+                        help="also let executions connect there (repeatable; replaces the "
+                             "workflow's allowances; 'none' removes them all); "
+                             "127.0.0.1/32:PORT opens that one port of the host's loopback")
     for name in ("show", "url", "enable", "disable", "delete", "versions", "rotate-key"):
         add(name, f"{name} a workflow", "name")
     settings = add("settings", "print or change a workflow's settings", "name")
@@ -110,12 +124,26 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("target", metavar="EXECUTION_ID|NAME")
     logs.add_argument("--follow", "-f", action="store_true",
                       help="stream NAME's executions as they end, until Ctrl-C")
+    logs.add_argument("--raw", action="store_true",
+                      help="print output and errors as stored, control characters included "
+                           "(on a terminal they are otherwise shown escaped, as \\x1b)")
+    replay = add("replay", "run a past execution's request again (trigger replay)")
+    replay.add_argument("execution_id", nargs="?", metavar="EXECUTION_ID")
+    replay.add_argument("--dead", metavar="NAME", help="replay every dead delivery of NAME")
+    add("dead", "async deliveries of a workflow that ran out of attempts", "name")
     rollback = add("rollback", "make an earlier version current", "name")
     rollback.add_argument("version", type=int)
     export = add("export", "every workflow, version and setting as JSON")
     export.add_argument("file", nargs="?")
     export.add_argument("--with-secrets", action="store_true",
-                        help="include the values of environment variables")
+                        help="include signing secrets and the values of environment "
+                             "variables (keep the file private)")
+    verify = add("verify", "check the signature of a catch workflow's requests", "name")
+    verify.add_argument("scheme", choices=("hrflow", "standard", "github", "off"))
+    secret = verify.add_mutually_exclusive_group()
+    secret.add_argument("--secret-file", metavar="FILE", help="read the secret from FILE")
+    secret.add_argument("--secret-env", metavar="VAR",
+                        help="read the secret from this command's environment variable VAR")
     add("import", "import an export into this daemon", "file")
     return parser
 
@@ -129,8 +157,15 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         if args.kind == "pull" or args.every or args.cron:
             schedule = {"every": args.every, "cron": args.cron, "tz": args.tz}
         limits = {dest: getattr(args, dest) for _, dest, _ in LIMIT_OPTIONS}
+        delivery = {"async": args.async_, "retries": args.retries,
+                    "retry_backoff_s": args.retry_backoff_s,
+                    "store_requests": args.store_requests}
+        allow_net = args.allow_net
+        if allow_net is not None and allow_net == ["none"]:
+            allow_net = []
         request = {"name": args.name, "kind": args.kind, "code": code, "limits": limits,
-                   "schedule": schedule}
+                   "schedule": schedule, "allow_net": allow_net,
+                   "delivery": {k: v for k, v in delivery.items() if v is not None}}
         if args.requirements:
             request["requirements"] = _read(args.requirements)
         return "deploy", request
@@ -177,14 +212,41 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "logs", {"execution_id": args.target}
     if command == "rollback":
         return "rollback", {"name": args.name, "version": args.version}
+    if command == "replay":
+        if (args.execution_id is None) == (args.dead is None):
+            raise UsageError("replay takes an EXECUTION_ID or --dead NAME")
+        if args.dead:
+            return "replay-dead", {"name": args.dead}
+        return "replay", {"execution_id": args.execution_id}
     if command == "import":
         try:
             return "import", {"data": json.loads(_read(args.file))}
         except ValueError as exc:
             raise UsageError(f"{args.file} is not JSON: {exc}") from None
+    if command == "verify":
+        return "verify", {"name": args.name, "scheme": args.scheme, "secret": _secret(args)}
     if command in ("status", "list"):
         return command, {}
     return command, {"name": args.name}
+
+
+def _secret(args: argparse.Namespace) -> str | None:
+    """The signing secret from a file or an environment variable, never from argv."""
+    if args.scheme == "off":
+        if args.secret_file or args.secret_env:
+            raise UsageError("verify off takes no secret")
+        return None
+    if args.secret_file:
+        secret = _read(args.secret_file).strip()
+    elif args.secret_env:
+        secret = os.environ.get(args.secret_env, "").strip()
+        if not secret:
+            raise UsageError(f"the environment variable {args.secret_env} is empty or unset")
+    else:
+        raise UsageError(f"verify {args.scheme} needs --secret-file FILE or --secret-env VAR")
+    if not secret:
+        raise UsageError(f"{args.secret_file} is empty")
+    return secret
 
 
 def _read(path: str) -> str:
@@ -194,7 +256,17 @@ def _read(path: str) -> str:
         raise CtlError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def follow(socket_path: str, name: str, as_json: bool) -> None:
+def for_terminal(text: str, raw: bool) -> str:
+    """Text as printed: a workflow's control characters escaped on a terminal (SPEC 8).
+
+    Output and errors come from workflows; written raw to a terminal they
+    could move the cursor, fake lines or set the clipboard. Piped output is
+    left as stored, like journalctl does, and `--raw` forces it.
+    """
+    return text if raw or not sys.stdout.isatty() else escape_controls(text)
+
+
+def follow(socket_path: str, name: str, as_json: bool, raw: bool = False) -> None:
     """Print each execution of `name` as it ends, until the daemon ends the stream."""
     for reply in replies(socket_path, "follow", name=name):
         if "item" not in reply:
@@ -206,7 +278,7 @@ def follow(socket_path: str, name: str, as_json: bool) -> None:
         elif as_json:
             print(json.dumps(item), flush=True)
         else:
-            print(render("logs", item) + "\n", flush=True)
+            print(for_terminal(render("logs", item), raw) + "\n", flush=True)
 
 
 def deploy(socket_path: str, request: dict[str, Any]) -> Any:
@@ -236,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command, request = request_for(args)
         if command == "follow":
-            follow(socket_path, request["name"], as_json)
+            follow(socket_path, request["name"], as_json, getattr(args, "raw", False))
             return EXIT_OK
         if command == "deploy":
             result = deploy(socket_path, request)
@@ -256,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     elif as_json or command == "export":
         print(json.dumps(result, indent=2))
     else:
-        print(render(command, result))
-    if command == "run" and result["status"] != "success":
+        print(for_terminal(render(command, result), getattr(args, "raw", False)))
+    if command in ("run", "replay") and result["status"] != "success":
+        return EXIT_EXECUTION_FAILED
+    if command == "replay-dead" and any(r["status"] != "success" for r in result):
         return EXIT_EXECUTION_FAILED
     return EXIT_OK

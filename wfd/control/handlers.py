@@ -10,19 +10,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from wfd import catch, envvars, ids, logs
+from wfd import catch, envvars, ids, logs, signatures
 from wfd.admission import Overloaded
-from wfd.config import Config, ConfigError, Limits, redeployed_overrides
+from wfd.config import Config, ConfigError, Limits, check_allowances, redeployed_overrides
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
-from wfd.dispatch import Dispatcher
+from wfd.delivery import MAX_BACKOFF_S, Deliveries
+from wfd.dispatch import Dispatcher, Executed
 from wfd.domain import Kind, SettingsChange, Trigger
 from wfd.environments import BuildError, Environments, prune_environments
 from wfd.files import WorkflowFiles
 from wfd.requirements import Requirements, RequirementsError, declared, top_level_imports
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
-from wfd.store import ExecutionRecord, Store, Workflow, check_kind
+from wfd.store import POLICY_KEYS, ExecutionRecord, Store, Workflow, check_kind
 
 LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
 
@@ -31,11 +32,13 @@ class Commands:
     """The handlers behind each `wfd ctl` command."""
 
     def __init__(self, config: Config, store: Store, dispatcher: Dispatcher,
-                 scheduler: Scheduler, status: Callable[[], dict[str, Any]]) -> None:
+                 scheduler: Scheduler, status: Callable[[], dict[str, Any]],
+                 deliveries: Deliveries) -> None:
         self.config = config
         self.store = store
         self.dispatcher = dispatcher
         self.scheduler = scheduler
+        self.deliveries = deliveries
         self._status = status
         self._followers: dict[str, set[Follower]] = {}
 
@@ -51,6 +54,8 @@ class Commands:
             "follow": self.follow,
             "versions": self.versions, "rollback": self.rollback,
             "rotate-key": self.rotate_key, "export": self.export, "import": self.import_,
+            "verify": self.verify, "replay": self.replay, "replay-dead": self.replay_dead,
+            "dead": self.dead,
         }
 
     async def _workflow(self, name: Any) -> Workflow:
@@ -79,7 +84,9 @@ class Commands:
         return [self._listing(w) for w in await self.store.workflows()]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any] | None = None,
-                     schedule: dict[str, Any] | None = None, requirements: str | None = None
+                     schedule: dict[str, Any] | None = None, requirements: str | None = None,
+                     delivery: dict[str, Any] | None = None,
+                     allow_net: list[str] | None = None
                      ) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         """Check the code in a child, then store it as the workflow's next version.
 
@@ -87,9 +94,11 @@ class Commands:
         text of a requirements file) first gets its environment resolved and
         built: then the answer is a stream of `{"step"}` items, the last one
         `{"deployed"}`, so that `wfd ctl deploy` shows the build as it goes.
+        `allow_net` replaces the workflow's network allowances; None keeps them.
         """
         check_name(name)
         kind = _kind(kind)
+        delivery = _delivery_changes(kind, delivery or {})
         unknown = sorted({k for k, v in (limits or {}).items() if v is not None}
                          - set(LIMIT_FLAGS))
         if unknown:
@@ -100,6 +109,9 @@ class Commands:
         overrides = redeployed_overrides(existing.limits if existing else {}, limits or {})
         schedule = self.parse_schedule(kind, schedule)
         try:
+            if allow_net is not None:
+                allow_net = list(check_allowances(allow_net, self.config.own_ports,
+                                                  "--allow-net"))
             effective = self.config.limits.merged(overrides).validate()
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
@@ -109,7 +121,8 @@ class Commands:
             wanted = declared(code, requirements)
         except RequirementsError as exc:
             raise CommandError(f"deploy refused, {_stays(existing)}: {exc}") from None
-        deploy = _Deploy(name, kind, code, overrides, schedule, effective, existing)
+        deploy = _Deploy(name, kind, code, overrides, schedule, effective, existing,
+                         allow_net, delivery)
         if wanted is None:
             return await self._store_version(deploy)
         return self._deploy_in_environment(deploy, wanted)
@@ -157,16 +170,20 @@ class Commands:
                              environment: dict[str, Any] | None = None,
                              preload: tuple[str, ...] = ()) -> dict[str, Any]:
         name, existing = deploy.name, deploy.existing
+        allow_net = (deploy.allow_net if deploy.allow_net is not None
+                     else existing.allow_net if existing else [])
         problem = await self.dispatcher.check(name, deploy.kind, deploy.code, deploy.limits,
-                                              existing.env if existing else None,
+                                              allow_net, existing.env if existing else None,
                                               environment, preload)
         if problem:
             if existing is None:  # the check made its directory; nothing of it stays
                 await self._files().remove(name)
             raise CommandError(f"deploy refused, {_stays(existing)}: {problem}")
         workflow = await self.store.deploy(name, deploy.kind, deploy.code, deploy.overrides,
-                                           deploy.schedule, ids.catch_key(), requirements,
-                                           environment)
+                                           deploy.schedule, ids.catch_key(), deploy.allow_net,
+                                           requirements, environment)
+        if deploy.delivery:
+            await self.store.set_delivery_policy(name, deploy.delivery)
         await self.scheduler.refresh(name)
         logs.event("deployed", workflow=name, version=workflow.version, kind=deploy.kind,
                    environment=environment and environment["hash"])
@@ -196,8 +213,11 @@ class Commands:
         workflow = await self._workflow(name)
         limits = self.dispatcher.limits(workflow)
         recent = await self.store.executions(workflow.name, 1)
+        delivery = await self.store.delivery_policy(workflow.name)
         return {**self._listing(workflow),
                 "effective_limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__},
+                **({"delivery": delivery.public()} if workflow.kind == "catch" else {}),
+                "network": self.dispatcher.network(workflow).describe(),
                 "settings_keys": sorted(workflow.settings),
                 "last_execution": recent[0].summary() if recent else None}
 
@@ -216,6 +236,8 @@ class Commands:
     async def _set_enabled(self, name: str, enabled: bool) -> dict[str, Any]:
         await self.store.set_enabled(check_name(name), enabled)
         await self.scheduler.refresh(name)
+        if enabled:
+            await self.deliveries.resume(name)
         logs.event("enabled" if enabled else "disabled", workflow=name)
         return self._listing(await self._workflow(name))
 
@@ -292,19 +314,23 @@ class Commands:
     async def run(self, name: str, data: Any = None) -> dict[str, Any]:
         """Execute now with the trigger `manual`, and say how it went."""
         workflow = await self._workflow(name)
-        request = None
-        if workflow.kind == Kind.CATCH:
-            request = {"Content-Type": "application/json",
-                       **catch.json_fields({} if data is None else data)}
         try:
             if workflow.kind == Kind.PULL:
                 executed = await self.scheduler.run_now(workflow)
             else:
-                executed = await self.dispatcher.execute(workflow, Trigger.MANUAL, request)
+                request = {"Content-Type": "application/json",
+                           **catch.json_fields({} if data is None else data)}
+                executed = await self.deliveries.run(
+                    workflow, await self.store.delivery_policy(name), Trigger.MANUAL, request)
         except Overloaded as exc:
             raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
         except Busy as exc:
             raise CommandError(str(exc)) from None
+        return self._ran(workflow, executed)
+
+    @staticmethod
+    def _ran(workflow: Workflow, executed: Executed) -> dict[str, Any]:
+        """How `run` and `replay` report an execution: its record, and for catch the response."""
         out: dict[str, Any] = executed.record.summary()
         if workflow.kind == Kind.CATCH:
             response = executed.response
@@ -312,6 +338,53 @@ class Commands:
                 response = catch.status_response(executed.record.status, executed.record.id)
             out["response"] = response
         return out
+
+    async def replay(self, execution_id: str) -> dict[str, Any]:
+        """Run a past execution's request (pull: the run) again, as trigger `replay`."""
+        record = await self.store.execution(str(execution_id))
+        if record is None:
+            raise CommandError(f"no execution with id {execution_id}")
+        workflow = await self._workflow(record.workflow)
+        return self._ran(workflow, await self._replay(workflow, record.id, record.request_id))
+
+    async def _replay(self, workflow: Workflow, original: str, request_id: str | None
+                      ) -> Executed:
+        lineage = {"replay_of": original, "request_id": request_id}
+        try:
+            if workflow.kind == "pull":
+                return await self.scheduler.run_now(workflow, Trigger.REPLAY, lineage)
+            request = await self.store.stored_request(request_id) if request_id else None
+            if request is None:
+                policy = await self.store.delivery_policy(workflow.name)
+                why = ("it is deployed with --no-store-requests, so its requests are not kept"
+                       if not policy.store_requests else
+                       "its request is no longer stored (retention removed it with its record"
+                       " or it ran before requests were kept)")
+                raise CommandError(f"cannot replay {original} of {workflow.name}: {why}")
+            return await self.dispatcher.execute(workflow, Trigger.REPLAY, request,
+                                                 lineage=lineage)
+        except Overloaded as exc:
+            raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
+        except Busy as exc:
+            raise CommandError(str(exc)) from None
+
+    async def replay_dead(self, name: str) -> list[dict[str, Any]]:
+        """Replay every dead delivery of `name`; each one that succeeds is done."""
+        workflow = await self._workflow(name)
+        dead = await self.store.dead_deliveries(workflow.name)
+        if dead and not (await self.store.delivery_policy(name)).store_requests:
+            raise CommandError(f"cannot replay the dead deliveries of {name}: it is deployed "
+                               "with --no-store-requests, so their requests were not kept")
+        replays = await asyncio.gather(*(self._replay(workflow, item["last_attempt_id"],
+                                                      item["id"]) for item in dead))
+        for item, executed in zip(dead, replays, strict=True):
+            if executed.record.status == "success":
+                await self.store.revive_delivery(item["id"])
+        logs.event("replayed-dead", workflow=name, deliveries=len(dead))
+        return [executed.record.summary() for executed in replays]
+
+    async def dead(self, name: str) -> list[dict[str, Any]]:
+        return await self.store.dead_deliveries((await self._workflow(name)).name)
 
     async def executions(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
         workflow = await self._workflow(name)
@@ -395,6 +468,27 @@ class Commands:
     def _files(self) -> WorkflowFiles:
         return self.dispatcher.files or WorkflowFiles(self.config.files_root, images=False)
 
+    async def verify(self, name: str, scheme: str, secret: str | None = None) -> dict[str, Any]:
+        """Check the signature of every catch request under `scheme`, or with `off` stop.
+
+        The secret is stored, never returned, listed or logged.
+        """
+        workflow = await self._workflow(name)
+        if workflow.kind != "catch":
+            raise CommandError(f"{name} is a pull workflow; only catch requests are signed")
+        if scheme == "off":
+            if secret:
+                raise CommandError("verify off takes no secret")
+            await self.store.set_verification(name, None, None)
+        else:
+            try:
+                signatures.check_secret(scheme, secret or "")
+            except ValueError as exc:
+                raise CommandError(f"verify {scheme}: {exc}") from None
+            await self.store.set_verification(name, scheme, secret)
+        logs.event("verification", workflow=name, scheme=scheme)
+        return {"name": name, "verify": scheme}
+
     async def export(self, with_secrets: bool = False) -> dict[str, Any]:
         """Every workflow, its versions, settings and persistent directory (a tar.gz)."""
         workflows = await self.store.export(with_secrets=with_secrets is True)
@@ -442,10 +536,37 @@ class _Deploy:
     schedule: dict[str, Any] | None
     limits: Limits
     existing: Workflow | None
+    # The new network allowances (None: the workflow keeps its own), delivery flags.
+    allow_net: list[str] | None
+    delivery: dict[str, Any]
 
 
 def _stays(existing: Workflow | None) -> str:
     return f"version {existing.version if existing else '-'} stays in place"
+
+
+def _delivery_changes(kind: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The delivery flags of a deploy, checked; refused with a clear message."""
+    if not given:
+        return {}
+    if kind != "catch":
+        raise CommandError("--async, --retries, --retry-backoff-s and --store-requests are "
+                           "for catch workflows")
+    unknown = sorted(set(given) - set(POLICY_KEYS))
+    if unknown:
+        raise CommandError(f"unknown delivery option(s): {', '.join(unknown)}")
+    for flag in ("async", "store_requests"):
+        if flag in given and not isinstance(given[flag], bool):
+            raise CommandError(f"{flag} must be true or false")
+    retries = given.get("retries", 0)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
+        raise CommandError(f"--retries must be an integer from 0 to 100, got {retries!r}")
+    backoff = given.get("retry_backoff_s", 1)
+    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or not (
+            0 < backoff <= MAX_BACKOFF_S):
+        raise CommandError(f"--retry-backoff-s must be over 0 and at most {MAX_BACKOFF_S:g},"
+                           f" got {backoff!r}")
+    return given
 
 
 def _check_exported(item: dict[str, Any]) -> None:
@@ -469,6 +590,11 @@ def _check_exported(item: dict[str, Any]) -> None:
             envvars.check_value(envvars.check_name(key), value)
     except envvars.EnvError as exc:
         raise CommandError(f"{name}: {exc}") from None
+    delivery = item.get("delivery") or {}
+    if not isinstance(delivery, dict) or delivery.get("verify", "off") not in (
+            "off", *signatures.SCHEMES):
+        raise CommandError(f"{name}: delivery.verify must be off or one of "
+                           f"{', '.join(signatures.SCHEMES)}")
 
 
 def _kind(value: Any, where: str = "") -> Kind:

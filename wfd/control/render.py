@@ -2,7 +2,18 @@
 """
 
 import json
+import re
 from typing import Any
+
+# C0 controls but newline and tab, DEL and C1 controls: what a terminal acts
+# on (cursor moves, colours, OSC 52 clipboard writes, a carriage return
+# overwriting a line) rather than prints.
+TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with each terminal control character shown as `\\xNN`, as journalctl does."""
+    return TERMINAL_CONTROLS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -34,9 +45,12 @@ def render(command: str, result: Any) -> str:
     """The human-readable text for a command's result."""
     if command == "list":
         return table(result, ["name", "kind", "enabled", "version", "schedule", "next_due"])
-    if command == "executions":
-        return table(result, ["id", "started_at", "trigger", "status", "http_status",
-                              "duration_ms", "version"])
+    if command in ("executions", "replay-dead"):
+        return table(result, ["id", "started_at", "trigger", "attempt", "status", "delivery",
+                              "http_status", "duration_ms", "version"])
+    if command == "dead":
+        return table(result, ["id", "accepted_at", "attempts", "last_status",
+                              "last_attempt_id"])
     if command == "versions":
         return table([{**r, "current": "*" if r["current"] else ""} for r in result],
                      ["version", "created_at", "size", "current"])
@@ -63,13 +77,17 @@ def render(command: str, result: Any) -> str:
         return "\n".join(f"{key}=********" for key in result) or "(no variables)"
     if command in ("enable", "disable"):
         return f"{result['name']} {command}d"
+    if command == "verify":
+        if result["verify"] == "off":
+            return f"{result['name']}: signatures are no longer checked"
+        return f"{result['name']}: every request must be signed ({result['verify']})"
     if command == "delete":
         return f"deleted {result['deleted']}"
     if command == "rollback":
         return f"{result['name']} now runs version {result['version']}"
     if command == "import":
         return f"imported {len(result['imported'])} workflow(s): {', '.join(result['imported'])}"
-    if command == "run":
+    if command in ("run", "replay"):
         text = (f"execution {result['id']}: {result['status']} "
                 f"({result['duration_ms']:.0f} ms)")
         if result.get("error"):

@@ -16,6 +16,7 @@ from sandbox import protocol
 from wfd.config import MIB, Limits
 from wfd.domain import Kind, SettingsChange, Status, WorkflowResponse
 from wfd.environments import Environment
+from wfd.isolation.network import Policy
 
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -31,9 +32,13 @@ class Job:
     code: str
     limits: Limits
     settings: dict[str, Any] = field(default_factory=dict)
-    request: dict[str, Any] | None = None
+    # A catch request arrives already serialized (an orjson.Fragment): the
+    # daemon keeps one compact copy while it waits (wfd/catch.py).
+    request: dict[str, Any] | orjson.Fragment | None = None
     mode: str = "run"
     response_bytes: int = 10 * MIB
+    # Where it may connect, under the network layer (an execution gets a namespace of it).
+    network: Policy = field(default_factory=Policy)
     # The workflow's environment variables: secrets, so out of repr and logs.
     env: dict[str, str] = field(default_factory=dict, repr=False)
     # The workflow's persistent directory on the host (None: it has none yet).
@@ -42,7 +47,7 @@ class Job:
     environment: Environment | None = None
     preload: tuple[str, ...] = ()
 
-    def payload(self, result_fd: int, rlimit_nproc: bool = True,
+    def payload(self, result_fd: int, rlimit_nproc: bool = True, sandboxed: bool = False,
                 variables: dict[str, str] | None = None,
                 files_mount: dict[str, str | None] | None = None) -> bytes:
         """The JSON document the child reads on stdin.
@@ -50,6 +55,7 @@ class Job:
         Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
         cgroup bounds the execution instead, and RLIMIT_NPROC would count
         every execution's processes together (they share one sandbox uid).
+        `sandboxed` has the child forbid itself new namespaces (sandbox/seccomp.py).
         `variables` are the daemon's own (`WFD_WORKFLOW_DIR`), added to the
         workflow's environment; they travel in the job, never on a command line.
         `files_mount` tells a zygote's child which directory to mount where.
@@ -64,6 +70,7 @@ class Job:
             "code": self.code,
             "settings": self.settings,
             "result_fd": result_fd,
+            "forbid_namespaces": sandboxed,
             "env": {**self.env, **(variables or {})},
             "limits": {
                 "memory_bytes": limits.memory_mb * MIB,

@@ -12,11 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wfd.domain import Status
 from wfd.executor.base import CHILD_PATH, Job, Outcome
 from wfd.executor.pipes import Pipes
 from wfd.executor.supervise import supervise
+from wfd.isolation import network
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
+
+
+class _NoNetwork(Exception):
+    """The execution's network namespace could not be set up; it never ran."""
 
 
 def _kill_group(pid: int) -> None:
@@ -35,6 +41,9 @@ class _Launch:
     cgroup: ExecutionCgroup | None = None
     # bwrap reports a signal death of the sandboxed process as exit 128 + signal.
     signal_exits: bool = False
+    # With the network layer: bwrap's info pipe and block pipe (ours, theirs).
+    info: tuple[int, int] | None = None
+    block: tuple[int, int] | None = None
 
 
 class SpawnExecutor:
@@ -80,21 +89,37 @@ class SpawnExecutor:
         """Make the execution's cgroup, run the child in it, and always remove it."""
         cgroup = await asyncio.to_thread(self.isolation.cgroup_for, job.limits,
                                          job.execution_id)
+        info = block = None
         try:
-            argv = self.isolation.argv(job.limits, cgroup, job.files)
-            return await self._spawn(job, _Launch(argv, cwd, env, cgroup, sandboxed))
+            net = None
+            if sandboxed and self.isolation.network is not None:
+                info, block = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
+                net = self.isolation.network.bwrap_options(info[1], block[0])
+            try:
+                argv = self.isolation.argv(job.limits, cgroup, job.files, net)
+            except BaseException:
+                for fd in (info[1], block[0]) if info and block else ():
+                    os.close(fd)
+                raise
+            # _spawn closes the child's ends of info and block; ours are closed here.
+            return await self._spawn(job, _Launch(argv, cwd, env, cgroup, sandboxed,
+                                                  info, block))
         finally:
+            for fd in (info[0], block[1]) if info and block else ():
+                os.close(fd)
             if cgroup is not None:
                 await asyncio.to_thread(cgroup.close)
 
     async def _spawn(self, job: Job, launch: "_Launch") -> Outcome:
         pipes = Pipes()
         started = time.perf_counter()
+        theirs = [fd for fd in (launch.info and launch.info[1], launch.block and launch.block[0])
+                  if fd is not None]
         try:
             process = await asyncio.create_subprocess_exec(
                 *launch.argv,
                 stdin=pipes.job_r, stdout=pipes.output_w, stderr=pipes.output_w,
-                pass_fds=(pipes.result_w,),
+                pass_fds=(pipes.result_w, *theirs),
                 start_new_session=True,
                 cwd=launch.cwd,
                 env=launch.env,
@@ -104,11 +129,56 @@ class SpawnExecutor:
             raise
         finally:
             pipes.close_theirs()
-        ended = asyncio.ensure_future(process.wait())
-        variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
-                     if job.files else None)
-        payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None,
-                              variables=variables)
-        return await supervise(job, payload, pipes, started, ended,
-                               lambda: _kill_group(process.pid), cgroup=launch.cgroup,
-                               signal_exits=launch.signal_exits)
+            for fd in theirs:
+                os.close(fd)
+        attached = None
+        try:
+            if launch.info is not None:
+                try:
+                    attached = await self._connect(process, job, launch)
+                except asyncio.CancelledError:
+                    pipes.close_ours()  # _connect killed the child
+                    raise
+            ended = asyncio.ensure_future(process.wait())
+            variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
+                         if job.files else None)
+            payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None,
+                                  sandboxed=launch.signal_exits, variables=variables)
+            return await supervise(job, payload, pipes, started, ended,
+                                   lambda: _kill_group(process.pid), cgroup=launch.cgroup,
+                                   signal_exits=launch.signal_exits)
+        except _NoNetwork as exc:
+            pipes.close_ours()
+            return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
+                           error=f"boot failed: the execution's network: {exc}")
+        finally:
+            if attached is not None:
+                attached.close()
+
+    async def _connect(self, process: asyncio.subprocess.Process, job: Job,
+                       launch: "_Launch") -> network.Attached:
+        """Give the namespace bwrap made its network, then let bwrap start the workflow.
+
+        bwrap waits on its block pipe meanwhile: the workflow never runs
+        without its network, and the set-up does not count against its timeout.
+        """
+        net, info, block = self.isolation.network, launch.info, launch.block
+        if net is None or info is None or block is None:
+            raise _NoNetwork("no network layer to set it up")  # _spawn's caller checked
+        try:
+            pid = await network.child_pid(info[0])
+            attached = await net.attach(pid, job.network)
+        except BaseException as exc:
+            _kill_group(process.pid)
+            if not isinstance(exc, network.NetworkError | OSError | TimeoutError):
+                raise  # cancelled: the daemon is stopping
+            await process.wait()
+            raise _NoNetwork(str(exc)) from None
+        try:
+            os.write(block[1], b"1")
+        except OSError as exc:
+            attached.close()
+            _kill_group(process.pid)
+            await process.wait()
+            raise _NoNetwork(f"the sandbox ended first ({exc})") from None
+        return attached

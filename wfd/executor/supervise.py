@@ -7,11 +7,12 @@ Both executors end every execution here.
 
 import asyncio
 import contextlib
+import re
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeGuard, cast
+from typing import Any, cast
 
 import orjson
 
@@ -30,6 +31,13 @@ DRAIN_AFTER_EXIT_S = 1.0
 # Beyond the response and the settings, a result carries little; this bounds
 # what a hostile child can make the daemon buffer.
 RESULT_OVERHEAD_BYTES = 1 * MIB
+
+# What a response must be to be sent (SPEC 8): a final status, header names
+# that are RFC 9110 tokens, values without control characters but HTAB.
+FINAL_STATUS_MIN, FINAL_STATUS_MAX = 200, 599
+HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+SHOWN_CHARS = 60
 
 
 async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
@@ -176,17 +184,25 @@ def _judge(job: Job, ended: _Ended, result: Captured, duration_ms: float) -> Out
 
 
 def _parse_result(data: bytes, duration_ms: float) -> Outcome:
-    """Read the child's result, trusting nothing about its shape."""
+    """Read the child's result, trusting nothing about its shape.
+
+    The child checks a workflow's return value too, but a workflow can write
+    its own result, so what reaches the caller is checked here.
+    """
     try:
         result = orjson.loads(data)
         outcome = result["outcome"]
         if outcome == Status.SUCCESS:
             response = result.get("response")
             change = result.get("settings") or {"set": {}, "unset": []}
-            if not (_valid_response(response) and isinstance(change.get("set"), dict)
+            if not (isinstance(change.get("set"), dict)
                     and isinstance(change.get("unset"), list)):
                 raise ValueError
-            return Outcome(Status.SUCCESS, duration_ms, response=response,
+            problem = response_problem(response)
+            if problem is not None:
+                return Outcome(Status.ERROR, duration_ms, error=f"invalid response: {problem}")
+            return Outcome(Status.SUCCESS, duration_ms,
+                           response=cast("WorkflowResponse | None", response),
                            settings_change=cast(SettingsChange, change))
         if outcome in (Status.ERROR, Status.MEMORY):
             return Outcome(Status(outcome), duration_ms, error=str(result.get("error")),
@@ -196,14 +212,39 @@ def _parse_result(data: bytes, duration_ms: float) -> Outcome:
     return Outcome(Status.ERROR, duration_ms, error="the process reported a malformed result")
 
 
-def _valid_response(response: Any) -> TypeGuard[WorkflowResponse | None]:
-    """The child's response is None or a complete `WorkflowResponse`."""
+def response_problem(response: Any) -> str | None:
+    """The rule a reported response breaks (SPEC 8), or None if it can be sent as is.
+
+    HTTP/1.1 cannot carry a status outside 200-599 as a final answer (1xx are
+    interim), a header name that is not a token, or a value with a control
+    character: aiohttp would send nothing usable, or a response split in two.
+    """
     if response is None:
-        return True
-    return (isinstance(response, dict)
-            and type(response.get("status_code")) is int
-            and 100 <= response["status_code"] <= 599
-            and isinstance(response.get("body"), str)
-            and isinstance(response.get("headers"), dict)
-            and all(isinstance(k, str) and isinstance(v, str)
-                    for k, v in response["headers"].items()))
+        return None
+    if not isinstance(response, dict):
+        return f"the response must be a dict, got {type(response).__name__}"
+    status = response.get("status_code")
+    if type(status) is not int:
+        return f"status_code must be an int, got {type(status).__name__}"
+    if not FINAL_STATUS_MIN <= status <= FINAL_STATUS_MAX:
+        return (f"status_code must be between {FINAL_STATUS_MIN} and {FINAL_STATUS_MAX}, "
+                f"got {status}")
+    if not isinstance(response.get("body"), str):
+        return f"body must be a str, got {type(response.get('body')).__name__}"
+    headers = response.get("headers")
+    if not isinstance(headers, dict):
+        return f"headers must be a dict, got {type(headers).__name__}"
+    for name, value in headers.items():
+        if not (isinstance(name, str) and isinstance(value, str)):
+            return "headers must map str to str"
+        if not HEADER_TOKEN.fullmatch(name):
+            return f"header name {_shown(name)} is not an RFC 9110 token"
+        if HEADER_VALUE_CONTROL.search(value):
+            return (f"header {_shown(name)} has a control character in its value "
+                    "(only HTAB is allowed)")
+    return None
+
+
+def _shown(text: str) -> str:
+    """A workflow's string in an error message: quoted, escaped and short."""
+    return repr(text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "...")

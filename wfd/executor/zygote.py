@@ -29,6 +29,7 @@ from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
 from wfd.executor.pipes import Pipes
 from wfd.executor.spawn import SpawnExecutor
 from wfd.executor.supervise import supervise
+from wfd.isolation import network
 from wfd.isolation.cgroups import ExecutionCgroup
 from wfd.isolation.layers import Isolation
 
@@ -64,30 +65,58 @@ class ZygoteProcess:
         self.pending: dict[str, asyncio.Future[int]] = {}
         self.pool: dict[str, int] = {}
         self.last_answer = time.monotonic()
+        self.network: network.Attached | None = None  # set by `launch`, with the layer
         asyncio.get_running_loop().add_reader(channel.fileno(), self._read)
         self.exited: asyncio.Task[int] = asyncio.create_task(self._wait())
 
     @classmethod
-    async def launch(cls, command: Sequence[str], mode: str, preload: Sequence[str],
-                     spares: tuple[int, int]) -> "ZygoteProcess":
-        """Exec the zygote with one end of a socketpair; return once it runs."""
+    async def launch(cls, isolation: Isolation, policy: network.Policy,
+                     preload: Sequence[str], spares: tuple[int, int],
+                     files_root: Path | None = None) -> "ZygoteProcess":
+        """Exec the zygote with one end of a socketpair; return once it runs.
+
+        With the network layer its bwrap makes the network namespace it and
+        its children share, and this returns once that has its network
+        (`policy`); if it cannot have it, the zygote is stopped.
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        net = isolation.network
+        info = os.pipe2(os.O_CLOEXEC) if net is not None else None
+        command = isolation.zygote_command(
+            net.bwrap_options(info[1]) if net is not None and info else None, files_root)
         workdirs = tempfile.mkdtemp(prefix="wfd-zygote-")
         env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": workdirs, "TMPDIR": workdirs}
-        args = ZygoteArgs(mode, theirs.fileno(), workdirs, *spares, tuple(preload))
+        args = ZygoteArgs(isolation.zygote_mode, theirs.fileno(), workdirs, *spares,
+                          tuple(preload))
         try:
             process = await asyncio.create_subprocess_exec(
                 *command, *args.argv(),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),), start_new_session=True, env=env)
+                pass_fds=(theirs.fileno(), *(info[1:] if info else ())),
+                start_new_session=True, env=env)
         except BaseException:
             ours.close()
             shutil.rmtree(workdirs, True)
+            if info:
+                os.close(info[0])
             raise
         finally:
             theirs.close()
+            if info:
+                os.close(info[1])
         ours.setblocking(False)
-        return cls(process, ours, workdirs)
+        zygote = cls(process, ours, workdirs)
+        if net is not None and info:
+            try:
+                pid = await network.child_pid(info[0])
+                zygote.network = await net.attach(pid, policy)
+            except BaseException:
+                zygote.stop()
+                await zygote.exited
+                raise
+            finally:
+                os.close(info[0])
+        return zygote
 
     @property
     def pid(self) -> int:
@@ -173,6 +202,8 @@ class ZygoteProcess:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.channel.fileno())
         self.channel.close()
+        if self.network is not None:
+            self.network.close()
         await asyncio.to_thread(shutil.rmtree, self.workdirs, True)
         return returncode
 
@@ -201,11 +232,15 @@ class ZygoteExecutor:
     """
 
     def __init__(self, preload: Sequence[str], spares_min: int, spares_max: int,
-                 isolation: Isolation, files_root: Path | None = None) -> None:
+                 isolation: Isolation, policy: network.Policy | None = None,
+                 files_root: Path | None = None) -> None:
         self.preload = list(preload)
         self.spares = (spares_min, spares_max)
         self.isolation = isolation
-        self.command = isolation.zygote_command(files_root)
+        # The one egress policy of this zygote's network namespace.
+        self.policy = policy or network.Policy()
+        # Every workflow's persistent directory, mounted into the zygote's view.
+        self.files_root = files_root
         self.fallback = SpawnExecutor(isolation)
         self.state = "stopped"
         self.current: ZygoteProcess | None = None
@@ -258,7 +293,8 @@ class ZygoteExecutor:
                 os.close(fd)
         variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
                      if job.files else None)
-        payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None, variables=variables,
+        payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None,
+                              sandboxed=self.isolation.sandboxed, variables=variables,
                               files_mount=self.isolation.files_mount(job.files))
         return await supervise(job, payload, pipes, started, ended,
                                lambda: zygote.kill(job.execution_id), cgroup=cgroup,
@@ -325,9 +361,9 @@ class ZygoteExecutor:
         self._changed.clear()
         self._stamp = packages_stamp(self._dirs)
         try:
-            zygote = await ZygoteProcess.launch(self.command, self.isolation.zygote_mode,
-                                                self.preload, self.spares)
-        except OSError as exc:
+            zygote = await ZygoteProcess.launch(self.isolation, self.policy, self.preload,
+                                                self.spares, self.files_root)
+        except (OSError, network.NetworkError) as exc:
             self._boot_failed(exc)
             return None
         try:
@@ -366,6 +402,10 @@ class ZygoteExecutor:
                 zygote.stop()
                 await zygote.exited
                 return "hung"
+            if zygote.network is not None and not zygote.network.alive():
+                zygote.stop()  # its executions would have no network
+                await zygote.exited
+                return "lost its network (pasta ended)"
             if self._changed.is_set() or packages_stamp(self._dirs) != self._stamp:
                 logs.event("zygote-restart", reason="preload or installed packages changed")
                 return "changed"

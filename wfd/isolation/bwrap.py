@@ -3,8 +3,10 @@
 The sandbox sees a read-only /usr, the Python runtime and the sandbox package,
 the few /etc files DNS and TLS need, its own /proc, a minimal /dev and a
 size-capped private tmpfs as /tmp and working directory.  The daemon's data
-directory, config and socket are simply not mounted.  Network is shared:
-workflows call HTTP APIs.
+directory, config and socket are simply not mounted.  With the network layer
+bwrap also makes a network namespace (`--unshare-net`), reports its child's
+pid on an info fd, and (cold spawn) waits on a block fd until the daemon has
+given that namespace its network (network.py).
 
 Identity.  When the daemon is not root, bwrap makes a user namespace and maps
 uid 65534 inside to the daemon's own (unprivileged) uid.  When the daemon runs
@@ -57,6 +59,25 @@ PROBE_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
+class NetOptions:
+    """The network namespace's part of a bwrap command line (network.py gives it its network).
+
+    `info_fd` is where bwrap writes its child's pid; with `block_fd` the
+    sandboxed program starts only once something is written there.
+    """
+
+    info_fd: int
+    block_fd: int | None = None
+    resolv_conf: str = "/etc/resolv.conf"
+
+    def args(self) -> list[str]:
+        args = ["--unshare-net", "--info-fd", str(self.info_fd)]
+        if self.block_fd is not None:
+            args += ["--block-fd", str(self.block_fd)]
+        return args
+
+
+@dataclass(frozen=True)
 class BwrapSupport:
     """Whether strict isolation can run here, and if not, why (for logs and /healthz)."""
 
@@ -100,7 +121,7 @@ def runtime_roots(python: str) -> list[Path]:
     return roots
 
 
-def _system_view() -> list[str]:
+def _system_view(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
     args = ["--ro-bind", "/usr", "/usr"]
     for name in USR_LINKS:
         host = Path("/") / name
@@ -108,10 +129,12 @@ def _system_view() -> list[str]:
             args += ["--symlink", os.readlink(host), str(host)]
         elif host.is_dir():
             args += ["--ro-bind", str(host), str(host)]
-    # bwrap would make /etc 0700, and the sandbox uid could then resolve no name.
+    # Else made 0700 (when resolv.conf is elsewhere), and the sandbox uid could
+    # then resolve no name.
     args += ["--perms", "0755", "--dir", "/etc"]
     for name in ETC_FILES:
-        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        source = resolv_conf if name == "resolv.conf" else f"/etc/{name}"
+        args += ["--ro-bind-try", source, f"/etc/{name}"]
     return args
 
 
@@ -182,6 +205,7 @@ def command(
     writable: dict[str, Path] | None = None,
     read_only: dict[str, Path] | None = None,
     environment: Path | None = None,
+    net: NetOptions | None = None,
 ) -> list[str]:
     """Argv prefix; append `[python, "-I", "-m", "sandbox"]` (or any command) to it.
 
@@ -191,7 +215,8 @@ def command(
     `writable` maps paths inside to host directories (an environment being
     built, uv's cache), `read_only` likewise (uv's own directory, for a
     build); `environment`, a workflow environment, is read-only
-    at ENV_DIR (never at its host path, which is inside the data directory).
+    at ENV_DIR (never at its host path, which is inside the data directory);
+    `net` adds a network namespace.
     """
     if privileged is None:
         privileged = os.geteuid() == 0
@@ -199,9 +224,10 @@ def command(
     return [
         shutil.which("bwrap") or "bwrap",
         "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        *(net.args() if net else []),
         "--new-session", "--die-with-parent",
         *_environment(roots),
-        *_system_view(),
+        *_system_view(*([net.resolv_conf] if net else [])),
         # The private dirs first: a runtime under /tmp (a checkout or venv
         # there) must be bound over the sandbox's /tmp, not hidden under it.
         *_private_dirs(workdir_size_bytes),
@@ -226,8 +252,8 @@ ZYGOTE_SCRATCH_BYTES = 1 << 20
 
 
 def zygote_command(python: str, *, uid: int = SANDBOX_UID, privileged: bool | None = None,
-                   files_root: Path | None = None, environment: Path | None = None
-                   ) -> list[str]:
+                   files_root: Path | None = None, environment: Path | None = None,
+                   net: NetOptions | None = None) -> list[str]:
     """Argv prefix for the zygote: the same view as an execution's, but shared, so read-only.
 
     The zygote and every execution forked from it see this one bwrap's
@@ -238,7 +264,8 @@ def zygote_command(python: str, *, uid: int = SANDBOX_UID, privileged: bool | No
     of the spawn path; it builds each execution's namespaces through an
     unprivileged user namespace of the execution's own. `files_root`, every
     workflow's persistent directory, is at ZYGOTE_FILES, with WORKFLOW_DIR
-    ready as each execution's mount point.
+    ready as each execution's mount point. With `net`, the zygote and its
+    children share one network namespace.
     """
     if privileged is None:
         privileged = os.geteuid() == 0
@@ -254,9 +281,10 @@ def zygote_command(python: str, *, uid: int = SANDBOX_UID, privileged: bool | No
     return [
         shutil.which("bwrap") or "bwrap",
         "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        *(net.args() if net else []),
         "--new-session", "--die-with-parent",
         *_environment(roots),
-        *_system_view(),
+        *_system_view(*([net.resolv_conf] if net else [])),
         *proc, "--dev", "/dev",
         "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm",
         "--perms", "1777", "--size", size, "--tmpfs", WORKDIR,

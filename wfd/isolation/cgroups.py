@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
+import secrets
 import signal
 import time
 from abc import ABC, abstractmethod
@@ -30,6 +32,10 @@ from wfd import logs
 PARENT_NAME = "wfd"
 DAEMON_LEAF = "daemon"
 EXEC_PREFIX = "exec-"
+# A v1 daemon's own group under each `wfd` parent: `<pid>-<random>`. The pid is
+# only a hint for people: pids repeat across PID namespaces (a container's
+# daemon may be pid 40 too), so ownership is the flock on the directory.
+_INSTANCE = re.compile(r"^[0-9]+-[0-9a-f]{8}$")
 CPU_PERIOD_US = 100_000
 # The child joins its cgroup itself, before exec, so nothing it forks can start
 # outside the group (moving it from the parent after spawn races with its first fork).
@@ -153,13 +159,10 @@ class ExecutionCgroup(ABC):
     def _rmdir(path: Path, timeout_s: float) -> None:
         for _ in _deadline_loop(timeout_s):
             try:
-                path.rmdir()
-                return
-            except FileNotFoundError:
-                return
+                if _removed(path):
+                    return
             except OSError as e:
-                if e.errno != errno.EBUSY:
-                    raise CgroupError(f"cannot remove {path}: {e}") from e
+                raise CgroupError(f"cannot remove {path}: {e}") from e
         raise CgroupError(f"{path} still busy after {timeout_s}s")
 
     def _kill_loop(self, timeout_s: float) -> None:
@@ -251,9 +254,10 @@ class V2Backend(CgroupBackend):
 
     name = "v2"
 
-    def __init__(self, own: Path, controllers: set[str]) -> None:
+    def __init__(self, own: Path, controllers: set[str], lock: int) -> None:
         self.own = own
         self.controllers = controllers
+        self.lock = lock
 
     def _create(self, name: str, limits: Limits) -> ExecutionCgroup:
         path = self.own / name
@@ -272,7 +276,8 @@ class V2Backend(CgroupBackend):
         return {"cgroup": "v2", "path": str(self.own), "controllers": sorted(self.controllers)}
 
     def close(self) -> None:
-        """Nothing: the subtree is systemd's, and the daemon's leaf holds the daemon."""
+        """Release the subtree; it is systemd's, and the daemon's leaf holds the daemon."""
+        os.close(self.lock)
 
 
 class V1Backend(CgroupBackend):
@@ -280,8 +285,9 @@ class V1Backend(CgroupBackend):
 
     name = "v1"
 
-    def __init__(self, parents: dict[str, Path]) -> None:
+    def __init__(self, parents: dict[str, Path], locks: list[int]) -> None:
         self.parents = parents
+        self.locks = locks
 
     def _create(self, name: str, limits: Limits) -> ExecutionCgroup:
         dirs = {ctrl: parent / name for ctrl, parent in self.parents.items()}
@@ -307,6 +313,9 @@ class V1Backend(CgroupBackend):
             _stale_cleanup(parent)
             with contextlib.suppress(OSError):
                 parent.rmdir()
+        for fd in self.locks:
+            os.close(fd)
+        self.locks.clear()
 
 
 def _parse_self_cgroup(text: str) -> dict[str, str]:
@@ -327,45 +336,104 @@ def _v2_mount(root: Path) -> Path | None:
     return None
 
 
-def _stale_cleanup(parent: Path) -> None:
-    """Remove empty execution groups left by a daemon that was SIGKILLed."""
-    for child in parent.glob(EXEC_PREFIX + "*"):
-        try:
-            child.rmdir()
-        except OSError as e:
-            logs.event("stale-cgroup-kept", level=logging.WARNING, path=child, error=str(e))
+def _lock(path: Path, wait: bool = False) -> int | None:
+    """An exclusive flock on a cgroup directory: its descriptor, or None if held elsewhere.
 
-
-def _pid_alive(pid: int) -> bool:
+    The lock is how a daemon says "this group is mine and I am alive": the
+    kernel drops it when the daemon dies, however it dies, and it means the
+    same in every PID namespace and container that sees the directory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _remove_group(group: Path) -> None:
+    """Kill what is left in a group nobody owns any more, then remove it."""
+    for _ in _deadline_loop(2.0):
+        listed = _read_pids(group / "cgroup.procs")
+        # A process outside our PID namespace is listed as 0: we cannot kill it.
+        if listed and 0 in listed:
+            logs.event("stale-cgroup-kept", level=logging.WARNING, path=group,
+                       reason="holds processes of another PID namespace")
+            return
+        for pid in listed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            if _removed(group):
+                return
+        except OSError as e:
+            logs.event("stale-cgroup-kept", level=logging.WARNING, path=group, error=str(e))
+            return
+    logs.event("stale-cgroup-kept", level=logging.WARNING, path=group, reason="still busy")
+
+
+def _removed(group: Path) -> bool:
+    """Try once to remove a cgroup: True once it is gone, False while it is busy.
+
+    A group is EBUSY until its last process has exited; any other error is raised.
+    """
+    try:
+        group.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
         return False
-    except PermissionError:
-        pass  # alive, under another uid
     return True
 
 
+def _stale_cleanup(parent: Path) -> None:
+    """Remove execution groups left in a parent whose owner is gone (or is us, closing)."""
+    for child in parent.glob(EXEC_PREFIX + "*"):
+        _remove_group(child)
+
+
 def _stale_instances(shared: Path) -> None:
-    """Remove the v1 instance groups of daemons that are no longer running."""
+    """Remove the v1 groups of daemons that are gone: those whose lock nobody holds."""
     for instance in shared.iterdir():
-        if instance.is_dir() and instance.name.isdigit() and not _pid_alive(int(instance.name)):
+        if not (_INSTANCE.match(instance.name) and instance.is_dir()):
+            continue
+        lock = _lock(instance)
+        if lock is None:
+            continue  # a live daemon, here or in another PID namespace or container
+        try:
             _stale_cleanup(instance)
             with contextlib.suppress(OSError):
                 instance.rmdir()
+        finally:
+            os.close(lock)
 
 
-def _detect_v2(root: Path, paths: dict[str, str], pid: int) -> V2Backend | None:
+def _detect_v2(root: Path, paths: dict[str, str], pid: int, why: list[str]) -> V2Backend | None:
     mount = _v2_mount(root)
     if mount is None or "" not in paths:
+        why.append("no cgroup v2 mount")
         return None
     own = mount / paths[""].lstrip("/")
     available = set((own / "cgroup.controllers").read_text().split())
     if not {"memory", "pids"} <= available:
-        logs.event("cgroup-v2-unusable", path=own, reason="no memory and pids controllers",
-                   controllers=",".join(sorted(available)))
+        why.append(f"cgroup v2 {own} has no memory and pids controllers "
+                   f"(has: {' '.join(sorted(available)) or 'none'})")
         return None
     wanted = sorted({"memory", "pids", "cpu"} & available)
+    try:
+        lock = _lock(own)
+    except OSError as e:
+        why.append(f"cgroup v2 {own} not readable: {e}")
+        return None
+    if lock is None:
+        why.append(f"cgroup v2 {own} is already used by another wfd daemon")
+        return None
     try:
         # v2 forbids processes in a node that hands controllers to children.
         leaf = own / DAEMON_LEAF
@@ -373,52 +441,75 @@ def _detect_v2(root: Path, paths: dict[str, str], pid: int) -> V2Backend | None:
         _write(leaf / "cgroup.procs", str(pid))
         _write(own / "cgroup.subtree_control", " ".join("+" + c for c in wanted))
     except OSError as e:
-        logs.event("cgroup-v2-unusable", path=own, reason="not delegated to us", error=str(e))
+        os.close(lock)
+        why.append(f"cgroup v2 subtree {own} not delegated to us: {e}")
         return None
     _stale_cleanup(own)
-    return V2Backend(own, set(wanted))
+    return V2Backend(own, set(wanted), lock)
 
 
-def _detect_v1(root: Path, paths: dict[str, str], pid: int) -> V1Backend | None:
-    """One `wfd/<daemon pid>` group per hierarchy.
+def _own_instance(shared: Path, name: str) -> int:
+    """Clean up after gone daemons and make our group, under the parent's lock.
 
-    Per daemon, because several daemons may share the host (tests do): cleaning
-    up after a dead one must never remove a live one's fresh, still empty group.
+    Holding the parent's lock while doing both means no other daemon can take
+    our group for a dead one's in the instant between its mkdir and its lock.
     """
+    shared.mkdir(exist_ok=True)
+    guard = _lock(shared, wait=True)
+    assert guard is not None
+    try:
+        _stale_instances(shared)
+        (shared / name).mkdir()
+        lock = _lock(shared / name)
+        assert lock is not None  # nobody else knows the name yet
+        return lock
+    finally:
+        os.close(guard)
+
+
+def _detect_v1(root: Path, paths: dict[str, str], pid: int, why: list[str]) -> V1Backend | None:
+    """One `wfd/<pid>-<random>` group per daemon and hierarchy, flock-ed while it lives.
+
+    Per daemon, because several daemons may share the host (tests do, and a
+    container's daemon sees the host's groups): cleaning up after a dead one
+    must never remove a live one's fresh, still empty group.
+    """
+    name = f"{pid}-{secrets.token_hex(4)}"
     parents: dict[str, Path] = {}
+    locks: list[int] = []
     for ctrl in ("pids", "memory", "cpu"):
         if ctrl not in paths or not (root / ctrl).is_dir():
+            why.append(f"no cgroup v1 {ctrl} hierarchy")
             continue
         shared = root / ctrl / paths[ctrl].lstrip("/") / PARENT_NAME
         try:
-            shared.mkdir(exist_ok=True)
-            _stale_instances(shared)
-            (shared / str(pid)).mkdir(exist_ok=True)
+            locks.append(_own_instance(shared, name))
         except OSError as e:
-            logs.event("cgroup-v1-unusable", controller=ctrl, reason="not writable",
-                       error=str(e))
+            why.append(f"cgroup v1 {ctrl} not writable: {e}")
             continue
-        parents[ctrl] = shared / str(pid)
+        parents[ctrl] = shared / name
     if not {"pids", "memory"} <= parents.keys():
-        logs.event("cgroup-v1-unusable", reason="pids and memory not both writable",
-                   writable=",".join(sorted(parents)))
+        V1Backend(parents, locks).close()
         return None
-    return V1Backend(parents)
+    return V1Backend(parents, locks)
 
 
 def detect(
     root: Path = Path("/sys/fs/cgroup"),
     self_cgroup: Path = Path("/proc/self/cgroup"),
     pid: int | None = None,
+    why: list[str] | None = None,
 ) -> CgroupBackend | None:
     """Find a cgroup tree we may write, preferring a delegated v2 subtree.
 
     Call once at start-up: on v2 it moves the daemon (`pid`, default ours) into
-    a leaf and enables controllers; on v1 it creates a `wfd/<pid>` parent under
-    our own group in each hierarchy, so the host's limits on us still cover
-    children.
-    Returns None (reasons logged) when neither is usable.
+    a leaf and enables controllers; on v1 it creates a `wfd/<pid>-<random>`
+    group under our own group in each hierarchy, so the host's limits on us
+    still cover children. Either way the daemon holds a flock on what it owns
+    until it exits, and removes only groups whose lock is free.
+    Returns None when neither is usable; `why` then lists each reason.
     """
+    why = [] if why is None else why
     paths = _parse_self_cgroup(self_cgroup.read_text())
     pid = os.getpid() if pid is None else pid
-    return _detect_v2(root, paths, pid) or _detect_v1(root, paths, pid)
+    return _detect_v2(root, paths, pid, why) or _detect_v1(root, paths, pid, why)

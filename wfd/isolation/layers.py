@@ -7,7 +7,8 @@ exist. After that an `Isolation` only builds argv and per-execution cgroups.
 
 Each layer degrades on its own: no bwrap means no namespaces, identity or
 filesystem view (refused in "strict"); no writable cgroup tree means rlimits
-only. `layers()` says which are active, for `wfd ctl status` and /healthz.
+only (refused in "strict" unless `[isolation] require_cgroups = false`).
+`layers()` says which are active, for `wfd ctl status` and /healthz.
 """
 
 import contextlib
@@ -19,7 +20,7 @@ from pathlib import Path
 from sandbox import protocol
 from wfd import logs
 from wfd.config import MIB, Limits
-from wfd.isolation import bwrap, cgroups
+from wfd.isolation import bwrap, cgroups, network
 
 # One CPU per execution: a workflow spinning threads on every core would
 # otherwise delay every other workflow (SPEC 5), which RLIMIT_CPU cannot stop.
@@ -50,15 +51,44 @@ def strict_advice(reason: str | None) -> str:
     )
 
 
+def network_advice(reason: str | None) -> str:
+    """The start-up error of strict mode when executions cannot have a network of their own."""
+    return (f'isolation = "strict" gives each execution a network namespace of its own, and '
+            f"this host cannot: {reason}. Install passt (Debian/Ubuntu: apt-get install "
+            'passt iproute2), or set isolation = "best-effort" to run executions on the '
+            "host's network.")
+
+
+def cgroup_advice(reasons: list[str]) -> str:
+    """The start-up error of strict mode without cgroups: why, how to get them, the opt-out."""
+    return (
+        'isolation = "strict" needs a cgroup per execution (memory and pids), and this '
+        f"daemon has no writable cgroup tree: {'; '.join(reasons)}. Under systemd, install "
+        "the wfd.service of this version (Delegate=yes, and on cgroup v1 its ExecStartPre "
+        "hands wfd its groups: systemd/README.md). Outside systemd, run the daemon as root, "
+        "or delegate to its user a cgroup v2 subtree with memory and pids (e.g. "
+        "systemd-run -p Delegate=yes), or on cgroup v1 a `wfd` group it owns under its own "
+        "group in the pids and memory hierarchies. Or opt out: [isolation] "
+        "require_cgroups = false (wfd serve --no-require-cgroups) runs with rlimits only."
+    )
+
+
+FALLBACK = ("per-execution memory and process caps fall back to rlimits (RLIMIT_DATA per "
+            "process, RLIMIT_NPROC shared by every execution's uid), and no group kill")
+
+
 class Isolation:
     """The layers detected at start-up, and the per-execution plumbing they need."""
 
     def __init__(self, mode: str, python: str, support: bwrap.BwrapSupport | None,
-                 backend: cgroups.CgroupBackend | None) -> None:
+                 backend: cgroups.CgroupBackend | None,
+                 net: network.Network | None = None, net_missing: str | None = None) -> None:
         self.mode = mode
         self.python = python
         self.support = support
         self.backend = backend
+        self.network = net if support is not None and support.available else None
+        self.net_missing = net_missing
         # In a workflow environment (for_environment): its directory on the
         # host, and the host interpreter it was made from, whose prefix is bound.
         self.environment: Path | None = None
@@ -71,13 +101,16 @@ class Isolation:
         directory it lives in is never part of the sandbox's view.
         """
         inside = Path(bwrap.ENV_DIR if self.sandboxed else environment) / "bin" / "python"
-        around = Isolation(self.mode, str(inside), self.support, self.backend)
+        around = Isolation(self.mode, str(inside), self.support, self.backend, self.network,
+                           self.net_missing)
         around.environment, around.interpreter = environment, interpreter
         return around
 
     @classmethod
-    def detect(cls, mode: str, python: str = sys.executable) -> "Isolation":
-        """Probe bwrap and cgroups (blocking; call before the loop starts threads)."""
+    def detect(cls, mode: str, python: str = sys.executable,
+               resolv_conf: Path = Path("/etc/resolv.conf"),
+               require_cgroups: bool = True) -> "Isolation":
+        """Probe bwrap, pasta and cgroups (blocking; call before the loop starts threads)."""
         if mode == "none":
             return cls(mode, python, None, None)
         support = bwrap.probe(python)
@@ -87,12 +120,27 @@ class Isolation:
             logs.event("isolation-degraded", level=logging.ERROR, mode=mode,
                        off="namespaces, unprivileged identity, filesystem view",
                        reason=support.reason)
-        backend = _detect_cgroups()
+        net, net_missing = None, None
+        if support.available:
+            found = network.detect()
+            if found.available:
+                net = network.Network(found, resolv_conf)
+            elif mode == "strict":
+                raise IsolationError(network_advice(found.reason))
+            else:
+                net_missing = found.reason
+                logs.event("isolation-degraded", level=logging.ERROR, mode=mode,
+                           off="network namespace: executions share the HOST'S NETWORK "
+                               "(its loopback, metadata service, private ranges)",
+                           reason=found.reason)
+        reasons: list[str] = []
+        backend = _detect_cgroups(reasons)
         if backend is None:
-            logs.event("no-cgroups", level=logging.WARNING,
-                       effect="limits are rlimits only; a fork bomb is bounded per uid by "
-                              "RLIMIT_NPROC, not per execution")
-        return cls(mode, python, support, backend)
+            if mode == "strict" and require_cgroups:
+                raise IsolationError(cgroup_advice(reasons))
+            logs.event("isolation-layer-missing", level=logging.WARNING, layer="cgroup",
+                       reason="; ".join(reasons), fallback=FALLBACK)
+        return cls(mode, python, support, backend, net, net_missing)
 
     @property
     def sandboxed(self) -> bool:
@@ -113,7 +161,9 @@ class Isolation:
         version = support.version if support else None
         survivors = [name for name, on in (("pid namespace", sandbox),
                                            ("cgroup kill", self.backend is not None)) if on]
-        namespaces = (f"{version}: pid, ipc, uts, mount; network shared"
+        namespaces = (f"{version}: pid, ipc, uts, mount"
+                      + (", network" if self.network else "; network shared")
+                      + "; none of its own (seccomp)"
                       + ("; per execution its own user, mount, pid and ipc namespaces "
                          "inside the zygote's" if forked else ""))
         filesystem = ("read-only /usr and Python runtime, private /tmp tmpfs; data dir, "
@@ -127,6 +177,9 @@ class Isolation:
                               + (", zygote included; no capabilities" if forked else "")
                               if sandbox else missing),
             "filesystem": Layer(sandbox, filesystem if sandbox else missing),
+            "network": Layer(self.network is not None,
+                             self.network.describe() if self.network
+                             else self.net_missing or missing),
             "cgroup": Layer(self.backend is not None, self._cgroup_detail()),
             "no_survivors": Layer(bool(survivors), " + ".join(survivors)
                                   or "process group kill only: setsid escapes it"),
@@ -153,12 +206,12 @@ class Isolation:
         return self.backend.create(execution_id, memory, limits.processes, CPU_QUOTA)
 
     def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None,
-             files: Path | None = None) -> list[str]:
+             files: Path | None = None, net: bwrap.NetOptions | None = None) -> list[str]:
         """The whole command line of one execution: cgroup join, bwrap, interpreter."""
         command = [self.python, "-I", "-m", protocol.CHILD_MODULE]
         if self.sandboxed:
             command = [*bwrap.command(self.interpreter, limits.tmp_mb * MIB, files=files,
-                                      environment=self.environment), *command]
+                                      environment=self.environment, net=net), *command]
         return cgroup.join_argv(command) if cgroup else command
 
     def workflow_dir(self, files: Path) -> str:
@@ -176,17 +229,19 @@ class Isolation:
         return {"source": f"{bwrap.ZYGOTE_FILES}/{files.name}" if files else None,
                 "target": bwrap.WORKFLOW_DIR, "hide": bwrap.ZYGOTE_FILES}
 
-    def zygote_command(self, files_root: Path | None = None) -> list[str]:
+    def zygote_command(self, net: bwrap.NetOptions | None = None,
+                       files_root: Path | None = None) -> list[str]:
         """The zygote's command line up to its arguments (`protocol.ZygoteArgs`).
 
         Its children join their cgroup and build their namespaces themselves
-        (sandbox/isolate.py), so nothing per execution appears here.
+        (sandbox/isolate.py), so nothing per execution appears here; the
+        network namespace (`net`) is the zygote's, shared by its children.
         """
         command = [self.python, "-I", "-m", protocol.ZYGOTE_MODULE]
         if not self.sandboxed:
             return command
         return [*bwrap.zygote_command(self.interpreter, files_root=files_root,
-                                      environment=self.environment), *command]
+                                      environment=self.environment, net=net), *command]
 
     @property
     def zygote_mode(self) -> str:
@@ -200,9 +255,9 @@ class Isolation:
                 self.backend.close()
 
 
-def _detect_cgroups() -> cgroups.CgroupBackend | None:
+def _detect_cgroups(reasons: list[str]) -> cgroups.CgroupBackend | None:
     try:
-        return cgroups.detect()
+        return cgroups.detect(why=reasons)
     except OSError as exc:
-        logs.event("cgroup-detection-failed", level=logging.WARNING, error=str(exc))
+        reasons.append(f"cgroup detection failed: {exc}")
         return None

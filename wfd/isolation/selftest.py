@@ -3,7 +3,9 @@
 Detection says what the host offers; this proves it, through the same executor
 every workflow uses. The probe workflow tries to read the data directory, to
 see the daemon's process or any process not its own, to write into the
-Python runtime, leaves a file in its scratch directory for the next run to
+Python runtime, to reach the daemon's port on the host's loopback, an
+abstract unix socket the daemon opens and (without sending a packet) the
+metadata address, leaves a file in its scratch directory for the next run to
 find (it runs twice) and a double-forked `setsid` grandchild behind; once
 the executions are over the daemon looks for that grandchild in the host's
 /proc. A layer that detection
@@ -11,10 +13,14 @@ called active but the probe got past is a failure: strict refuses to start.
 """
 
 import asyncio
+import contextlib
+import ipaddress
 import os
 import secrets
 import signal
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +32,15 @@ from wfd.config import Config
 from wfd.domain import Kind, Status
 from wfd.executor import Executor, Job, Outcome
 from wfd.isolation.layers import Isolation
+from wfd.isolation.network import Policy
 
 SURVIVOR_WAIT_S = 3.0
+# The metadata service's address: the policy must refuse it (probed without a packet).
+PRIVATE_PROBE = "169.254.169.254"
+DENIED_ERRORS = ("EHOSTUNREACH", "ENETUNREACH", "EACCES", "EPERM")
 MARKER = "wfd-probe-left-behind"
 PROBE = '''
-import json, os, sys, tempfile, time
+import errno, json, os, socket, sys, tempfile, time
 
 def workflow(_request, settings):
     scratch = tempfile.gettempdir()
@@ -46,6 +56,9 @@ def workflow(_request, settings):
         "euid": os.geteuid(),
         "capabilities": capabilities(),
         "runtime_writable": writable(sys.prefix),
+        "daemon_port": reached(("127.0.0.1", _request["daemon_port"])),
+        "abstract_socket": reached("\\0" + _request["abstract"], socket.AF_UNIX),
+        "private_route": routed(_request["private"]),
     }
     leave_survivor(_request["token"])
     return {"status_code": 200, "body": json.dumps(seen)}
@@ -61,6 +74,24 @@ def readable(directory, db):
         return True
     except OSError:
         return False
+
+def reached(address, family=socket.AF_INET):
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(address)
+            return True
+        except OSError as exc:
+            return errno.errorcode.get(exc.errno, str(exc))
+
+def routed(address):
+    # A UDP connect sends nothing: it only asks the routing whether the address is reachable.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((address, 80))
+            return True
+        except OSError as exc:
+            return errno.errorcode.get(exc.errno, str(exc))
 
 def same_process(pid, start):
     try:
@@ -112,6 +143,22 @@ def running(pid, token):
 '''
 
 
+@contextlib.contextmanager
+def _listeners(name: str) -> Iterator[int]:
+    """While the probe runs: a port of the daemon's on the host's loopback, an abstract socket.
+
+    The HTTP listeners open only after the self-test, and their own port
+    must not answer anything else meanwhile (health checks poll it), so the
+    daemon listens on a fresh loopback port for the probe to try.
+    """
+    with socket.socket() as tcp, socket.socket(socket.AF_UNIX) as unix:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        unix.bind("\0" + name)
+        unix.listen()
+        yield tcp.getsockname()[1]
+
+
 @dataclass(frozen=True)
 class Check:
     """One thing the probe tried: did it stay closed, and should it have."""
@@ -154,19 +201,26 @@ def _survivors(token: str, wait_s: float) -> list[int]:
     return pids
 
 
-async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[str, Check]:
+async def run(executor: Executor, isolation: Isolation, config: Config,
+              policy: Policy | None = None) -> dict[str, Check]:
     """Run the probe twice and check each layer against what detection promised.
 
     The second run looks for what the first left in its scratch directory:
-    with a zygote, both are children of one long-lived process.
+    with a zygote, both are children of one long-lived process. It runs
+    under `policy` (default: the daemon's `[network] allow`); where that
+    allows the metadata address, its route is not expected to be denied.
     """
+    policy = policy or Policy.of(*config.network.allow)
     token = "wfd-probe-" + secrets.token_hex(8)
-    request = {"data_dir": str(config.data_dir.resolve()),
-               "db_path": str(config.db_path.resolve()),
-               "daemon_pid": os.getpid(), "daemon_start": _start_time(os.getpid()),
-               "token": token}
-    first, second = [await executor.run(_job(config, request)) for _ in range(2)]
+    with _listeners(token) as port:
+        request = {"data_dir": str(config.data_dir.resolve()),
+                   "db_path": str(config.db_path.resolve()),
+                   "daemon_pid": os.getpid(), "daemon_start": _start_time(os.getpid()),
+                   "token": token, "daemon_port": port, "abstract": token,
+                   "private": PRIVATE_PROBE}
+        first, second = [await executor.run(_job(config, request, policy)) for _ in range(2)]
     sandboxed = isolation.sandboxed
+    networked = isolation.network is not None
     kills = sandboxed or isolation.backend is not None
     # Give a kill in flight time to land only where one is promised.
     survivors = await asyncio.to_thread(_survivors, token, SURVIVOR_WAIT_S if kills else 0)
@@ -187,12 +241,25 @@ async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[
         "scratch_not_shared": Check(ran_again and MARKER not in seen_again["scratch_before"],
                                     True, seen_again.get("scratch_before")),
         "no_survivors": Check(ran and ran_again and not survivors, kills, survivors),
+        "daemon_port_unreachable": Check(ran and seen["daemon_port"] is not True, networked,
+                                         seen.get("daemon_port")),
+        "abstract_socket_unreachable": Check(ran and seen["abstract_socket"] is not True,
+                                             networked, seen.get("abstract_socket")),
+        "private_range_denied": Check(ran and seen["private_route"] in DENIED_ERRORS,
+                                      networked and not _allows_probe(policy),
+                                      seen.get("private_route")),
     }
 
 
-def _job(config: Config, request: dict[str, Any]) -> Job:
+def _allows_probe(policy: Policy) -> bool:
+    """Whether `policy` opens the port the probe's private route check asks about."""
+    probe = ipaddress.ip_address(PRIVATE_PROBE)
+    return any(probe in entry.ip_network and entry.port in (None, 80) for entry in policy.allow)
+
+
+def _job(config: Config, request: dict[str, Any], policy: Policy) -> Job:
     return Job(execution_id=ids.execution_id(), name="wfd-self-test", kind=Kind.CATCH, version=0,
-               code=PROBE, limits=config.limits, request=request)
+               code=PROBE, limits=config.limits, request=request, network=policy)
 
 
 def _seen(outcome: Outcome) -> tuple[bool, dict[str, Any]]:
