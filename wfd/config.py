@@ -155,10 +155,10 @@ class Config:
     # Strict refuses to start without a cgroup per execution unless this is false
     # (`[isolation] require_cgroups`): rlimits alone cannot bound a fork bomb.
     require_cgroups: bool = True
-    # Workflow environments (README "Packages, variables and files"): an
-    # environment's zygote stops after this long without an execution; at
-    # most this many run at once; an environment no version uses is removed
-    # after this many days.
+    # Workflow environments (README "Packages, variables and files"): a
+    # zygote other than the default (an environment's, or a policy's) stops
+    # after this long without an execution; at most this many run at once;
+    # an environment no version uses is removed after this many days.
     env_idle_s: float = 300.0
     max_zygotes: int = 4
     env_keep_days: float = 7.0
