@@ -12,7 +12,10 @@ measures, in the same run:
     (its environment's zygote warm) against a default-environment workflow
     importing hrflow, rounds interleaved;
   - the first request after the environment's zygote was stopped
-    (env_idle_s), which starts and self-tests it again;
+    (env_idle_s): it runs cold-spawned in the environment while the
+    zygote starts and self-tests again; next to the first request after
+    a daemon restart, which waits for that start (nothing runs in an
+    environment before a self-test passed in it since start-up);
   - the PSS of the environment's zygote and its spares, next to the
     default zygote's.
 """
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from bench_executors import Target, call, children, descendants, rollup, wait_until
+from bench_executors import Target, call, children, descendants, listening, rollup, wait_until
 
 CONNECTORS = "hrflow-connectors==4.28.0"
 IN_ENV = f'''# /// script
@@ -115,11 +118,15 @@ def main() -> int:
             [used] = [e for e in target.envs() if "conn" in e["workflows"]]
             env_zygote = memory(used["zygote"]["pid"])
             default_zygote = memory(json.loads(target.ctl("status", "--json"))["zygote_pid"])
-            firsts = []
+            firsts: dict[str, list[float]] = {"idle": [], "restart": []}
             for _ in range(3):
                 wait_until(lambda: all(e["zygote"]["state"] == "stopped"
                                        for e in target.envs()), timeout=60)
-                firsts.append(asyncio.run(one(urls["conn"])))
+                firsts["idle"].append(asyncio.run(one(urls["conn"])))
+                target.stop()
+                target.start()
+                wait_until(lambda: listening(target.port), timeout=60)
+                firsts["restart"].append(asyncio.run(one(urls["conn"])))
         finally:
             target.stop()
     print("deploy (resolve, build, check) of hrflow-connectors 4.28:")
@@ -132,8 +139,10 @@ def main() -> int:
         print(f"  {label:44} p50 {statistics.median(seen[name]):6.2f}  p90 {cuts[8]:6.2f}")
     print(f"  difference of p50: "
           f"{statistics.median(seen['conn']) - statistics.median(seen['plain']):+.2f} ms")
-    print(f"first request after the env zygote stopped: "
-          f"{', '.join(f'{ms:.0f}' for ms in firsts)} ms")
+    for why, label in (("idle", "the env zygote stopped idle (cold spawn meanwhile)"),
+                       ("restart", "a daemon restart (waits for the zygote)")):
+        print(f"first request after {label}: "
+              f"{', '.join(f'{ms:.0f}' for ms in firsts[why])} ms")
     for label, (own, below, count) in (("environment zygote", env_zygote),
                                        ("default zygote", default_zygote)):
         print(f"{label:20} PSS {own:6.1f} MiB; spares ({count} processes) {below:6.1f} MiB; "

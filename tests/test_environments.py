@@ -184,3 +184,38 @@ def test_an_environment_no_workflow_uses_is_removed_after_env_keep_days(
     wait_for(lambda: daemon.ctl_json("envs") == [], timeout=10,
              what="the unused environment to be removed")
     assert not (daemon.data_dir / "envs" / digest).exists()
+
+
+# Run by the environment's interpreter at start-up (a .pth file, as a package
+# may install): the self-test's probe then finds its runtime writable.
+FAULT = "import sys; sys.prefix = '/tmp'\n"
+
+
+def test_a_zygote_failing_its_self_test_refuses_executions_until_a_start_passes(
+        make_daemon, name, uv_cache):
+    daemon = make_daemon(f'env_cache_dir = "{uv_cache}"\nenv_idle_s = 1\n')
+    deploy(daemon, name, with_six("1.16.0"))
+    address = url(daemon, name)
+    digest = daemon.ctl_json("show", name)["environment"]
+    [site] = (daemon.data_dir / "envs" / digest).glob("lib/python3*/site-packages")
+    fault = site / "wfd-test-fault.pth"
+    fault.write_text(FAULT)
+
+    def state() -> str:
+        return daemon.ctl_json("envs")[0]["zygote"]["state"]
+
+    wait_for(lambda: state() == "stopped", timeout=10, what="the idle zygote to stop")
+    # The environment passed a self-test: its request cold-spawns while the zygote restarts.
+    assert body(address).startswith("six 1.16.0")
+    wait_for(lambda: "isolation-self-test-failed" in daemon.log(), timeout=30,
+             what="the restarted zygote's self-test to fail")
+    for _ in range(2):  # each waits for a new start, whose self-test fails again
+        refused = requests.post(address, json={}, timeout=30)
+        assert refused.status_code == 500
+        error = daemon.logs(refused.headers["X-Wfd-Execution-Id"])["error"]
+        assert "self-test failed" in error and "runtime_read_only" in error, error
+    assert state() == "stopped"
+
+    fault.unlink()
+    assert body(address).startswith("six 1.16.0")  # a start that passes serves again
+    assert daemon.ctl_json("envs")[0]["zygote"]["self_test"] == "passed"
