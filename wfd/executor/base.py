@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from sandbox import codec, protocol
+from sandbox import protocol
 from wfd.config import MIB, Limits
 from wfd.domain import Kind, SettingsChange, Status, WorkflowResponse
 from wfd.isolation.network import Policy
@@ -102,8 +102,8 @@ class Job:
 
 def _encoded(what: str, value: Any) -> bytes:
     try:
-        return codec.dumps(value)
-    except codec.CodecError as exc:
+        return protocol.dumps(value)
+    except protocol.CodecError as exc:
         raise JobError(what, f"the {what} cannot be handed to the child: {exc}") from None
 
 
