@@ -39,7 +39,7 @@ HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 SHOWN_CHARS = 60
 
 
-async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
+async def supervise(job: Job, payload: list[bytes], pipes: Pipes, started: float,
                     ended: "asyncio.Future[int]", kill: Callable[[], None], *,
                     cgroup: ExecutionCgroup | None = None,
                     signal_exits: bool = False) -> Outcome:
