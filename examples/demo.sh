@@ -17,11 +17,24 @@ else
     nohup "$WFD" serve --data-dir "$DATA" --listen "$LISTEN" --no-require-cgroups \
         >>"$DATA/wfd.log" 2>&1 &
     echo $! >"$DATA/wfd.pid"
-    for _ in $(seq 100); do
-        curl -fsS "http://$LISTEN/healthz" >/dev/null 2>&1 && break
-        kill -0 "$(cat "$DATA/wfd.pid")" 2>/dev/null || { cat "$DATA/wfd.log"; exit 1; }
+    # Serving means *our* daemon answers on $LISTEN: another process already
+    # on that port would answer /healthz too. Each start of a daemon has its
+    # own `instance`; ours is the one its control socket reports.
+    instance() { .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["instance"])'; }
+    serving=""
+    for _ in $(seq 300); do
+        kill -0 "$(cat "$DATA/wfd.pid")" 2>/dev/null || { tail -n 20 "$DATA/wfd.log"; exit 1; }
+        ours=$("$WFD" ctl --socket "$DATA/wfd.sock" status --json 2>/dev/null | instance) || ours=""
+        answering=$(curl -fsS "http://$LISTEN/healthz" 2>/dev/null | instance) || answering=""
+        if [ -n "$ours" ] && [ "$ours" = "$answering" ]; then serving=1; break; fi
         sleep 0.1
     done
+    if [ -z "$serving" ]; then
+        echo "wfd did not come up on http://$LISTEN (is another process using it?);" \
+             "log: $DATA/wfd.log" >&2
+        kill "$(cat "$DATA/wfd.pid")" 2>/dev/null || true
+        exit 1
+    fi
     echo "wfd is serving on http://$LISTEN (log: $DATA/wfd.log, pid $(cat "$DATA/wfd.pid"))"
     missing=$(tail -n +"$((logged + 1))" "$DATA/wfd.log" | grep 'isolation-layer-missing' || true)
     if [ -n "$missing" ]; then

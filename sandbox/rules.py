@@ -3,6 +3,8 @@
 import json
 from typing import Any
 
+from sandbox import protocol
+
 
 class RuleError(Exception):
     """A returned value or a settings change breaks a rule; the message names it."""
@@ -51,7 +53,7 @@ def response(value: Any, max_body_bytes: int) -> dict[str, Any] | None:
     return {"status_code": status, "body": body, "headers": headers}
 
 
-def settings_change(given: dict[str, Any], now: Any) -> dict[str, Any]:
+def settings_change(given: dict[str, Any], now: Any, max_depth: int = 64) -> dict[str, Any]:
     """The keys a workflow added, changed or removed, checked for JSON.
 
     Only the difference is returned, so the daemon can merge it key by key:
@@ -71,6 +73,9 @@ def settings_change(given: dict[str, Any], now: Any) -> dict[str, Any]:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise RuleError(f"settings[{key!r}] is not JSON-serializable: {exc}") from None
+        if protocol.depth(value, max_depth) + 1 > max_depth:
+            raise RuleError(f"settings[{key!r}] is nested deeper than the limit of "
+                            f"{max_depth} levels")
         changed[key] = value
     removed = [key for key in given if key not in now]
     return {"set": changed, "unset": removed}
@@ -82,4 +87,7 @@ def _same_json(a: Any, b: Any) -> bool:
     1, 1.0 and True are equal in Python but three different JSON values;
     a change between them, even nested, must reach the store.
     """
-    return json.dumps(a) == json.dumps(b)
+    try:
+        return protocol.dumps(a) == protocol.dumps(b)
+    except protocol.CodecError:  # not JSON at all: the caller's own check says why
+        return False

@@ -9,7 +9,6 @@ packages (README, "Packages, variables and files").
 import contextlib
 import inspect
 import io
-import json
 import linecache
 import os
 import sys
@@ -39,7 +38,7 @@ def main() -> int:
 
 def read_job() -> dict[str, Any]:
     """The job the daemon wrote on stdin (fd 0), read to EOF."""
-    job: dict[str, Any] = json.loads(sys.stdin.buffer.read())
+    job: dict[str, Any] = protocol.loads(sys.stdin.buffer.read())
     return job
 
 
@@ -120,15 +119,16 @@ def check(job: dict[str, Any]) -> dict[str, Any]:
 def run(job: dict[str, Any]) -> dict[str, Any]:
     """Call the workflow and turn what it did into a result."""
     given = job["settings"]
-    settings = json.loads(json.dumps(given))  # the workflow's own copy
+    settings = protocol.loads(protocol.dumps(given))  # the workflow's own copy
     try:
         function = entry_point(load(job), job["kind"])
         if job["kind"] == "catch":
             value = function(RequestDict(job["request"]), settings)
         else:
             value = function(settings)
-        response = rules.response(value, job["limits"]["response_bytes"])
-        change = rules.settings_change(given, settings)
+        caps = job["limits"]
+        response = rules.response(value, caps["response_bytes"])
+        change = rules.settings_change(given, settings, caps["json_depth"])
     except (WorkflowError, rules.RuleError) as exc:
         return {"outcome": "error", "error": str(exc), "traceback": ""}
     except MemoryError as exc:
@@ -153,7 +153,11 @@ def report(result: dict[str, Any], fd: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # the workflow may have closed it
             stream.flush()
-    data = json.dumps(result).encode()
+    try:
+        data = protocol.dumps(result)
+    except protocol.CodecError as exc:  # a response body that is not valid UTF-8, say
+        data = protocol.dumps({"outcome": "error", "traceback": "",
+                            "error": f"the result cannot be sent to the daemon: {exc}"})
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

@@ -19,12 +19,14 @@ import orjson
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from multidict import CIMultiDictProxy, MultiDictProxy
 
+from sandbox import protocol
 from wfd import domain, idempotency, ids, logs, signatures
 from wfd.admission import BodyHold, Overloaded, Reservation
 from wfd.config import Config
 from wfd.delivery import Deliveries
-from wfd.dispatch import Dispatcher
+from wfd.dispatch import Dispatcher, Executed
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
+from wfd.executor import JobError
 from wfd.idempotency import Idempotency
 from wfd.metrics import Metrics
 from wfd.store import DeliveryPolicy, RequestFields, Store, Workflow
@@ -33,6 +35,8 @@ ACCEPTED_TYPES = ("application/json", "multipart/form-data", "application/x-www-
 # Framing is the server's business, not the workflow's: these would corrupt the response.
 DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 EXECUTION_HEADER = "X-Wfd-Execution-Id"
+# The status of a catch execution whose record the store could not write.
+STORE_UNAVAILABLE = "store_unavailable"
 CATCH_ROUTE = r"/teams/{team}/{name}/{runtime:python3\.\d+}/{key}"
 # Bodies from this size on are parsed in a thread, so the event loop keeps
 # answering other requests: 10 MiB of urlencoded form takes ~2 s to parse.
@@ -116,7 +120,7 @@ async def read_body(request: web.Request, content_type: str, limit: int,
 
 def request_json(fields: dict[str, Any], content_type: str,
                  body: bytearray | MultiDictProxy[Any] | dict[str, Any],
-                 charset: str | None) -> bytes:
+                 charset: str | None, max_depth: int) -> bytes:
     """`_request` as the JSON the child reads: `fields`, then the body's.
 
     Serialized as soon as it is parsed so that what waits for a slot is one
@@ -124,28 +128,34 @@ def request_json(fields: dict[str, Any], content_type: str,
     may keep a reference to them). CPU-bound: the caller runs it in a thread
     for a large body. `body` may be fields parsed already (signed multipart).
     """
-    parsed = body if isinstance(body, dict) else parse_body(content_type, body, charset)
+    parsed = (body if isinstance(body, dict)
+              else parse_body(content_type, body, charset, max_depth))
     request = {**fields, **parsed}
     try:
-        return orjson.dumps(request)
-    except (TypeError, orjson.JSONEncodeError) as exc:
+        return protocol.dumps(request)
+    except protocol.CodecError as exc:
         raise BadRequest(f"body cannot be handed to the workflow: {exc}") from None
 
 
 def parse_body(content_type: str, body: bytearray | MultiDictProxy[Any],
-               charset: str | None) -> dict[str, Any]:
-    """The body's fields (SPEC 2): a JSON object's keys, form fields, files."""
+               charset: str | None, max_depth: int) -> dict[str, Any]:
+    """The body's fields (SPEC 2): a JSON object's keys, form fields, files.
+
+    JSON nested deeper than `max_depth` is refused; integers keep their exact
+    value whatever their size (sandbox/protocol.py).
+    """
     if isinstance(body, MultiDictProxy):
         return _grouped([(name, _file_field(value) if isinstance(value, web.FileField)
                           else value) for name, value in body.items()])
     if content_type == "application/json":
         try:
-            return json_fields(orjson.loads(body))
-        except orjson.JSONDecodeError as exc:
+            return json_fields(protocol.loads(body, max_depth))
+        except protocol.CodecError as exc:
             raise BadRequest(f"malformed JSON body: {exc}") from None
     try:
         text = body.decode(charset or "utf-8")
-        return _grouped(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text)))
+        return _grouped(parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
+                                  errors="strict"))
     except (UnicodeDecodeError, LookupError, ValueError) as exc:
         raise BadRequest(f"malformed form body: {exc}") from None
 
@@ -291,7 +301,8 @@ class CatchHandler:
             del raw
             fields = header_fields(request.raw_headers)
             fields.update(self._query(request))
-            work = functools.partial(request_json, fields, content_type, body, request.charset)
+            work = functools.partial(request_json, fields, content_type, body, request.charset,
+                                     self.config.max_json_depth)
             if (request.content_length or PARSE_IN_THREAD_BYTES) >= PARSE_IN_THREAD_BYTES:
                 serialized = await asyncio.get_running_loop().run_in_executor(
                     self._parsers, work)
@@ -337,7 +348,7 @@ class CatchHandler:
                 return idempotency.replayed(slot.first)
             response, status = await self._deliver(workflow, policy, fields, reservation,
                                                    execution_id, run_async, key)
-            if status not in ("accepted", "interrupted"):
+            if status not in ("accepted", "interrupted", STORE_UNAVAILABLE, "bad_request"):
                 slot.answer = idempotency.stored(response)
             return response
 
@@ -356,10 +367,14 @@ class CatchHandler:
             await self.deliveries.accept(workflow, fields, execution_id, key,
                                          idempotency.stored(response) if key else None)
             return response, "accepted"
-        executed = await self.deliveries.run(workflow, policy, Trigger.CATCH, fields,
-                                             reservation, execution_id)
-        return reply(executed.record.status, executed.response, execution_id), \
-            executed.record.status
+        try:
+            executed = await self.deliveries.run(workflow, policy, Trigger.CATCH, fields,
+                                                 reservation, execution_id)
+        except JobError:  # not valid UTF-8, say: nothing was started
+            return json_reply(400, "bad_request", execution_id), "bad_request"
+        if not executed.recorded:
+            return executed_reply(executed), STORE_UNAVAILABLE
+        return executed_reply(executed), executed.record.status
 
     def _signed(self, workflow: Workflow, scheme: str, secret: str | None,
                 request: web.Request, raw: bytes | None, execution_id: str) -> bool:
@@ -386,9 +401,25 @@ class CatchHandler:
 
     @staticmethod
     def _query(request: web.Request) -> dict[str, Any]:
-        query = request.query
-        return {name: values[0] if len(values) == 1 else values
-                for name in query for values in [query.getall(name)]}
+        """Query parameters; percent-escapes that are not UTF-8 are refused, not replaced."""
+        try:
+            return _grouped(parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True,
+                                      errors="strict"))
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"query string is not UTF-8: {exc}") from None
+
+
+def executed_reply(executed: Executed) -> web.Response:
+    """The caller's response for a catch execution that ran.
+
+    One whose record the store could not write answers 503: whatever the
+    workflow did, nothing of it (record, settings) was kept, so the caller
+    should send it again once the daemon is healthy.
+    """
+    record = executed.record
+    if not executed.recorded:
+        return json_reply(503, STORE_UNAVAILABLE, record.id, {"Retry-After": "5"})
+    return reply(record.status, executed.response, record.id)
 
 
 async def send_and_close(request: web.Request, response: web.Response) -> web.Response:

@@ -9,16 +9,21 @@ import os
 import re
 import resource
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic import with_config as _with_config
 
 from wfd.isolation.network import Allow
 
 MIB = 1024 * 1024
-LOG_LEVELS = ("debug", "info", "warning", "error")
 MODULE_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-ISOLATION_MODES = ("strict", "best-effort", "none")
+# The {team} part of catch URLs: one path segment, nothing a proxy would rewrite.
+TEAM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# orjson writes at most 254 levels; settings and requests must stay encodable.
+MAX_JSON_DEPTH = 254
 # Descriptors the daemon keeps for itself when `max_connections` is derived
 # from RLIMIT_NOFILE: the store, the zygote and its spares, the control
 # socket and its clients, logs; and each running execution's pipes and pidfd.
@@ -31,38 +36,90 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message says which key and why."""
 
 
+# Types of config values: TOML's own types only (strict: "30" is not 30, true
+# is not 1), each with its range. A float key takes an integer too.
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
+NonNegativeFloat = Annotated[float, Strict(), Field(ge=0)]
+Text = Annotated[str, Strict()]
+IsolationMode = Literal["strict", "best-effort", "none"]
+# Unknown keys are errors; values are checked again when a reload builds a new one.
+_STRICT_KEYS = ConfigDict(extra="forbid")
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[::1]:PORT`) as a pair, with a clear error otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT with a port from 1 to 65535, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _address(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+def _optional_address(value: str) -> str:
+    return _address(value) if value else value
+
+
+def _public_url(value: str) -> str:
+    if value and not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"must be empty or start with http:// or https:// and a host, "
+                         f"got {value!r}")
+    return value
+
+
+def _team(value: str) -> str:
+    if not TEAM_PATTERN.fullmatch(value):
+        raise ValueError("must be 1 to 63 letters, digits, '_', '.' or '-', starting with a "
+                         f"letter or digit, got {value!r}")
+    return value
+
+
+def _module_names(value: tuple[str, ...]) -> tuple[str, ...]:
+    for name in value:
+        if not MODULE_PATTERN.fullmatch(name):
+            raise ValueError(f"must be a list of module names, got {name!r}")
+    return value
+
+
+def _executor(value: str) -> str:
+    from wfd.executor import EXECUTORS  # the one name map; imported late, it imports us
+
+    if value not in EXECUTORS:
+        raise ValueError(f"must be {' or '.join(map(repr, EXECUTORS))}, got {value!r}")
+    return value
+
+
+@_with_config(_STRICT_KEYS)
 @dataclass(frozen=True)
 class Limits:
     """Per-execution limits: daemon-wide defaults, each overridable per workflow."""
 
-    timeout_s: float = 30.0
-    memory_mb: int = 512
-    cpu_s: int = 30
-    processes: int = 128
-    open_files: int = 256
-    file_size_mb: int = 64
-    tmp_mb: int = 128
-    concurrency: int = 10
-    output_kb: int = 1024
-    settings_kb: int = 1024
+    timeout_s: PositiveFloat = 30.0
+    memory_mb: PositiveInt = 512
+    cpu_s: PositiveInt = 30
+    processes: PositiveInt = 128
+    open_files: PositiveInt = 256
+    file_size_mb: PositiveInt = 64
+    tmp_mb: PositiveInt = 128
+    concurrency: PositiveInt = 10
+    output_kb: PositiveInt = 1024
+    settings_kb: PositiveInt = 1024
     # The workflow's persistent directory, $WFD_WORKFLOW_DIR (wfd/files.py).
-    files_mb: int = 100
+    files_mb: PositiveInt = 100
 
     def merged(self, overrides: dict[str, Any]) -> "Limits":
-        """These limits with a workflow's overrides applied (None means inherit).
-
-        The one place a workflow's effective limits are made: the daemon's
-        defaults, under the overrides the workflow was deployed with.
-        """
+        """These limits with a workflow's overrides applied (None means inherit)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self) -> "Limits":
         """Return self, or raise ConfigError naming the first limit out of range."""
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"limit {item.name} must be a positive number, got {value!r}")
-        return self
+        limits: Limits = _validated(Limits, asdict(self), "limit ")
+        return limits
 
 
 def redeployed_overrides(previous: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -73,29 +130,25 @@ def redeployed_overrides(previous: dict[str, Any], given: dict[str, Any]) -> dic
     return {**previous, **{k: v for k, v in given.items() if v is not None}}
 
 
+@_with_config(_STRICT_KEYS)
 @dataclass(frozen=True)
 class Retention:
-    """How many execution records to keep: per workflow, and by age."""
+    """How many execution records and code versions to keep."""
 
-    max_per_workflow: int = 1000
-    max_age_days: float = 30.0
-
-    def validate(self) -> "Retention":
-        """Return self, or raise ConfigError: keeping nothing, or forever, is not retention."""
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"retention {item.name} must be a positive number, "
-                                  f"got {value!r}")
-        return self
+    max_per_workflow: PositiveInt = 1000
+    max_age_days: PositiveFloat = 30.0
+    # Versions of each workflow's code kept; the current one and the one
+    # before it are kept whatever this says.
+    versions_per_workflow: PositiveInt = 50
 
 
+@_with_config(_STRICT_KEYS)
 @dataclass(frozen=True)
 class Network:
     """Where every execution may connect beyond the default (docs/isolation.md, "The network")."""
 
     # CIDR or CIDR:PORT entries (127.0.0.1/32:PORT for one port of the host's loopback).
-    allow: tuple[str, ...] = ()
+    allow: tuple[Text, ...] = ()
     # Bound into the sandbox as /etc/resolv.conf; its nameservers are allowed on port 53.
     resolv_conf: Path = Path("/etc/resolv.conf")
 
@@ -117,56 +170,71 @@ def check_allowances(entries: Any, own_ports: set[int], where: str) -> tuple[str
     return tuple(allowed)
 
 
+@_with_config(_STRICT_KEYS)
 @dataclass(frozen=True)
 class Config:
     """Everything `wfd serve` needs to know before it starts."""
 
-    listen: str = "127.0.0.1:8080"
-    admin_listen: str = ""
-    public_url: str = ""
-    team: str = "default"
+    listen: Annotated[Text, AfterValidator(_address)] = "127.0.0.1:8080"
+    admin_listen: Annotated[Text, AfterValidator(_optional_address)] = ""
+    public_url: Annotated[Text, AfterValidator(_public_url)] = ""
+    team: Annotated[Text, AfterValidator(_team)] = "default"
     data_dir: Path = Path("wfd-data")
     socket: Path | None = None
-    socket_group: str = ""
-    log_format: str = "text"
-    log_level: str = "info"
-    max_body_mb: float = 10.0
-    global_concurrency: int = 0
-    queue_max: int = 100
-    grace_s: float = 30.0
+    socket_group: Text = ""
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_body_mb: PositiveFloat = 10.0
+    # Catch bodies nested deeper are refused (400); settings too (the execution fails).
+    max_json_depth: Annotated[int, Strict(), Field(ge=2, le=MAX_JSON_DEPTH)] = 64
+    # Largest workflow file a deploy accepts.
+    max_code_kb: PositiveInt = 1024
+    global_concurrency: NonNegativeInt = 0
+    queue_max: NonNegativeInt = 100
+    grace_s: NonNegativeFloat = 30.0
     # -- Hostile clients (SPEC 8): how long a client may take, how many may be
     # connected, how many body bytes may wait. README "Slow and hostile clients".
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    keepalive_s: float = 15.0
+    header_timeout_s: PositiveFloat = 10.0
+    body_timeout_s: PositiveFloat = 30.0
+    keepalive_s: PositiveFloat = 15.0
     # 0: derived from the descriptor limit (`connection_limit`).
-    max_connections: int = 0
-    max_pending_mb: float = 256.0
+    max_connections: NonNegativeInt = 0
+    max_pending_mb: PositiveFloat = 256.0
     # -- end of hostile clients
     # How executions start (README "The zygote"): "zygote" forks them from a
     # preloaded process, "spawn" starts a fresh interpreter for each one.
-    executor: str = "zygote"
+    executor: Annotated[Text, AfterValidator(_executor)] = "zygote"
     # Modules the zygote imports once so that executions start with them loaded.
-    preload: tuple[str, ...] = ("hrflow", "requests", "json")
+    preload: Annotated[tuple[Text, ...], AfterValidator(_module_names)] = (
+        "hrflow", "requests", "json")
     # Bounds of the pool of already-forked children waiting for work.
-    spares_min: int = 2
-    spares_max: int = 8
-    isolation: str = "strict"
+    spares_min: NonNegativeInt = 2
+    spares_max: PositiveInt = 8
+    isolation: IsolationMode = "strict"
     # Strict refuses to start without a cgroup per execution unless this is false
     # (`[isolation] require_cgroups`): rlimits alone cannot bound a fork bomb.
-    require_cgroups: bool = True
+    require_cgroups: Annotated[bool, Strict()] = True
     # Workflow environments (README "Packages, variables and files"): a
     # zygote other than the default (an environment's, or a policy's) stops
     # after this long without an execution; at most this many run at once;
     # an environment no version uses is removed after this many days.
-    env_idle_s: float = 300.0
-    max_zygotes: int = 4
-    env_keep_days: float = 7.0
+    env_idle_s: NonNegativeFloat = 300.0
+    max_zygotes: PositiveInt = 4
+    env_keep_days: NonNegativeFloat = 7.0
     # uv's package cache, shared by every build (default: <data_dir>/envs/.cache).
     env_cache_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
     network: Network = field(default_factory=Network)
+
+    def __post_init__(self) -> None:
+        if self.spares_min > self.spares_max:
+            raise ValueError(f"spares_min must be at most spares_max ({self.spares_max}), "
+                             f"got {self.spares_min}")
+        if self.max_pending_mb < self.max_body_mb:
+            raise ValueError(f"max_pending_mb ({self.max_pending_mb:g}) must be at least "
+                             f"max_body_mb ({self.max_body_mb:g}), or no body of the "
+                             "largest size could ever be read")
 
     @property
     def own_ports(self) -> set[int]:
@@ -223,70 +291,65 @@ class Config:
         return max(MIN_CONNECTIONS, soft - reserved)
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `[::1]:PORT`) as a pair, with a clear error otherwise."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"listen address must be HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
+@_with_config(_STRICT_KEYS)
+@dataclass(frozen=True)
+class IsolationTable:
+    """The long form of `isolation`: an `[isolation]` table (see `_flatten_isolation`)."""
+
+    mode: IsolationMode = "strict"
+    require_cgroups: Annotated[bool, Strict()] = True
 
 
-def _typed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Check that `values` only names fields of `cls`, converting paths."""
-    known = {item.name: item for item in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown {where}key(s): {', '.join(unknown)}")
-    out = {}
-    for key, value in values.items():
-        if key in ("data_dir", "socket", "resolv_conf", "env_cache_dir") and value:
-            value = Path(value)
-        if key == "preload" and isinstance(value, list):
-            value = tuple(value)
-        out[key] = value
-    return out
+SECTIONS = ("limits", "retention", "network", "isolation")
+
+
+def _key(location: tuple[Any, ...]) -> str:
+    """A config key as the TOML file spells it: `queue_max`, `[limits] memory_mb`."""
+    parts = [str(part) for part in location if part != "__post_init__"]
+    if len(parts) > 1 and parts[0] in SECTIONS:
+        return f"[{parts[0]}] {'.'.join(parts[1:])}"
+    return ".".join(parts) or "the config"
+
+
+def _message(error: dict[str, Any], prefix: str) -> str:
+    """One line naming the key, what it must be, and what it was."""
+    key = prefix + _key(error["loc"])
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"unknown key {key}"
+    text = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "bool_type":
+        text = "must be true or false"
+    elif text.startswith("Input should be "):
+        text = "must be " + text.removeprefix("Input should be ")
+    if "got " not in text and error["type"] != "missing":
+        text += f", got {error['input']!r}"
+    return f"{key} {text}" if error["loc"] else text
+
+
+def _validated(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    try:
+        return TypeAdapter(cls).validate_python(values)
+    except ValidationError as exc:
+        raise ConfigError(_message(dict(exc.errors()[0]), prefix)) from None
 
 
 def load(path: Path | None = None, **overrides: Any) -> Config:
-    """Build the configuration from a TOML file (optional) and flag overrides."""
+    """Build the configuration from a TOML file (optional) and flag overrides.
+
+    Every key is type- and range-checked (pydantic, against the dataclasses
+    above); the first problem is raised as a ConfigError of one line.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         try:
             raw = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
-    _flatten_isolation(raw)
-    limits = Limits(**_typed(Limits, raw.pop("limits", {}), "[limits] ")).validate()
-    retention = Retention(**_typed(Retention, raw.pop("retention", {}),
-                                   "[retention] ")).validate()
-    network = Network(**_typed(Network, raw.pop("network", {}), "[network] "))
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    config = Config(limits=limits, retention=retention, network=network,
-                    **_typed(Config, raw, ""))
-    split_host_port(config.listen)
-    if config.admin_listen:
-        split_host_port(config.admin_listen)
-    config = replace(config, network=replace(network, allow=check_allowances(
-        network.allow, config.own_ports, "[network] allow")))
-    if config.log_level not in LOG_LEVELS:
-        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, "
-                          f"got {config.log_level!r}")
-    if config.log_format not in ("text", "json"):
-        raise ConfigError(f"log_format must be 'text' or 'json', got {config.log_format!r}")
-    _check_executor(config)
-    _check_clients(config)
-    for key in ("env_idle_s", "max_zygotes", "env_keep_days"):
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (
-                key == "max_zygotes" and (not isinstance(value, int) or value < 1)):
-            raise ConfigError(f"{key} must be a positive number, got {value!r}")
-    if config.isolation not in ISOLATION_MODES:
-        raise ConfigError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, "
-                          f"got {config.isolation!r}")
-    if not isinstance(config.require_cgroups, bool):
-        raise ConfigError(f"[isolation] require_cgroups must be true or false, "
-                          f"got {config.require_cgroups!r}")
-    return config
+    _flatten_isolation(raw)
+    config: Config = _validated(Config, raw)
+    return replace(config, network=replace(config.network, allow=check_allowances(
+        config.network.allow, config.own_ports, "[network] allow")))
 
 
 def _flatten_isolation(raw: dict[str, Any]) -> None:
@@ -298,40 +361,6 @@ def _flatten_isolation(raw: dict[str, Any]) -> None:
     table = raw.get("isolation")
     if not isinstance(table, dict):
         return
-    unknown = sorted(set(table) - {"mode", "require_cgroups"})
-    if unknown:
-        raise ConfigError(f"unknown [isolation] key(s): {', '.join(unknown)}")
-    raw["isolation"] = table.get("mode", "strict")
-    if "require_cgroups" in table:
-        raw["require_cgroups"] = table["require_cgroups"]
-
-
-def _check_executor(config: Config) -> None:
-    from wfd.executor import EXECUTORS  # the one name map; imported late, it imports us
-
-    if config.executor not in EXECUTORS:
-        names = " or ".join(repr(name) for name in EXECUTORS)
-        raise ConfigError(f"executor must be {names}, got {config.executor!r}")
-    if not (isinstance(config.preload, tuple)
-            and all(isinstance(name, str) and MODULE_PATTERN.fullmatch(name)
-                    for name in config.preload)):
-        raise ConfigError(f"preload must be a list of module names, got {config.preload!r}")
-    low, high = config.spares_min, config.spares_max
-    if not (type(low) is int and type(high) is int and 0 <= low <= high and high >= 1):
-        raise ConfigError(f"spares_min and spares_max must be integers with "
-                          f"0 <= spares_min <= spares_max, 1 <= spares_max; got {low}, {high}")
-
-
-def _check_clients(config: Config) -> None:
-    """The hostile-client keys: positive, and a budget that fits one whole body."""
-    for key in ("header_timeout_s", "body_timeout_s", "keepalive_s", "max_pending_mb"):
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"{key} must be a positive number, got {value!r}")
-    if type(config.max_connections) is not int or config.max_connections < 0:
-        raise ConfigError(f"max_connections must be a positive integer or 0 (derived from "
-                          f"the descriptor limit), got {config.max_connections!r}")
-    if config.max_pending_mb < config.max_body_mb:
-        raise ConfigError(f"max_pending_mb ({config.max_pending_mb:g}) must be at least "
-                          f"max_body_mb ({config.max_body_mb:g}), or no body of the "
-                          "largest size could ever be read")
+    checked: IsolationTable = _validated(IsolationTable, table, "[isolation] ")
+    raw["isolation"] = checked.mode
+    raw["require_cgroups"] = checked.require_cgroups

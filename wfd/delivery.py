@@ -94,7 +94,7 @@ class Deliveries:
         executed = await self.dispatcher.execute(workflow, trigger, request, reservation,
                                                  execution_id, lineage)
         # After the record: a request is never kept without a record that refers to it.
-        if policy.store_requests:
+        if policy.store_requests and executed.recorded:
             try:
                 await self.store.save_request(execution_id, workflow.name, request)
             except Exception:  # the execution is done and recorded: still answer it

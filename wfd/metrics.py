@@ -63,6 +63,12 @@ class Metrics:
         self.delivery_oldest = Gauge(
             "wfd_delivery_oldest_age_seconds", "How long the async delivery that has waited "
             "longest since it fell due has waited (0 when none waits).", registry=registry)
+        self.store_errors = Counter(
+            "wfd_store_errors", "Store operations that failed (database locked, disk full), "
+            "by what the daemon was doing.", ["operation"], registry=registry)
+        self.unrecorded = Counter(
+            "wfd_executions_unrecorded", "Executions whose record the store could not write, "
+            "by workflow and status.", ["workflow", "status"], registry=registry)
         self.http_requests = Counter(
             "wfd_http_requests", "HTTP responses sent, by route and status code.",
             ["route", "code"], registry=registry)
@@ -109,6 +115,13 @@ class Metrics:
     def execution_finished(self, workflow: str, status: str, duration_s: float) -> None:
         self.executions.labels(workflow, status).inc()
         self.duration.labels(workflow).observe(duration_s)
+
+    def store_error(self, operation: str) -> None:
+        """A store operation failed; `operation` is one of a fixed few (tick, finish, ...)."""
+        self.store_errors.labels(operation).inc()
+
+    def execution_unrecorded(self, workflow: str, status: str) -> None:
+        self.unrecorded.labels(workflow, status).inc()
 
     def timer_fired(self, lateness_s: float) -> None:
         """Called by the scheduler each time a pull timer fires."""

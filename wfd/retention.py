@@ -1,9 +1,10 @@
 """Pruning of old execution records, off the request path.
 
 A background task deletes records past `retention.max_age_days` and beyond
-`retention.max_per_workflow` per workflow, `BATCH` rows per transaction and
-yielding to the event loop between batches, so catch requests never wait
-behind a long delete. A pass runs every `interval_s`, and sooner once
+`retention.max_per_workflow` per workflow (and code versions beyond
+`retention.versions_per_workflow`, which a deploy also applies at once),
+`BATCH` rows per transaction and yielding to the event loop between batches,
+so catch requests never wait behind a long delete. A pass runs every `interval_s`, and sooner once
 `BATCH` executions have finished since the last one: under a flood the
 table overshoots its bound by about one batch, not by a minute of traffic.
 
@@ -22,7 +23,8 @@ from datetime import UTC, datetime, timedelta
 
 from wfd import idempotency, logs
 from wfd.config import Retention
-from wfd.store import ExecutionRecord, Store, utc_iso
+from wfd.metrics import Metrics
+from wfd.store import ExecutionRecord, Store, WriteFailed, utc_iso
 
 BATCH = 500
 # Given back per incremental_vacuum step, so no one transaction is long.
@@ -36,8 +38,10 @@ class Pruner:
     """Keeps the executions table within the retention settings."""
 
     def __init__(self, store: Store, retention: Callable[[], Retention],
-                 interval_s: float = INTERVAL_S, batch: int = BATCH) -> None:
+                 interval_s: float = INTERVAL_S, batch: int = BATCH,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.retention = retention  # read at each pass, so SIGHUP applies at once
         self.interval_s = interval_s
         self.batch = batch
@@ -61,6 +65,10 @@ class Pruner:
             self._due.clear()
             try:
                 await self.prune()
+            except WriteFailed as exc:
+                self.metrics.store_error("retention")
+                logs.event("store-error", level=logging.ERROR, operation="retention",
+                           error=str(exc), retry="at the next pass")
             except Exception:
                 logs.event("retention-failed", level=logging.ERROR, exc_info=True,
                            retry="at the next pass")
@@ -79,9 +87,10 @@ class Pruner:
         # Stored requests and finished deliveries go with the last record that needs them.
         delivery = await self.store.prune_delivery(
             utc_iso((now or datetime.now(UTC)) - idempotency.WINDOW))
-        if deleted or delivery:
+        versions = await self.store.prune_versions(retention.versions_per_workflow)
+        if deleted or delivery or versions:
             reclaimed = await self._reclaim()
-            logs.event("pruned", executions=deleted, delivery_rows=delivery,
+            logs.event("pruned", executions=deleted, delivery_rows=delivery, versions=versions,
                        bytes_reclaimed=reclaimed)
         return deleted
 

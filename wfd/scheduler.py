@@ -19,6 +19,7 @@ dispatcher:
 
 import asyncio
 import contextlib
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,8 +28,14 @@ from wfd.dispatch import Dispatcher, Executed
 from wfd.domain import Kind, Status, Trigger
 from wfd.metrics import Metrics
 from wfd.schedule import Schedule, first_due_after_restart, next_due
-from wfd.store import ExecutionRecord, Store, Workflow, utc_iso
+from wfd.store import ExecutionRecord, Store, Workflow, WriteFailed, utc_iso
 from wfd.timers import TimerQueue
+
+# A batch of ticks the store could not take is retried after this, doubling
+# up to RETRY_MAX_S: a lock held past the busy timeout or a full disk delays
+# the runs, never drops the timers.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 30.0
 
 
 class Busy(Exception):
@@ -55,8 +62,9 @@ class Scheduler:
         self._generation: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: list[tuple[str, datetime, int]] = []
-        self._batch: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
 
     async def start(self) -> None:
         """Arm every enabled pull workflow, applying the missed-fire policy."""
@@ -75,15 +83,15 @@ class Scheduler:
         """Stop firing; runs already started finish on their own.
 
         A batch of ticks being written is let finish, so the due times it
-        persists match the runs it started.
+        persists match the runs it started; one waiting to retry gives up.
         """
         self.timers.close()
+        self._closed.set()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        if self._batch is not None:
-            await asyncio.gather(self._batch, return_exceptions=True)
+        await asyncio.gather(*self._batches, return_exceptions=True)
 
     async def refresh(self, name: str, reset: bool = True) -> None:
         """Re-arm `name` after an operator changed it (deploy, enable, disable, delete).
@@ -102,6 +110,9 @@ class Scheduler:
         due = _parse_time(workflow.next_due)
         if reset or due is None:
             due = next_due(_schedule(workflow), utc_now())
+            # Armed first: if the store cannot take the due time now, the
+            # timer runs anyway (the tick stores the next one).
+            self.timers.set(name, due)
             await self.store.set_next_due(name, utc_iso(due))
         self.timers.set(name, due)
 
@@ -121,7 +132,9 @@ class Scheduler:
         """
         self._pending.append((name, due, self._generation.get(name, 0)))
         if len(self._pending) == 1:
-            self._batch = asyncio.create_task(self._tick_batch())
+            batch = asyncio.create_task(self._tick_batch())
+            self._batches.add(batch)
+            batch.add_done_callback(self._batches.discard)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -129,8 +142,34 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     async def _tick_batch(self) -> None:
+        """Persist the batch's next due times, then start its runs.
+
+        A store error (locked past the busy timeout, a full disk) is logged,
+        counted and retried with backoff until it goes through: the ticks'
+        timers are re-armed only by a batch that was written, so giving up
+        would stop those workflows for good.
+        """
         await asyncio.sleep(0)  # let the timer loop queue every tick due now
         batch, self._pending = self._pending, []
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                runs, dues = await self._persist(batch)
+                break
+            except WriteFailed as exc:
+                self.metrics.store_error("tick")
+                logs.event("tick-store-error", level=logging.ERROR, ticks=len(batch),
+                           error=str(exc), retry_in_s=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), delay)
+            if self._closed.is_set():
+                return
+            delay = min(delay * 2, RETRY_MAX_S)
+        await self._start(runs, dues)
+
+    async def _persist(self, batch: list[tuple[str, datetime, int]]
+                       ) -> tuple[list[tuple[Workflow, datetime, int]], dict[str, datetime]]:
+        """Read the batch's workflows and store their next due times (one read, one write)."""
         found = {w.name: w for w in await self.store.workflows([name for name, _, _ in batch])}
         now, runs, dues = utc_now(), [], {}
         for name, due, generation in batch:
@@ -145,6 +184,10 @@ class Scheduler:
             self.metrics.timer_fired((now - due).total_seconds())
         # Persisted before any run starts: a crash cannot fire these ticks twice.
         await self.store.set_next_dues({name: utc_iso(due) for name, due in dues.items()})
+        return runs, dues
+
+    async def _start(self, runs: list[tuple[Workflow, datetime, int]],
+                     dues: dict[str, datetime]) -> None:
         for workflow, due, generation in runs:
             if self._generation.get(workflow.name, 0) != generation:
                 continue  # changed by an operator while the batch was being written
@@ -157,7 +200,15 @@ class Scheduler:
                 self.metrics.tick_skipped(workflow.name)
                 # Awaited here, not spawned: close() waits for this batch, so
                 # the count is never written after the store is closed.
-                await self.store.add_skipped(workflow.name, 1)
+                await self._stored("skipped", self.store.add_skipped(workflow.name, 1))
+
+    async def _stored(self, operation: str, write: Any) -> None:
+        """Await a write whose failure only loses a count or a skipped record: log it."""
+        try:
+            await write
+        except WriteFailed as exc:
+            self.metrics.store_error(operation)
+            logs.event("store-error", level=logging.ERROR, operation=operation, error=str(exc))
 
     async def _execute(self, workflow: Workflow, trigger: Trigger,
                        lineage: dict[str, Any] | None = None) -> Executed:
@@ -179,7 +230,7 @@ class Scheduler:
             duration_ms=0.0,
             error=(f"{len(skipped)} tick(s) skipped between {utc_iso(skipped[0])} and "
                    f"{utc_iso(skipped[-1])}: the previous run was still going"))
-        await self.store.record(record)
+        await self._stored("skipped", self.store.record(record))
         logs.event("skipped", workflow=workflow.name, ticks=len(skipped))
 
 

@@ -13,6 +13,7 @@ and applies what can change without a restart.
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -41,6 +42,7 @@ from wfd.metrics import Metrics
 from wfd.retention import Pruner
 from wfd.scheduler import Scheduler
 from wfd.store import ExecutionRecord, Store, StoreError
+from wfd.storewatch import StoreWatch
 
 # Keys a SIGHUP cannot apply: they are bound to open sockets, files,
 # semaphores or the kind of executor. A changed value is logged as needing a
@@ -80,29 +82,42 @@ class Daemon:
         self.metrics.watch_clients(lambda: self.guard.open,
                                    lambda: self.admission.pending_bytes)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission,
-                                     self.files, self.environments)
+                                     self.metrics, self.files, self.environments)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
         self.deliveries = Deliveries(self.store, self.dispatcher, self.metrics)
         self.metrics.watch_deliveries(self.deliveries.depth)
-        self.pruner = Pruner(self.store, lambda: self.config.retention)
+        self.pruner = Pruner(self.store, lambda: self.config.retention, metrics=self.metrics)
+        self.storewatch = StoreWatch(self.store, self.metrics)
         self.commands = Commands(config, self.store, self.dispatcher, self.scheduler,
                                  self.status, self.deliveries)
         self.dispatcher.listeners += [self._count, self.pruner.note, self.commands.publish]
         self.control = ControlServer(config.socket_path, self.commands.table(),
-                                     config.socket_group)
+                                     config.socket_group, self.metrics)
         self.state = "starting"
         self.started = time.monotonic()
+        # Says which start of which daemon answers: `make run` compares the one
+        # /healthz gives with the one its own daemon's socket gives.
+        self.instance = secrets.token_hex(8)
         self._runners: list[web.AppRunner] = []
         self._background: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        """/healthz: 200 while serving, 503 while starting or draining; active layers."""
+        """/healthz: 200 while serving; 503 while starting, draining, or `degraded`.
+
+        Degraded: serving, but the store cannot write (a full disk, a lock
+        held too long), so executions would lose their records. It clears by
+        itself at the first write that succeeds (wfd/storewatch.py).
+        """
         layers = self.isolation.layers(self.executor.status()["executor"])
         active = [name for name, layer in layers.items() if layer["active"]]
-        return (200 if self.state == "serving" else 503), {
-            "status": self.state,
+        error = self.store.write_error
+        state = "degraded" if self.state == "serving" and error else self.state
+        return (200 if state == "serving" else 503), {
+            "status": state,
+            "instance": self.instance,
+            "store": {"writable": error is None, "error": error},
             "isolation": {"mode": self.isolation.mode, "active": active,
                           "self_test": "failed" if selftest.failures(self.self_test)
                           else "passed"},
@@ -115,6 +130,7 @@ class Daemon:
         return {
             "state": self.state,
             "pid": os.getpid(),
+            "instance": self.instance,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "listen": config.listen,
             "admin_listen": config.admin_listen or None,
@@ -186,10 +202,12 @@ class Daemon:
                                keepalive_timeout=self.config.keepalive_s)
         await runner.setup()
         self._runners.append(runner)
-        if guard is None:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
-        else:
-            await GuardedSite(runner, host, port, guard, reuse_address=True).start()
+        site = (web.TCPSite(runner, host, port, reuse_address=True) if guard is None
+                else GuardedSite(runner, host, port, guard, reuse_address=True))
+        try:
+            await site.start()
+        except OSError as exc:  # taken, or not an address of this machine
+            raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
     def request_stop(self, signum: int) -> None:
         """Signal handler: only records the request; the loop does the work."""
@@ -209,6 +227,7 @@ class Daemon:
         try:
             await self.start()
             self._spawn(self.pruner.run())
+            self._spawn(self.storewatch.run())
             self._spawn(self._prune_environments())
             self._spawn(self._reloads())
             await self._stop.wait()

@@ -11,6 +11,9 @@ power loss can take back the last few commits.
 """
 
 import asyncio
+import contextlib
+import sqlite3
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +25,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from sandbox import protocol
 from wfd.domain import Kind, SettingsChange, Status, Trigger
 
 MIGRATIONS = [
@@ -120,6 +124,12 @@ MIGRATIONS = [
     """
     ALTER TABLE workflows ADD COLUMN allow_net TEXT NOT NULL DEFAULT '[]';
     """,
+    # records: one row the store-health probe rewrites to learn whether the
+    # store can write again (after a full disk or a long lock).
+    """
+    CREATE TABLE store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL);
+    INSERT INTO store_probe (id, at) VALUES (1, '');
+    """,
     # environments (SPEC 10): a workflow's environment variables, kept apart
     # from its settings because they are secrets: never shown, never exported
     # unless asked.
@@ -141,10 +151,26 @@ MIGRATIONS = [
 
 
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
+# How long a write waits for another process's lock before it fails.
+BUSY_TIMEOUT_MS = 5000
+# Pages after which a commit checkpoints the WAL back into the database
+# (SQLite's default, stated so that it is a decision).
+WAL_AUTOCHECKPOINT_PAGES = 1000
 
 
 class StoreError(Exception):
     """An operation the stored state does not allow; the message says why."""
+
+
+# What a failed write raises: sqlite3's errors ("database is locked",
+# "database or disk is full", "disk I/O error"), as opposed to StoreError.
+WriteFailed = sqlite3.Error
+
+
+def _degrades(exc: BaseException) -> bool:
+    """A failure of the store itself rather than of one statement's data."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.ProgrammingError)
 
 
 def utc_iso(moment: datetime | None = None) -> str:
@@ -323,7 +349,7 @@ def _workflow(row: Any) -> Workflow:
         enabled=bool(row[2]),
         version=row[3],
         catch_key=row[4],
-        settings=orjson.loads(row[5]),
+        settings=protocol.loads(row[5]),
         limits=orjson.loads(row[6]),
         schedule=orjson.loads(row[7]) if row[7] else None,
         created_at=row[8],
@@ -349,6 +375,10 @@ def _execution(row: Any) -> ExecutionRecord:
 
 class SettingsTooLarge(StoreError):
     """A settings change would make the stored object larger than its limit."""
+
+
+class SettingsNotStorable(StoreError):
+    """The settings cannot be encoded (sandbox/protocol.py): a lone surrogate, say."""
 
 
 def changed_since(given: dict[str, Any], change: SettingsChange) -> SettingsChange:
@@ -401,7 +431,10 @@ def settings_json(settings: dict[str, Any], max_bytes: int) -> bytes:
     merge, `wfd ctl settings set`): the size a child computes from its own
     view cannot know what other executions stored meanwhile.
     """
-    encoded = orjson.dumps(settings)
+    try:
+        encoded = protocol.dumps(settings)
+    except protocol.CodecError as exc:
+        raise SettingsNotStorable(f"settings cannot be stored: {exc}") from None
     if len(encoded) > max_bytes:
         raise SettingsTooLarge(f"settings would be {len(encoded)} bytes, over the limit of "
                                f"{max_bytes} bytes (settings_kb = {max_bytes // 1024})")
@@ -415,6 +448,9 @@ class Store:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        # Why the last write failed, until one succeeds (/healthz: degraded).
+        self.write_error: str | None = None
+        self.last_write = time.monotonic()
 
     async def open(self) -> None:
         """Open (creating if needed) the database and apply pending migrations."""
@@ -424,8 +460,9 @@ class Store:
         # has no tables yet (retention and VACUUM policy: systemd/README.md).
         # journal_size_limit truncates the WAL after a checkpoint past 64 MiB.
         for pragma in ("auto_vacuum=INCREMENTAL", "journal_mode=WAL", "synchronous=NORMAL",
-                       "busy_timeout=5000", "foreign_keys=ON",
-                       f"journal_size_limit={WAL_LIMIT_BYTES}"):
+                       f"busy_timeout={BUSY_TIMEOUT_MS}", "foreign_keys=ON",
+                       f"journal_size_limit={WAL_LIMIT_BYTES}",
+                       f"wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}"):
             await self._db.execute(f"PRAGMA {pragma}")
         await self._migrate()
 
@@ -446,18 +483,32 @@ class Store:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; the lock keeps coroutines from interleaving in it."""
+        """One write transaction; the lock keeps coroutines from interleaving in it.
+
+        A write that fails for the store's own reasons (locked past the busy
+        timeout, a full disk) is rolled back, raised, and remembered in
+        `write_error` until a later write succeeds.
+        """
         async with self._lock:
             db = self._db
             if db is None:
                 raise StoreError("the store is closed")
-            await db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    await db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            await db.execute("ROLLBACK")
+                    raise
+            except Exception as exc:
+                if _degrades(exc):
+                    self.write_error = f"{exc} ({type(exc).__name__})"
                 raise
-            await db.execute("COMMIT")
+            self.write_error = None
+            self.last_write = time.monotonic()
 
     async def _fetchall(self, sql: str, *args: Any) -> list[Any]:
         async with self._lock:
@@ -626,7 +677,7 @@ class Store:
             if changed["set"] or changed["unset"]:
                 try:
                     merged = settings_json(merge_settings(stored, changed), max_settings_bytes)
-                except SettingsTooLarge as exc:
+                except (SettingsTooLarge, SettingsNotStorable) as exc:
                     refused = f"{exc}; nothing was kept"
                 else:
                     await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
@@ -912,6 +963,51 @@ class Store:
         (after,) = await self._fetchone("PRAGMA freelist_count")
         return int((before - after) * page_size)
 
+    async def prune_versions(self, keep: int) -> int:
+        """Delete each workflow's versions beyond its `keep` newest; how many went.
+
+        The current version and the one before it (what a rollback would
+        most likely want) are never deleted, whatever `keep` says.
+        """
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM versions WHERE rowid IN (SELECT v.rowid FROM versions v"
+                " JOIN workflows w ON w.name = v.workflow"
+                " WHERE v.version <> w.version"
+                " AND v.version <> (SELECT max(p.version) FROM versions p"
+                "                   WHERE p.workflow = v.workflow AND p.version < w.version)"
+                " AND v.version <= (SELECT max(n.version) FROM versions n"
+                "                   WHERE n.workflow = v.workflow) - ?)", (keep,))
+            return cursor.rowcount
+
+    # -- the store's own health ----------------------------------------------------
+
+    async def probe(self) -> None:
+        """A one-row write: succeeds once the store can write again (raises otherwise)."""
+        async with self._transaction() as db:
+            await db.execute("UPDATE store_probe SET at = ? WHERE id = 1", (utc_iso(),))
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy the whole WAL into the database and truncate it to zero bytes.
+
+        Returns (frames in the WAL, frames checkpointed). Cheap when the
+        WAL is empty. It never waits for another process (a backup reading
+        the file): without the busy timeout it is then partial, and done
+        the next time, rather than holding the store for seconds.
+        """
+        async with self._lock:
+            db = self._db
+            if db is None:
+                raise StoreError("the store is closed")
+            await db.execute("PRAGMA busy_timeout = 0")
+            try:
+                async with db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                    row = await cursor.fetchone()
+                    _, frames, done = row if row is not None else (0, 0, 0)
+            finally:
+                await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return frames, done
+
     # -- export and import ------------------------------------------------------
 
     async def export(self, with_secrets: bool = False) -> list[dict[str, Any]]:
@@ -958,7 +1054,7 @@ class Store:
                     " limits, schedule, created_at, updated_at, allow_net)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, item["kind"], int(item["enabled"]), item["version"],
-                     item["catch_key"], orjson.dumps(item["settings"]).decode(),
+                     item["catch_key"], protocol.dumps(item["settings"]).decode(),
                      orjson.dumps(item["limits"]).decode(), _json_or_null(item["schedule"]),
                      item["created_at"], item["updated_at"],
                      orjson.dumps(item.get("allow_net", [])).decode()))
@@ -994,7 +1090,7 @@ async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
         row = await cursor.fetchone()
     if row is None:
         raise StoreError(f"no workflow named {name}")
-    settings: dict[str, Any] = orjson.loads(row[0])
+    settings: dict[str, Any] = protocol.loads(row[0])
     return settings
 
 
@@ -1019,11 +1115,11 @@ async def _import_policy(db: aiosqlite.Connection, name: str, exported: dict[str
 
 def _pack(request: RequestFields) -> bytes:
     """A stored request: JSON, deflated (webhook JSON shrinks 3-5 times, for ~20 µs)."""
-    return zlib.compress(orjson.dumps(request), 1)
+    return zlib.compress(protocol.dumps(request), 1)
 
 
 def _unpack(blob: bytes) -> dict[str, Any]:
-    request: dict[str, Any] = orjson.loads(zlib.decompress(blob))
+    request: dict[str, Any] = protocol.loads(zlib.decompress(blob))
     return request
 
 

@@ -59,7 +59,7 @@ def parsed(content_type: str, data: Any, max_size: int = 1 << 20) -> Any:
     async def handler(request: web.Request) -> web.Response:
         try:
             body = await read_body(request, content_type, max_size, whole=False)
-            return web.json_response(parse_body(content_type, body, request.charset))
+            return web.json_response(parse_body(content_type, body, request.charset, 64))
         except (BadRequest, PayloadTooLarge) as exc:
             return web.json_response(type(exc).__name__)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sandbox import protocol
 from wfd import catch, envvars, ids, logs, signatures
 from wfd.admission import Overloaded
 from wfd.config import Config, ConfigError, Limits, check_allowances, redeployed_overrides
@@ -19,11 +20,12 @@ from wfd.delivery import MAX_BACKOFF_S, Deliveries
 from wfd.dispatch import Dispatcher, Executed
 from wfd.domain import Kind, SettingsChange, Trigger
 from wfd.environments import BuildError, Environments, prune_environments
+from wfd.executor import JobError
 from wfd.files import WorkflowFiles
 from wfd.requirements import Requirements, RequirementsError, declared, top_level_imports
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
-from wfd.store import POLICY_KEYS, ExecutionRecord, Store, Workflow, check_kind
+from wfd.store import POLICY_KEYS, ExecutionRecord, Store, Workflow, check_kind, merge_settings
 
 LIMIT_FLAGS = ("timeout_s", "memory_mb", "cpu_s", "processes", "open_files", "concurrency")
 
@@ -98,6 +100,7 @@ class Commands:
         """
         check_name(name)
         kind = _kind(kind)
+        self._check_code_size(code)
         delivery = _delivery_changes(kind, delivery or {})
         unknown = sorted({k for k, v in (limits or {}).items() if v is not None}
                          - set(LIMIT_FLAGS))
@@ -185,6 +188,7 @@ class Commands:
         if deploy.delivery:
             await self.store.set_delivery_policy(name, deploy.delivery)
         await self.scheduler.refresh(name)
+        await self.store.prune_versions(self.config.retention.versions_per_workflow)
         logs.event("deployed", workflow=name, version=workflow.version, kind=deploy.kind,
                    environment=environment and environment["hash"])
         result = {"name": name, "kind": deploy.kind, "version": workflow.version}
@@ -193,6 +197,15 @@ class Commands:
         if deploy.kind == Kind.CATCH:
             result["url"] = self._url(workflow)
         return result
+
+    def _check_code_size(self, code: Any) -> None:
+        """Refuse a file over `max_code_kb`: every version is kept in memory and stored."""
+        if not isinstance(code, str):
+            raise CommandError("code must be the text of a Python file")
+        size, limit = len(code.encode("utf-8", "surrogatepass")), self.config.max_code_kb
+        if size > limit * 1024:
+            raise CommandError(f"deploy refused: the file is {size / 1024:.0f} KiB, over the "
+                               f"limit of {limit} KiB (max_code_kb)")
 
     @staticmethod
     def parse_schedule(kind: Kind, schedule: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -262,6 +275,12 @@ class Commands:
     async def _change_settings(self, name: str, change: SettingsChange) -> dict[str, Any]:
         workflow = await self._workflow(name)
         limit = self.dispatcher.limits(workflow).settings_kb * 1024
+        depth = self.config.max_json_depth
+        try:
+            protocol.check_depth(merge_settings(workflow.settings, change), depth)
+        except protocol.CodecError as exc:
+            raise CommandError(f"settings cannot be stored: {exc} "
+                               f"(max_json_depth = {depth})") from None
         return await self.store.change_settings(name, change, limit)
 
     async def env(self, name: str) -> list[str]:
@@ -326,11 +345,17 @@ class Commands:
             raise CommandError(f"the daemon is overloaded: {exc}; try again") from None
         except Busy as exc:
             raise CommandError(str(exc)) from None
+        except JobError as exc:
+            raise CommandError(f"--data cannot be handed to the workflow: {exc}") from None
         return self._ran(workflow, executed)
 
     @staticmethod
     def _ran(workflow: Workflow, executed: Executed) -> dict[str, Any]:
         """How `run` and `replay` report an execution: its record, and for catch the response."""
+        if not executed.recorded:
+            raise CommandError(f"execution {executed.record.id} ran "
+                               f"({executed.record.status}) but the store could not record "
+                               "it: nothing it changed was kept")
         out: dict[str, Any] = executed.record.summary()
         if workflow.kind == Kind.CATCH:
             response = executed.response

@@ -16,22 +16,23 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from sandbox import protocol
 from wfd import logs
 from wfd.config import ConfigError
 from wfd.control.protocol import MAX_REQUEST_BYTES, CommandError
-from wfd.store import StoreError
+from wfd.metrics import Metrics
+from wfd.store import StoreError, WriteFailed
 
 
 class ControlServer:
     """Serves a table of command handlers on a unix socket, one JSON line per request."""
 
     def __init__(self, path: Path, commands: Mapping[str, Callable[..., Awaitable[Any]]],
-                 group: str = "") -> None:
+                 group: str = "", metrics: Metrics | None = None) -> None:
         self.path = path
         self.commands = commands
         self.group = group
+        self.metrics = metrics or Metrics()
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -73,7 +74,7 @@ class ControlServer:
                 answer = await self._answer(line)
                 if isinstance(answer.get("result"), AsyncGenerator):
                     answer = await self._stream(answer["id"], answer["result"], reader, writer)
-                writer.write(orjson.dumps(answer) + b"\n")
+                writer.write(protocol.dumps(answer) + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass  # a client that hung up or sent a line over the limit
@@ -99,8 +100,8 @@ class ControlServer:
                     item.cancel()
                     await asyncio.wait({item})  # the generator must stop before aclose
                     raise ConnectionResetError("the client hung up")
-                writer.write(orjson.dumps({"id": request_id, "ok": True,
-                                           "item": item.result()}) + b"\n")
+                writer.write(protocol.dumps({"id": request_id, "ok": True,
+                                          "item": item.result()}) + b"\n")
                 await writer.drain()
         except StopAsyncIteration:
             return {"id": request_id, "ok": True, "result": None}
@@ -115,7 +116,7 @@ class ControlServer:
     async def _answer(self, line: bytes) -> dict[str, Any]:
         request_id = command = None
         try:
-            request = orjson.loads(line)
+            request = protocol.loads(line)
             request_id, command = request.get("id"), request.get("command")
             handler = self.commands.get(command)
             if handler is None:
@@ -128,7 +129,14 @@ class ControlServer:
             return {"id": request_id, "ok": True, "result": result}
         except (CommandError, StoreError, ConfigError) as exc:
             return {"id": request_id, "ok": False, "error": str(exc)}
-        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+        except WriteFailed as exc:
+            self.metrics.store_error("ctl")
+            logs.event("store-error", level=logging.ERROR, operation="ctl",
+                       command=request.get("command"), error=str(exc))
+            return {"id": request_id, "ok": False,
+                    "error": f"the store cannot write now ({exc}); nothing was changed, "
+                             "try again"}
+        except (protocol.CodecError, AttributeError, TypeError) as exc:
             return {"id": request_id, "ok": False, "error": f"malformed request: {exc}"}
         except Exception as exc:
             logs.event("ctl-failed", level=logging.ERROR, exc_info=True, command=command)

@@ -8,13 +8,13 @@ behind the router (router.py) that keeps one per environment and policy.
 from collections.abc import Callable, Sequence
 
 from wfd.config import Config
-from wfd.executor.base import ChildLost, Executor, Job, Outcome
+from wfd.executor.base import ChildLost, Executor, Job, JobError, Outcome
 from wfd.executor.spawn import SpawnExecutor
 from wfd.executor.zygote import ZygoteExecutor
 from wfd.isolation.layers import Isolation
 from wfd.isolation.network import Policy
 
-__all__ = ["EXECUTORS", "ChildLost", "Executor", "Job", "Outcome", "SpawnExecutor",
+__all__ = ["EXECUTORS", "ChildLost", "Executor", "Job", "JobError", "Outcome", "SpawnExecutor",
            "ZygoteExecutor", "make_executor"]
 
 EXECUTORS: dict[str, Callable[[Config, Isolation, Policy, Sequence[str]], Executor]] = {

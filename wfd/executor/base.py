@@ -6,6 +6,7 @@ child is started (a fresh interpreter, or a fork of a preloaded zygote) can
 change without touching HTTP, the control socket or the scheduler.
 """
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,9 +22,25 @@ from wfd.isolation.network import Policy
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
+class JobError(Exception):
+    """The job cannot be handed to a child; `part` says which part, the message why."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(message)
+        self.part = part
+
+
 @dataclass(frozen=True)
 class Job:
-    """What one child is asked to do: run (or, at deploy, check) a workflow."""
+    """What one child is asked to do: run (or, at deploy, check) a workflow.
+
+    Encoded once, when it is made: a Job that exists can be handed to a
+    child, so nothing (a pipe, a spare, a cgroup) is ever acquired for one
+    that cannot. Only the fields that depend on how the child starts
+    (`result_fd`, `processes` under RLIMIT_NPROC, the seccomp flag, `env`
+    with the workflow's directory as the child sees it, and that directory's
+    mount) are added by `payload`, in front of the encoded body.
+    """
 
     execution_id: str
     name: str
@@ -39,6 +56,7 @@ class Job:
     response_bytes: int = 10 * MIB
     # Where it may connect, under the network layer (an execution gets a namespace of it).
     network: Policy = field(default_factory=Policy)
+    json_depth: int = 64
     # The workflow's environment variables: secrets, so out of repr and logs.
     env: dict[str, str] = field(default_factory=dict, repr=False)
     # The workflow's persistent directory on the host (None: it has none yet).
@@ -46,11 +64,44 @@ class Job:
     # The workflow's environment (None: the default one) and what its zygote preloads.
     environment: Environment | None = None
     preload: tuple[str, ...] = ()
+    # The encoded job in pieces, so that a large request is copied once (by
+    # its own encoding) and never again to be joined: `feed` writes them in turn.
+    body: tuple[bytes, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "body", self._encode())
+
+    def prepared(self, files: Path | None, environment: Environment | None) -> "Job":
+        """This job once its workflow's directory and environment are ready.
+
+        Neither is in the encoded body (an executor turns them into mounts,
+        an interpreter and `env` at `payload`), so the copy shares the body:
+        `replace` would encode a large request a second time.
+        """
+        job = copy.copy(self)
+        object.__setattr__(job, "files", files)
+        object.__setattr__(job, "environment", environment)
+        return job
+
+    def _encode(self) -> tuple[bytes, ...]:
+        job: dict[str, Any] = {
+            "protocol": protocol.VERSION,
+            "mode": self.mode,
+            "kind": self.kind,
+            "name": self.name,
+            "version": self.version,
+            "code": self.code,
+        }
+        parts = [_encoded("code", job)[:-1]]
+        for key, value in (("settings", self.settings), ("request", self.request)):
+            if value is not None:
+                parts += [b',"%s":' % key.encode(), _encoded(key, value)]
+        return (*parts, b"}")
 
     def payload(self, result_fd: int, rlimit_nproc: bool = True, sandboxed: bool = False,
                 variables: dict[str, str] | None = None,
-                files_mount: dict[str, str | None] | None = None) -> bytes:
-        """The JSON document the child reads on stdin.
+                files_mount: dict[str, str | None] | None = None) -> list[bytes]:
+        """The JSON document the child reads on stdin, in pieces: `body` with the start-up fields.
 
         Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
         cgroup bounds the execution instead, and RLIMIT_NPROC would count
@@ -61,14 +112,7 @@ class Job:
         `files_mount` tells a zygote's child which directory to mount where.
         """
         limits = self.limits
-        job: dict[str, Any] = {
-            "protocol": protocol.VERSION,
-            "mode": self.mode,
-            "kind": self.kind,
-            "name": self.name,
-            "version": self.version,
-            "code": self.code,
-            "settings": self.settings,
+        start: dict[str, Any] = {
             "result_fd": result_fd,
             "forbid_namespaces": sandboxed,
             "env": {**self.env, **(variables or {})},
@@ -80,13 +124,21 @@ class Job:
                 "file_size_bytes": limits.file_size_mb * MIB,
                 "tmp_bytes": limits.tmp_mb * MIB,
                 "response_bytes": self.response_bytes,
+                "json_depth": self.json_depth,
             },
         }
-        if self.request is not None:
-            job["request"] = self.request
         if files_mount is not None:
-            job["files"] = files_mount
-        return orjson.dumps(job)
+            start["files"] = files_mount
+        head = orjson.dumps(start)
+        first, *rest = self.body
+        return [head[:-1] + b"," + first[1:], *rest]
+
+
+def _encoded(what: str, value: Any) -> bytes:
+    try:
+        return protocol.dumps(value)
+    except protocol.CodecError as exc:
+        raise JobError(what, f"the {what} cannot be handed to the child: {exc}") from None
 
 
 @dataclass

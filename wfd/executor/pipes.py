@@ -6,7 +6,7 @@ feeding the job and draining output and result is one piece of code.
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,46 +39,74 @@ class Pipes:
     The child gets the job's reading end, the output's and the result's
     writing ends (`theirs`); the daemon keeps the other three, so draining,
     capping and judging are the same code for every executor.
+
+    This object is the one owner of all six descriptors: `close` is
+    idempotent and used as a context manager it closes whatever is still
+    open on every way out, so no path (a failed spawn, a cancellation) can
+    leak one.
     """
 
     def __init__(self) -> None:
-        self.job_r, self.job_w = os.pipe()
-        self.output_r, self.output_w = os.pipe()
-        self.result_r, self.result_w = os.pipe()
+        self._open: set[int] = set()
+        try:
+            self.job_r, self.job_w = self._pipe()
+            self.output_r, self.output_w = self._pipe()
+            self.result_r, self.result_w = self._pipe()
+        except BaseException:
+            self.close_all()
+            raise
+
+    def _pipe(self) -> tuple[int, int]:
+        ends = os.pipe()
+        self._open.update(ends)
+        return ends
+
+    def __enter__(self) -> "Pipes":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close_all()
 
     def theirs(self) -> list[int]:
         """The child's ends, in the order of `sandbox.protocol.PIPES`."""
         return [self.job_r, self.output_w, self.result_w]
 
+    def close(self, *fds: int) -> None:
+        """Close those of `fds` still open (each exactly once)."""
+        for fd in fds:
+            if fd in self._open:
+                self._open.discard(fd)
+                os.close(fd)
+
     def close_theirs(self) -> None:
         """Once the child holds its ends: EOF on ours then means it is done."""
-        for fd in self.theirs():
-            os.close(fd)
+        self.close(*self.theirs())
 
-    def close_ours(self) -> None:
-        for fd in (self.job_w, self.output_r, self.result_r):
-            os.close(fd)
+    def close_all(self) -> None:
+        self.close(*list(self._open))
 
 
-async def feed(fd: int, data: bytes) -> None:
-    """Write the job to the child's stdin and close it, never blocking the loop."""
+async def feed(pipes: Pipes, pieces: Sequence[bytes]) -> None:
+    """Write the job's pieces to the child's stdin in turn and close it, never blocking the loop."""
+    fd = pipes.job_w
     os.set_blocking(fd, False)
-    view = memoryview(data)
     try:
-        while view:
-            try:
-                view = view[os.write(fd, view):]
-            except BlockingIOError:
-                await ready(fd, asyncio.get_running_loop().add_writer,
-                             asyncio.get_running_loop().remove_writer)
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    await ready(fd, asyncio.get_running_loop().add_writer,
+                                asyncio.get_running_loop().remove_writer)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the child died before reading its job; its exit says why
     finally:
-        os.close(fd)
+        pipes.close(fd)  # EOF: the child reads its job to the end
 
 
 async def drain(fd: int, into: Captured) -> None:
-    """Read a raw pipe to EOF through the loop, then close it (exactly once).
+    """Read a raw pipe to EOF through the loop; `Pipes` closes it afterwards.
 
     A plain add_reader loop rather than connect_read_pipe: under uvloop the
     transport closes the fd itself while the file object wrapping it would
@@ -86,18 +114,15 @@ async def drain(fd: int, into: Captured) -> None:
     """
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
-    try:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                await ready(fd, loop.add_reader, loop.remove_reader)
-                continue
-            if not chunk:
-                return
-            into.add(chunk)
-    finally:
-        os.close(fd)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            await ready(fd, loop.add_reader, loop.remove_reader)
+            continue
+        if not chunk:
+            return
+        into.add(chunk)
 
 
 async def ready(fd: int, watch: Callable[..., Any], unwatch: Callable[[int], Any]) -> None:

@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,32 @@ from wfd.isolation.layers import Isolation
 
 class _NoNetwork(Exception):
     """The execution's network namespace could not be set up; it never ran."""
+
+
+@contextlib.asynccontextmanager
+async def execution_cgroup(isolation: Isolation, job: Job
+                           ) -> AsyncIterator[ExecutionCgroup | None]:
+    """The execution's cgroup (None without one), removed on every way out.
+
+    It is made in a thread; a cancellation while it is being made (the
+    daemon interrupting executions at shutdown) still waits for it and
+    removes it, rather than leaving a group nobody knows about.
+    """
+    making = asyncio.ensure_future(asyncio.to_thread(isolation.cgroup_for, job.limits,
+                                                     job.execution_id))
+    try:
+        cgroup = await asyncio.shield(making)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            late = await making
+            if late is not None:
+                await asyncio.to_thread(late.close)
+        raise
+    try:
+        yield cgroup
+    finally:
+        if cgroup is not None:
+            await asyncio.to_thread(cgroup.close)
 
 
 def _kill_group(pid: int) -> None:
@@ -87,73 +114,70 @@ class SpawnExecutor:
     async def _run_with_cgroup(self, job: Job, cwd: str, env: dict[str, str],
                                sandboxed: bool) -> Outcome:
         """Make the execution's cgroup, run the child in it, and always remove it."""
-        cgroup = await asyncio.to_thread(self.isolation.cgroup_for, job.limits,
-                                         job.execution_id)
-        info = block = None
-        try:
-            net = None
-            if sandboxed and self.isolation.network is not None:
-                info, block = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
-                net = self.isolation.network.bwrap_options(info[1], block[0])
+        async with execution_cgroup(self.isolation, job) as cgroup:
+            info = block = None
             try:
-                argv = self.isolation.argv(job.limits, cgroup, job.files, net)
-            except BaseException:
-                for fd in (info[1], block[0]) if info and block else ():
+                net = None
+                if sandboxed and self.isolation.network is not None:
+                    info, block = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
+                    net = self.isolation.network.bwrap_options(info[1], block[0])
+                try:
+                    argv = self.isolation.argv(job.limits, cgroup, job.files, net)
+                except BaseException:
+                    for fd in (info[1], block[0]) if info and block else ():
+                        os.close(fd)
+                    raise
+                # _spawn closes the child's ends of info and block; ours are closed here.
+                return await self._spawn(job, _Launch(argv, cwd, env, cgroup, sandboxed,
+                                                      info, block))
+            finally:
+                for fd in (info[0], block[1]) if info and block else ():
                     os.close(fd)
-                raise
-            # _spawn closes the child's ends of info and block; ours are closed here.
-            return await self._spawn(job, _Launch(argv, cwd, env, cgroup, sandboxed,
-                                                  info, block))
-        finally:
-            for fd in (info[0], block[1]) if info and block else ():
-                os.close(fd)
-            if cgroup is not None:
-                await asyncio.to_thread(cgroup.close)
 
     async def _spawn(self, job: Job, launch: "_Launch") -> Outcome:
-        pipes = Pipes()
-        started = time.perf_counter()
-        theirs = [fd for fd in (launch.info and launch.info[1], launch.block and launch.block[0])
-                  if fd is not None]
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *launch.argv,
-                stdin=pipes.job_r, stdout=pipes.output_w, stderr=pipes.output_w,
-                pass_fds=(pipes.result_w, *theirs),
-                start_new_session=True,
-                cwd=launch.cwd,
-                env=launch.env,
-            )
-        except BaseException:
-            pipes.close_ours()
-            raise
-        finally:
-            pipes.close_theirs()
-            for fd in theirs:
-                os.close(fd)
-        attached = None
-        try:
-            if launch.info is not None:
-                try:
-                    attached = await self._connect(process, job, launch)
-                except asyncio.CancelledError:
-                    pipes.close_ours()  # _connect killed the child
-                    raise
-            ended = asyncio.ensure_future(process.wait())
-            variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
-                         if job.files else None)
-            payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None,
-                                  sandboxed=launch.signal_exits, variables=variables)
-            return await supervise(job, payload, pipes, started, ended,
-                                   lambda: _kill_group(process.pid), cgroup=launch.cgroup,
-                                   signal_exits=launch.signal_exits)
-        except _NoNetwork as exc:
-            pipes.close_ours()
-            return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
-                           error=f"boot failed: the execution's network: {exc}")
-        finally:
-            if attached is not None:
-                attached.close()
+        with Pipes() as pipes:
+            started = time.perf_counter()
+            theirs = [fd for fd in (launch.info and launch.info[1],
+                                    launch.block and launch.block[0]) if fd is not None]
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *launch.argv,
+                    stdin=pipes.job_r, stdout=pipes.output_w, stderr=pipes.output_w,
+                    pass_fds=(pipes.result_w, *theirs),
+                    start_new_session=True,
+                    cwd=launch.cwd,
+                    env=launch.env,
+                )
+            except BaseException:
+                pipes.close_all()
+                raise
+            finally:
+                pipes.close_theirs()
+                for fd in theirs:
+                    os.close(fd)
+            attached = None
+            try:
+                if launch.info is not None:
+                    try:
+                        attached = await self._connect(process, job, launch)
+                    except asyncio.CancelledError:
+                        pipes.close_all()  # _connect killed the child
+                        raise
+                ended = asyncio.ensure_future(process.wait())
+                variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
+                             if job.files else None)
+                payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None,
+                                      sandboxed=launch.signal_exits, variables=variables)
+                return await supervise(job, payload, pipes, started, ended,
+                                       lambda: _kill_group(process.pid), cgroup=launch.cgroup,
+                                       signal_exits=launch.signal_exits)
+            except _NoNetwork as exc:
+                pipes.close_all()
+                return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
+                               error=f"boot failed: the execution's network: {exc}")
+            finally:
+                if attached is not None:
+                    attached.close()
 
     async def _connect(self, process: asyncio.subprocess.Process, job: Job,
                        launch: "_Launch") -> network.Attached:

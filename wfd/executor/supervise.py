@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import orjson
-
+from sandbox import protocol
 from sandbox.protocol import EXIT_JOIN_FAILED
 from wfd.config import MIB
 from wfd.domain import SettingsChange, Status, WorkflowResponse
@@ -40,7 +39,7 @@ HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 SHOWN_CHARS = 60
 
 
-async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
+async def supervise(job: Job, payload: list[bytes], pipes: Pipes, started: float,
                     ended: "asyncio.Future[int]", kill: Callable[[], None], *,
                     cgroup: ExecutionCgroup | None = None,
                     signal_exits: bool = False) -> Outcome:
@@ -50,14 +49,14 @@ async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
     ChildLost; `kill` ends the child's whole process group, and `cgroup`, when
     there is one, everything else it started. `signal_exits`: the child is
     bwrap, which reports a signal death as exit 128 + N. The child's ends of
-    `pipes` must be closed already; this closes ours.
+    `pipes` must be closed already; the caller's `with Pipes()` closes ours.
     """
     output = Captured(job.limits.output_kb * 1024)
     result = Captured(job.response_bytes + job.limits.settings_kb * 1024
                        + RESULT_OVERHEAD_BYTES)
     readers = [asyncio.create_task(drain(pipes.output_r, output)),
                asyncio.create_task(drain(pipes.result_r, result))]
-    feeder = asyncio.create_task(feed(pipes.job_w, payload))
+    feeder = asyncio.create_task(feed(pipes, payload))
     timed_out, lost, returncode = False, None, None
     try:
         timed_out = not await _reported_or_ended(ended, readers[1], result,
@@ -164,7 +163,7 @@ def _judge(job: Job, ended: _Ended, result: Captured, duration_ms: float) -> Out
     oom = (f"the memory limit of {limits.memory_mb} MiB was reached: the kernel killed "
            "a process of the execution")
     if result.data:
-        outcome = _parse_result(result.data, duration_ms)
+        outcome = _parse_result(result.data, duration_ms, job.json_depth)
         if ended.oom_killed and outcome.status != Status.SUCCESS:
             outcome.status, outcome.error = Status.MEMORY, f"{oom}; then: {outcome.error}"
         return outcome
@@ -183,33 +182,55 @@ def _judge(job: Job, ended: _Ended, result: Captured, duration_ms: float) -> Out
                    f"{ended.returncode} without reporting a result")
 
 
-def _parse_result(data: bytes, duration_ms: float) -> Outcome:
+class _Malformed(Exception):
+    """The child's result breaks the protocol; the message says how."""
+
+
+def _parse_result(data: bytes, duration_ms: float, json_depth: int) -> Outcome:
     """Read the child's result, trusting nothing about its shape.
 
-    The child checks a workflow's return value too, but a workflow can write
-    its own result, so what reaches the caller is checked here.
+    A workflow can write to its own result pipe, so anything here may be
+    forged: whatever is wrong fails the execution with a message naming it.
+    The child checks a workflow's return value too, but what reaches the
+    caller is checked here.
     """
     try:
-        result = orjson.loads(data)
-        outcome = result["outcome"]
+        try:
+            result = protocol.loads(data)
+        except protocol.CodecError as exc:
+            raise _Malformed(f"not JSON ({exc})") from None
+        if not isinstance(result, dict):
+            raise _Malformed("not a JSON object")
+        outcome = result.get("outcome")
         if outcome == Status.SUCCESS:
             response = result.get("response")
-            change = result.get("settings") or {"set": {}, "unset": []}
-            if not (isinstance(change.get("set"), dict)
-                    and isinstance(change.get("unset"), list)):
-                raise ValueError
+            change = _settings_change(result.get("settings"), json_depth)
             problem = response_problem(response)
             if problem is not None:
                 return Outcome(Status.ERROR, duration_ms, error=f"invalid response: {problem}")
             return Outcome(Status.SUCCESS, duration_ms,
                            response=cast("WorkflowResponse | None", response),
-                           settings_change=cast(SettingsChange, change))
+                           settings_change=change)
         if outcome in (Status.ERROR, Status.MEMORY):
             return Outcome(Status(outcome), duration_ms, error=str(result.get("error")),
                            traceback=str(result.get("traceback") or ""))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return Outcome(Status.ERROR, duration_ms, error="the process reported a malformed result")
+        raise _Malformed(f"unknown outcome {str(outcome)[:40]!r}")
+    except _Malformed as exc:
+        return Outcome(Status.ERROR, duration_ms,
+                       error=f"the process reported a malformed result: {exc}")
+
+
+def _settings_change(change: Any, json_depth: int) -> SettingsChange:
+    if change is None:
+        return {"set": {}, "unset": []}
+    if not (isinstance(change, dict) and isinstance(change.get("set"), dict)
+            and isinstance(change.get("unset"), list)):
+        raise _Malformed("the settings change is not {set: object, unset: list}")
+    if not all(isinstance(key, str) for key in change["unset"]):
+        raise _Malformed("the settings change unsets a key that is not a string")
+    if protocol.depth(change["set"], json_depth) > json_depth:
+        raise _Malformed(f"settings nested deeper than {json_depth} levels")
+    return {"set": change["set"], "unset": change["unset"]}
 
 
 def response_problem(response: Any) -> str | None:

@@ -27,7 +27,7 @@ from sandbox.protocol import MESSAGE_BYTES, RESULT_FD, ZygoteArgs
 from wfd import logs
 from wfd.executor.base import CHILD_PATH, ChildLost, Job, Outcome
 from wfd.executor.pipes import Pipes
-from wfd.executor.spawn import SpawnExecutor
+from wfd.executor.spawn import SpawnExecutor, execution_cgroup
 from wfd.executor.supervise import supervise
 from wfd.isolation import network
 from wfd.isolation.cgroups import ExecutionCgroup
@@ -271,34 +271,29 @@ class ZygoteExecutor:
         zygote = await self._ready_zygote()
         if zygote is None:
             return await self.fallback.run(job)
-        cgroup = await asyncio.to_thread(self.isolation.cgroup_for, job.limits,
-                                         job.execution_id)
-        try:
+        async with execution_cgroup(self.isolation, job) as cgroup:
             return await self._run_in(zygote, job, cgroup)
-        finally:
-            if cgroup is not None:
-                await asyncio.to_thread(cgroup.close)
 
     async def _run_in(self, zygote: ZygoteProcess, job: Job,
                       cgroup: ExecutionCgroup | None) -> Outcome:
         """Hand the job's pipes (and its cgroup's procs files) to the zygote; supervise."""
-        joins = cgroup.open_procs() if cgroup is not None else []
-        pipes = Pipes()
-        started = time.perf_counter()
-        try:
-            ended = zygote.run(job.execution_id, [*pipes.theirs(), *joins])
-        finally:
-            pipes.close_theirs()
-            for fd in joins:
-                os.close(fd)
-        variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
-                     if job.files else None)
-        payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None,
-                              sandboxed=self.isolation.sandboxed, variables=variables,
-                              files_mount=self.isolation.files_mount(job.files))
-        return await supervise(job, payload, pipes, started, ended,
-                               lambda: zygote.kill(job.execution_id), cgroup=cgroup,
-                               signal_exits=self.isolation.sandboxed)
+        with Pipes() as pipes:
+            joins = cgroup.open_procs() if cgroup is not None else []
+            started = time.perf_counter()
+            try:
+                ended = zygote.run(job.execution_id, [*pipes.theirs(), *joins])
+            finally:
+                pipes.close_theirs()
+                for fd in joins:
+                    os.close(fd)
+            variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
+                         if job.files else None)
+            payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None,
+                                  sandboxed=self.isolation.sandboxed, variables=variables,
+                                  files_mount=self.isolation.files_mount(job.files))
+            return await supervise(job, payload, pipes, started, ended,
+                                   lambda: zygote.kill(job.execution_id), cgroup=cgroup,
+                                   signal_exits=self.isolation.sandboxed)
 
     async def _ready_zygote(self) -> ZygoteProcess | None:
         """The zygote to use, waiting out a boot in progress; None means cold spawn."""
