@@ -1,6 +1,9 @@
 """Run one job: read it from stdin, run the workflow, write one result to its own pipe.
 
-See PROTOCOL.md beside this file for the contract with the daemon.
+See PROTOCOL.md beside this file for the contract with the daemon. Like
+the whole `sandbox` package it imports only the standard library: it runs
+inside every workflow's environment, which holds only that workflow's
+packages (README, "Packages, variables and files").
 """
 
 import contextlib
@@ -13,7 +16,7 @@ import traceback
 import types
 from typing import Any
 
-from sandbox import codec, limits, protocol, rules, seccomp
+from sandbox import limits, protocol, rules, seccomp
 from sandbox.request import RequestDict
 
 ARGUMENTS = {"catch": ("_request", "settings"), "pull": ("settings",)}
@@ -39,7 +42,7 @@ def main() -> int:
 
 def read_job() -> dict[str, Any]:
     """The job the daemon wrote on stdin (fd 0), read to EOF."""
-    job: dict[str, Any] = codec.loads(sys.stdin.buffer.read())
+    job: dict[str, Any] = protocol.loads(sys.stdin.buffer.read())
     return job
 
 
@@ -51,6 +54,7 @@ def execute(job: dict[str, Any]) -> int:
     """
     try:
         limits.apply(job["limits"])
+        os.environ.update(job.get("env") or {})
         if job.get("forbid_namespaces"):
             seccomp.forbid_namespaces()
     except Exception:
@@ -158,7 +162,7 @@ def check(job: dict[str, Any]) -> dict[str, Any]:
 def run(job: dict[str, Any]) -> dict[str, Any]:
     """Call the workflow and turn what it did into a result."""
     given = job["settings"]
-    settings = codec.loads(codec.dumps(given))  # the workflow's own copy
+    settings = protocol.loads(protocol.dumps(given))  # the workflow's own copy
     try:
         function = entry_point(load(job), job["kind"])
         if job["kind"] == "catch":
@@ -193,9 +197,9 @@ def report(result: dict[str, Any], fd: int) -> None:
         with contextlib.suppress(Exception):  # the workflow may have closed it
             stream.flush()
     try:
-        data = codec.dumps(result)
-    except codec.CodecError as exc:  # a response body that is not valid UTF-8, say
-        data = codec.dumps({"outcome": "error", "traceback": "",
+        data = protocol.dumps(result)
+    except protocol.CodecError as exc:  # a response body that is not valid UTF-8, say
+        data = protocol.dumps({"outcome": "error", "traceback": "",
                             "error": f"the result cannot be sent to the daemon: {exc}"})
     view = memoryview(data)
     while view:

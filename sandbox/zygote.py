@@ -15,6 +15,7 @@ import collections
 import contextlib
 import gc
 import importlib
+import json
 import os
 import selectors
 import shutil
@@ -25,8 +26,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
-
-import orjson
 
 from sandbox import isolate, limits, runner, spare
 from sandbox.protocol import (
@@ -143,7 +142,7 @@ class Zygote:
                 return False
             if not data:
                 return False
-            message = orjson.loads(data)
+            message = json.loads(data)
             op = message.get("op")
             if op == "run":
                 self.start(message["id"], fds, bool(message.get("joined")))
@@ -202,7 +201,7 @@ class Zygote:
                 self.pool.spares.pop(pid).close()
 
     def _hand_over(self, workdir: str | None, fds: list[int], joined: bool = False) -> int:
-        ticket = orjson.dumps({"workdir": workdir})
+        ticket = json.dumps({"workdir": workdir}).encode()
         for _ in range(HAND_OVER_TRIES):
             taken = self.pool.take(joined)
             if taken is None and joined and not self.stock:
@@ -308,7 +307,7 @@ class Zygote:
         return pid, ours
 
     def send(self, message: dict[str, Any]) -> None:
-        self.channel.send(orjson.dumps(message))
+        self.channel.send(json.dumps(message).encode())
 
     def shutdown(self) -> None:
         """Leave nothing behind: kill what still runs, release the spares."""
@@ -404,7 +403,8 @@ def main(argv: list[str]) -> int:
         boot(list(args.preload), sandboxed)
     except BaseException as exc:
         error = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
-        channel.send(orjson.dumps({"ev": "boot_failed", "error": f"boot failed: {error}"}))
+        channel.send(json.dumps({"ev": "boot_failed",
+                                  "error": f"boot failed: {error}"}).encode())
         return EXIT_ZYGOTE_BOOT_FAILED
     Zygote(channel, args.workdirs, Pool(args.spares_min, args.spares_max), sandboxed).serve()
     return 0

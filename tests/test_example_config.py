@@ -9,10 +9,11 @@ KEYS = {
     "log_format", "log_level", "max_body_mb", "global_concurrency", "queue_max", "grace_s",
     "isolation.mode", "isolation.require_cgroups", "max_json_depth", "max_code_kb",
     "header_timeout_s", "body_timeout_s", "keepalive_s", "max_connections", "max_pending_mb",
+    "env_idle_s", "max_zygotes", "env_keep_days", "env_cache_dir",
     "limits.timeout_s", "limits.memory_mb", "limits.cpu_s", "limits.processes",
     "limits.open_files", "limits.file_size_mb", "limits.tmp_mb", "limits.concurrency",
     "limits.output_kb",
-    "limits.settings_kb",
+    "limits.settings_kb", "limits.files_mb",
     "retention.max_per_workflow", "retention.max_age_days", "retention.versions_per_workflow",
     "network.allow", "network.resolv_conf",
 }  # fmt: skip

@@ -7,14 +7,17 @@ change without touching HTTP, the control socket or the scheduler.
 """
 
 import asyncio
+import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
-from sandbox import codec, protocol
+from sandbox import protocol
 from wfd.config import MIB, Limits
 from wfd.domain import Kind, SettingsChange, Status, WorkflowResponse
+from wfd.environments import Environment
 from wfd.isolation.network import Policy
 
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -34,9 +37,10 @@ class Job:
 
     Encoded once, when it is made: a Job that exists can be handed to a
     child, so nothing (a pipe, a spare, a cgroup) is ever acquired for one
-    that cannot. Only the two fields that depend on how the child starts
-    (`result_fd`, and `processes` under RLIMIT_NPROC) are added by
-    `payload`, in front of the encoded body.
+    that cannot. Only the fields that depend on how the child starts
+    (`result_fd`, `processes` under RLIMIT_NPROC, the seccomp flag, `env`
+    with the workflow's directory as the child sees it, and that directory's
+    mount) are added by `payload`, in front of the encoded body.
     """
 
     execution_id: str
@@ -54,12 +58,33 @@ class Job:
     # Where it may connect, under the network layer (an execution gets a namespace of it).
     network: Policy = field(default_factory=Policy)
     json_depth: int = 64
-    body: bytes = field(default=b"", init=False, repr=False, compare=False)
+    # The workflow's environment variables: secrets, so out of repr and logs.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    # The workflow's persistent directory on the host (None: it has none yet).
+    files: Path | None = None
+    # The workflow's environment (None: the default one) and what its zygote preloads.
+    environment: Environment | None = None
+    preload: tuple[str, ...] = ()
+    # The encoded job in pieces, so that a large request is copied once (by
+    # its own encoding) and never again to be joined: `feed` writes them in turn.
+    body: tuple[bytes, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "body", self._encode())
 
-    def _encode(self) -> bytes:
+    def prepared(self, files: Path | None, environment: Environment | None) -> "Job":
+        """This job once its workflow's directory and environment are ready.
+
+        Neither is in the encoded body (an executor turns them into mounts,
+        an interpreter and `env` at `payload`), so the copy shares the body:
+        `replace` would encode a large request a second time.
+        """
+        job = copy.copy(self)
+        object.__setattr__(job, "files", files)
+        object.__setattr__(job, "environment", environment)
+        return job
+
+    def _encode(self) -> tuple[bytes, ...]:
         job: dict[str, Any] = {
             "protocol": protocol.VERSION,
             "mode": self.mode,
@@ -71,22 +96,27 @@ class Job:
         parts = [_encoded("code", job)[:-1]]
         for key, value in (("settings", self.settings), ("request", self.request)):
             if value is not None:
-                parts.append(b',"%s":%s' % (key.encode(), _encoded(key, value)))
-        return b"".join(parts) + b"}"
+                parts += [b',"%s":' % key.encode(), _encoded(key, value)]
+        return (*parts, b"}")
 
-    def payload(self, result_fd: int, rlimit_nproc: bool = True,
-                sandboxed: bool = False) -> bytes:
-        """The JSON document the child reads on stdin: `body` with the start-up fields.
+    def payload(self, result_fd: int, rlimit_nproc: bool = True, sandboxed: bool = False,
+                variables: dict[str, str] | None = None,
+                files_mount: dict[str, str | None] | None = None) -> list[bytes]:
+        """The JSON document the child reads on stdin, in pieces: `body` with the start-up fields.
 
         Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
         cgroup bounds the execution instead, and RLIMIT_NPROC would count
         every execution's processes together (they share one sandbox uid).
         `sandboxed` has the child forbid itself new namespaces (sandbox/seccomp.py).
+        `variables` are the daemon's own (`WFD_WORKFLOW_DIR`), added to the
+        workflow's environment; they travel in the job, never on a command line.
+        `files_mount` tells a zygote's child which directory to mount where.
         """
         limits = self.limits
-        head = orjson.dumps({
+        start: dict[str, Any] = {
             "result_fd": result_fd,
             "forbid_namespaces": sandboxed,
+            "env": {**self.env, **(variables or {})},
             "limits": {
                 "memory_bytes": limits.memory_mb * MIB,
                 "cpu_s": int(limits.cpu_s),
@@ -97,14 +127,18 @@ class Job:
                 "response_bytes": self.response_bytes,
                 "json_depth": self.json_depth,
             },
-        })
-        return head[:-1] + b"," + self.body[1:]
+        }
+        if files_mount is not None:
+            start["files"] = files_mount
+        head = orjson.dumps(start)
+        first, *rest = self.body
+        return [head[:-1] + b"," + first[1:], *rest]
 
 
 def _encoded(what: str, value: Any) -> bytes:
     try:
-        return codec.dumps(value)
-    except codec.CodecError as exc:
+        return protocol.dumps(value)
+    except protocol.CodecError as exc:
         raise JobError(what, f"the {what} cannot be handed to the child: {exc}") from None
 
 
