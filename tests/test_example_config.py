@@ -13,6 +13,7 @@ KEYS = {
     "limits.open_files", "limits.file_size_mb", "limits.tmp_mb", "limits.concurrency",
     "limits.output_kb",
     "limits.settings_kb",
+    "trace_stages",
     "retention.max_per_workflow", "retention.max_age_days", "retention.versions_per_workflow",
     "network.allow", "network.resolv_conf",
 }  # fmt: skip

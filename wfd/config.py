@@ -212,6 +212,9 @@ class Config:
     # Strict refuses to start without a cgroup per execution unless this is false
     # (`[isolation] require_cgroups`): rlimits alone cannot bound a fork bomb.
     require_cgroups: Annotated[bool, Strict()] = True
+    # Time each catch execution's stages and log them (`stages` lines): for
+    # bench/bench_stages.py, off in production (wfd/stages.py).
+    trace_stages: Annotated[bool, Strict()] = False
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
     network: Network = field(default_factory=Network)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from wfd import domain, ids, logs
+from wfd import domain, ids, logs, stages
 from wfd.admission import Admission, BodyHold, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
@@ -97,7 +97,7 @@ class Dispatcher:
                    limits=self.limits(workflow), settings=workflow.settings,
                    request=request if workflow.kind == Kind.CATCH else None,
                    response_bytes=self.config.max_body_bytes, network=self.network(workflow),
-                   json_depth=self.config.max_json_depth)
+                   json_depth=self.config.max_json_depth, trace=stages.active())
 
     async def execute(self, workflow: Workflow, trigger: Trigger,
                       request: RequestFields | None = None,
@@ -155,7 +155,10 @@ class Dispatcher:
                 if on_start is not None:
                     await on_start()
                 started_at, started = datetime.now(UTC), time.perf_counter()
-                return await self.executor.run(job), started_at
+                stages.stamp("admitted")
+                outcome = await self.executor.run(job)
+                stages.stamp("cleaned")
+                return outcome, started_at
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self._interrupting or task is None:
@@ -185,6 +188,7 @@ class Dispatcher:
                        workflow=record.workflow, version=record.version,
                        trigger=record.trigger, status=record.status, error=str(exc))
             return Executed(record, None, recorded=False)
+        stages.stamp("committed")
         logs.event("execution", id=record.id, workflow=record.workflow,
                    version=record.version, trigger=record.trigger, status=record.status,
                    duration_ms=round(record.duration_ms, 1), http=record.http_status)

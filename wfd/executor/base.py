@@ -53,6 +53,8 @@ class Job:
     # Where it may connect, under the network layer (an execution gets a namespace of it).
     network: Policy = field(default_factory=Policy)
     json_depth: int = 64
+    # The child reports its own stage stamps in its result (wfd/stages.py).
+    trace: bool = False
     body: bytes = field(default=b"", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +88,7 @@ class Job:
         head = orjson.dumps({
             "result_fd": result_fd,
             "forbid_namespaces": sandboxed,
+            **({"trace": True} if self.trace else {}),
             "limits": {
                 "memory_bytes": limits.memory_mb * MIB,
                 "cpu_s": int(limits.cpu_s),
