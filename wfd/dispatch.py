@@ -104,11 +104,14 @@ class Dispatcher:
                       reservation: Reservation | None = None,
                       execution_id: str | None = None,
                       lineage: dict[str, Any] | None = None,
-                      on_start: Callable[[], Awaitable[None]] | None = None) -> Executed:
+                      on_start: Callable[[], Awaitable[None]] | None = None,
+                      keep_request: bool = False) -> Executed:
         """Run `workflow` once and store what happened.
 
         `lineage` is copied into the record: an async delivery's `attempt` and
         `first_attempt_id`, a replay's `replay_of`, the stored `request_id`.
+        `keep_request`: store `request` under that `request_id`, in the
+        record's own transaction.
         `on_start` is awaited once the execution holds its slot, before it
         starts (an async delivery is marked running then, not while it waits).
 
@@ -119,7 +122,8 @@ class Dispatcher:
         reservation = reservation or self.reserve(workflow)
         execution_id = execution_id or ids.execution_id()
         task = asyncio.create_task(self._execute(workflow, execution_id, request, trigger,
-                                                 reservation, lineage or {}, on_start))
+                                                 reservation, lineage or {}, on_start,
+                                                 keep_request))
         self._inflight.add(task)
         self._interruptible.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -129,7 +133,8 @@ class Dispatcher:
     async def _execute(self, workflow: Workflow, execution_id: str,
                        request: RequestFields | None, trigger: Trigger,
                        reservation: Reservation, lineage: dict[str, Any],
-                       on_start: Callable[[], Awaitable[None]] | None) -> Executed:
+                       on_start: Callable[[], Awaitable[None]] | None,
+                       keep_request: bool) -> Executed:
         started_at = datetime.now(UTC)
         try:
             job = self.job(workflow, execution_id, request)  # before anything is acquired
@@ -143,7 +148,8 @@ class Dispatcher:
         self._interruptible.discard(asyncio.current_task())
         record_for = functools.partial(_record, execution_id, workflow, trigger, started_at,
                                        outcome, self.limits(workflow), lineage)
-        return await self._store(workflow, outcome, record_for)
+        return await self._store(workflow, outcome, record_for,
+                                 request if keep_request else None)
 
     async def _run(self, job: Job, reservation: Reservation,
                    on_start: Callable[[], Awaitable[None]] | None
@@ -173,13 +179,14 @@ class Dispatcher:
                            error=f"the daemon could not run it: {exc!r}"), started_at
 
     async def _store(self, workflow: Workflow, outcome: Outcome,
-                     record_for: Callable[[str | None], ExecutionRecord]) -> Executed:
-        """Store the record and the settings change; say so if the store cannot."""
+                     record_for: Callable[[str | None], ExecutionRecord],
+                     request: RequestFields | None) -> Executed:
+        """Store the record, the settings change and `request`; say so if the store cannot."""
         try:
             record = await self.store.finish(workflow.name, outcome.settings_change,
                                              workflow.settings,
                                              self.limits(workflow).settings_kb * 1024,
-                                             record_for)
+                                             record_for, request)
         except Exception as exc:
             record = record_for(None)
             self.metrics.store_error("finish")

@@ -8,6 +8,14 @@ the execution record that acknowledges it) are one method.
 Durability: WAL with `synchronous=NORMAL` makes every committed transaction
 survive a crash of the daemon (`kill -9`); only an operating-system crash or
 power loss can take back the last few commits.
+
+The request path reads no SQL when it can help it: workflows and their
+delivery policies are kept in memory once read (`Store._cached`), and every
+method that writes them forgets them (`Store._forget`), in the write's own
+locked section. That is sound because the daemon is the only writer of its
+database (the data directory is its own, 0700; `wfd ctl` goes through it).
+An execution's whole transaction (settings merge, record, stored request)
+runs in the connection's thread in one hop (`Store._run_in_thread`).
 """
 
 import asyncio
@@ -15,12 +23,12 @@ import contextlib
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
@@ -165,6 +173,7 @@ def utc_iso(moment: datetime | None = None) -> str:
 # A request's fields: a dict, or the JSON the catch handler serialized once
 # (an orjson.Fragment, wfd/catch.py) so a waiting request is one compact copy.
 RequestFields = dict[str, Any] | orjson.Fragment
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -418,6 +427,12 @@ class Store:
         # Why the last write failed, until one succeeds (/healthz: degraded).
         self.write_error: str | None = None
         self.last_write = time.monotonic()
+        # Read-through caches of what every catch request looks up (shared
+        # objects: never mutated). A read that a write overtook is not kept:
+        # each forgetting bumps the generation.
+        self._workflows: dict[str, Workflow] = {}
+        self._policies: dict[str, DeliveryPolicy] = {}
+        self._generation = 0
 
     async def open(self) -> None:
         """Open (creating if needed) the database and apply pending migrations."""
@@ -460,7 +475,7 @@ class Store:
             db = self._db
             if db is None:
                 raise StoreError("the store is closed")
-            try:
+            with self._noting_health():
                 await db.execute("BEGIN IMMEDIATE")
                 try:
                     yield db
@@ -470,12 +485,37 @@ class Store:
                         with contextlib.suppress(sqlite3.Error):
                             await db.execute("ROLLBACK")
                     raise
-            except Exception as exc:
-                if _degrades(exc):
-                    self.write_error = f"{exc} ({type(exc).__name__})"
-                raise
-            self.write_error = None
-            self.last_write = time.monotonic()
+
+    @contextlib.contextmanager
+    def _noting_health(self) -> Iterator[None]:
+        """Remember why a write failed for the store's own reasons, or that one succeeded."""
+        try:
+            yield
+        except Exception as exc:
+            if _degrades(exc):
+                self.write_error = f"{exc} ({type(exc).__name__})"
+            raise
+        self.write_error = None
+        self.last_write = time.monotonic()
+
+    async def _run_in_thread(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `work` as one write transaction in the connection's thread: one hop in all.
+
+        Each aiosqlite call is a hop to its thread and back (~50-100 µs on a
+        busy loop); an execution's transaction of five calls paid five.
+        aiosqlite has no public call for running a function there, but its
+        own methods all go through `Connection._execute`, which queues one
+        callable on the connection's thread; this is the one place wfd uses it.
+        Same transaction, same rollback and same `write_error` as `_transaction`.
+        """
+        async with self._lock:
+            db = self._db
+            if db is None:
+                raise StoreError("the store is closed")
+            with self._noting_health():
+                result: _T = await db._execute(  # type: ignore[no-untyped-call]
+                    _committed, db._conn, work)
+                return result
 
     async def _fetchall(self, sql: str, *args: Any) -> list[Any]:
         async with self._lock:
@@ -490,9 +530,33 @@ class Store:
 
     # -- workflows -------------------------------------------------------------
 
+    def _forget(self, *names: str) -> None:
+        """Drop the cached workflows and policies of `names` (all of them without names).
+
+        Called by every write to a workflow or its policy, inside its locked
+        section; reads still in flight then keep what they read to themselves.
+        """
+        self._generation += 1
+        if not names:
+            self._workflows.clear()
+            self._policies.clear()
+        for name in names:
+            self._workflows.pop(name, None)
+            self._policies.pop(name, None)
+
     async def workflow(self, name: str) -> Workflow | None:
+        """The workflow and its current code, from memory once read (unknown names are not kept)."""
+        cached = self._workflows.get(name)
+        if cached is not None:
+            return cached
+        generation = self._generation
         row = await self._fetchone(f"{_WORKFLOW_SELECT} WHERE w.name = ?", name)
-        return _workflow(row) if row else None
+        if row is None:
+            return None
+        workflow = _workflow(row)
+        if generation == self._generation:
+            self._workflows[name] = workflow
+        return workflow
 
     async def workflows(self, names: list[str] | None = None) -> list[Workflow]:
         """All workflows, or those named (in one query, for a batch of timer ticks)."""
@@ -514,6 +578,7 @@ class Store:
         """
         now = utc_iso()
         async with self._transaction() as db:
+            self._forget(name)
             async with db.execute("SELECT kind FROM workflows WHERE name = ?",
                                   (name,)) as cursor:
                 row = await cursor.fetchone()
@@ -548,6 +613,7 @@ class Store:
 
     async def _update(self, name: str, assignments: str, *args: Any) -> Workflow:
         async with self._transaction() as db:
+            self._forget(name)
             cursor = await db.execute(
                 f"UPDATE workflows SET {assignments}, updated_at = ? WHERE name = ?",
                 (*args, utc_iso(), name))
@@ -571,6 +637,7 @@ class Store:
     async def delete(self, name: str) -> None:
         """Forget a workflow, its versions and its execution records."""
         async with self._transaction() as db:
+            self._forget(name)
             cursor = await db.execute("DELETE FROM workflows WHERE name = ?", (name,))
             if cursor.rowcount == 0:
                 raise StoreError(f"no workflow named {name}")
@@ -597,6 +664,7 @@ class Store:
         over `max_bytes`.
         """
         async with self._transaction() as db:
+            self._forget(name)
             merged = merge_settings(await _settings(db, name), change)
             await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
                              (settings_json(merged, max_bytes).decode(), name))
@@ -604,7 +672,8 @@ class Store:
 
     async def finish(self, workflow: str, change: SettingsChange | None,
                      given: dict[str, Any], max_settings_bytes: int,
-                     record_for: Callable[[str | None], ExecutionRecord]) -> ExecutionRecord:
+                     record_for: Callable[[str | None], ExecutionRecord],
+                     request: RequestFields | None = None) -> ExecutionRecord:
         """Merge an execution's settings change and store its record, in one transaction.
 
         Only what the execution changed relative to the settings it was
@@ -612,25 +681,36 @@ class Store:
         executions keep each other's changes. A merge that would exceed the
         size limit is refused, whatever the child said: nothing of it is
         written, and `record_for` is given the reason (None when nothing was
-        refused). The record it returns is stored as is.
+        refused); it runs in the store's thread. The record it returns is
+        stored as is, and with it `request`, when given, under the record's
+        `request_id` (kept for replay: never without the record).
         """
-        async with self._transaction() as db:
-            try:
-                stored = await _settings(db, workflow)
-            except StoreError:
-                return record_for(None)  # deleted while it ran: nothing to keep
-            refused = None
+        def work(db: sqlite3.Connection) -> tuple[ExecutionRecord, bool]:
+            row = db.execute("SELECT settings FROM workflows WHERE name = ?",
+                             (workflow,)).fetchone()
+            if row is None:
+                return record_for(None), False  # deleted while it ran: nothing to keep
+            refused, merged = None, None
             changed = changed_since(given, change or {"set": {}, "unset": []})
             if changed["set"] or changed["unset"]:
                 try:
-                    merged = settings_json(merge_settings(stored, changed), max_settings_bytes)
+                    merged = settings_json(merge_settings(codec.loads(row[0]), changed),
+                                           max_settings_bytes)
                 except (SettingsTooLarge, SettingsNotStorable) as exc:
                     refused = f"{exc}; nothing was kept"
                 else:
-                    await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
-                                     (merged.decode(), workflow))
+                    db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
+                               (merged.decode(), workflow))
             record = record_for(refused)
-            await _insert_execution(db, record)
+            db.execute(_INSERT_EXECUTION, _execution_row(record))
+            if request is not None and record.request_id is not None:
+                db.execute(_INSERT_REQUEST, (record.request_id, workflow, _pack(request),
+                                             utc_iso()))
+            return record, merged is not None
+
+        record, changed_settings = await self._run_in_thread(work)
+        if changed_settings:  # no await since the commit: no read came in between
+            self._forget(workflow)
         return record
 
     async def record(self, record: ExecutionRecord) -> None:
@@ -647,11 +727,13 @@ class Store:
     async def set_next_dues(self, dues: dict[str, str | None]) -> None:
         """Persist the next due times of many pull workflows in one transaction."""
         async with self._transaction() as db:
+            self._forget(*dues)
             await db.executemany("UPDATE workflows SET next_due = ? WHERE name = ?",
                                  [(due, name) for name, due in dues.items()])
 
     async def add_skipped(self, name: str, count: int) -> None:
         async with self._transaction() as db:
+            self._forget(name)
             await db.execute("UPDATE workflows SET skipped = skipped + ? WHERE name = ?",
                              (count, name))
 
@@ -682,13 +764,21 @@ class Store:
     # -- delivery: policies, stored requests, the async queue, idempotency ------
 
     async def delivery_policy(self, name: str) -> DeliveryPolicy:
-        """The workflow's delivery policy (the defaults if none was set)."""
-        return _policy(await self._fetchone(
+        """The workflow's delivery policy (the defaults if none was set), from memory once read."""
+        cached = self._policies.get(name)
+        if cached is not None:
+            return cached
+        generation = self._generation
+        policy = _policy(await self._fetchone(
             "SELECT policy, scheme, secret FROM delivery_policies WHERE workflow = ?", name))
+        if generation == self._generation and name in self._workflows:
+            self._policies[name] = policy  # only of known workflows: names are not unbounded
+        return policy
 
     async def set_delivery_policy(self, name: str, changes: dict[str, Any]) -> DeliveryPolicy:
         """Merge `changes` (keys of POLICY_KEYS) into the stored policy; others keep theirs."""
         async with self._transaction() as db:
+            self._forget(name)
             stored = await _policy_row(db, name)
             merged = {**orjson.loads(stored[0]), **changes}
             await db.execute("UPDATE delivery_policies SET policy = ? WHERE workflow = ?",
@@ -699,20 +789,12 @@ class Store:
                                secret: str | None) -> DeliveryPolicy:
         """Set (or with None, remove) the signature scheme and secret of a workflow."""
         async with self._transaction() as db:
+            self._forget(name)
             await _policy_row(db, name)
             await db.execute(
                 "UPDATE delivery_policies SET scheme = ?, secret = ? WHERE workflow = ?",
                 (scheme, secret, name))
         return await self.delivery_policy(name)
-
-    async def save_request(self, request_id: str, workflow: str,
-                           request: RequestFields) -> None:
-        """Keep a request for replay, once its record is stored; pruned with the last
-        record that refers to it (`prune_delivery`)."""
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT OR IGNORE INTO requests (id, workflow, body, created_at)"
-                " VALUES (?, ?, ?, ?)", (request_id, workflow, _pack(request), utc_iso()))
 
     async def stored_request(self, request_id: str) -> dict[str, Any] | None:
         row = await self._fetchone("SELECT body FROM requests WHERE id = ?", request_id)
@@ -973,6 +1055,7 @@ class Store:
     async def import_(self, workflows: list[dict[str, Any]]) -> list[str]:
         """Restore exported workflows in one transaction; existing names are refused."""
         async with self._transaction() as db:
+            self._forget()
             for item in workflows:
                 name = item["name"]
                 async with db.execute("SELECT 1 FROM workflows WHERE name = ?",
@@ -1019,14 +1102,35 @@ async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
     return settings
 
 
+_INSERT_EXECUTION = (f"INSERT INTO executions ({_EXECUTION_COLUMNS}, {_LINEAGE_COLUMNS})"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_REQUEST = ("INSERT OR IGNORE INTO requests (id, workflow, body, created_at)"
+                   " VALUES (?, ?, ?, ?)")
+
+
+def _execution_row(record: ExecutionRecord) -> tuple[Any, ...]:
+    return (record.id, record.workflow, record.version, record.trigger, record.status,
+            record.started_at, record.duration_ms, record.http_status, record.error,
+            record.traceback, record.output, int(record.output_truncated),
+            record.attempt, record.first_attempt_id, record.replay_of, record.request_id)
+
+
 async def _insert_execution(db: aiosqlite.Connection, record: ExecutionRecord) -> None:
-    await db.execute(
-        f"INSERT INTO executions ({_EXECUTION_COLUMNS}, {_LINEAGE_COLUMNS})"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (record.id, record.workflow, record.version, record.trigger, record.status,
-         record.started_at, record.duration_ms, record.http_status, record.error,
-         record.traceback, record.output, int(record.output_truncated),
-         record.attempt, record.first_attempt_id, record.replay_of, record.request_id))
+    await db.execute(_INSERT_EXECUTION, _execution_row(record))
+
+
+def _committed(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    """`work` in one write transaction on the plain connection (in the store's thread)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+    return result
 
 
 async def _import_policy(db: aiosqlite.Connection, name: str, exported: dict[str, Any]) -> None:
