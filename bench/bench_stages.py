@@ -8,7 +8,7 @@ started on loopback and driven by an aiohttp client:
   - back to back: one request after the other, p50/p99;
   - concurrency 16: executions per second;
   - the stage breakdown: the median time between consecutive stages
-    (wfd/stages.py) of the low-rate and the back-to-back requests, read from
+    (wfd/stages.py) of the requests of each phase, read from
     the daemon's `stages` log lines; `client` is the bench's own clock when
     the response arrived (CLOCK_MONOTONIC is one clock host-wide);
   - CPU per execution over the whole process tree (daemon, zygote, spares,
@@ -16,6 +16,10 @@ started on loopback and driven by an aiohttp client:
     the daemon starts, stops the daemon cleanly and reaps every process of
     the tree, so RUSAGE_CHILDREN holds all of their CPU; the same daemon left
     idle for as long (timers, pings, spares refilled) is subtracted.
+
+`--compare DIR` also runs each variant from another checkout (its own
+.venv, e.g. a worktree of the commit before a change), variant after
+variant in the same run, so that a before/after table shares its load.
 """
 
 import argparse
@@ -104,8 +108,8 @@ def listening(port: int) -> bool:
 class Daemon:
     """One `wfd serve` with the bench workflow deployed; stopped with SIGTERM and reaped."""
 
-    def __init__(self, name: str, config: str, root: Path) -> None:
-        slug = name.replace(" ", "-")
+    def __init__(self, name: str, config: str, root: Path, tree: Path | None = None) -> None:
+        slug = name.replace(" ", "-").replace("@", "")
         self.root, self.port = root, free_port()
         self.log = root / f"{slug}-{time.monotonic_ns()}.log"
         self.socket = f"{tempfile.gettempdir()}/wfd-stages-{os.getpid()}-{slug}.sock"
@@ -113,7 +117,10 @@ class Daemon:
         toml.write_text(f'{config}log_format = "json"\nlog_level = "info"\n'
                         "trace_stages = true\nglobal_concurrency = 32\nqueue_max = 1000\n"
                         "[limits]\nconcurrency = 32\n")
-        self.argv = [sys.executable, "-m", "wfd", "serve", "--config", str(toml),
+        # Another checkout runs with its own interpreter, from its own directory.
+        self.python = str(tree / ".venv" / "bin" / "python") if tree else sys.executable
+        self.cwd = tree
+        self.argv = [self.python, "-m", "wfd", "serve", "--config", str(toml),
                      "--data-dir", str(root / f"data-{slug}-{time.monotonic_ns()}"),
                      "--listen", f"127.0.0.1:{self.port}", "--socket", self.socket]
         self.process: subprocess.Popen[bytes] | None = None
@@ -121,7 +128,7 @@ class Daemon:
 
     def start(self) -> None:
         with self.log.open("wb") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=log)
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=log, cwd=self.cwd)
         deadline = time.monotonic() + 30
         while not listening(self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -132,8 +139,8 @@ class Daemon:
         self.url = self.ctl("url", "bench").strip()
 
     def ctl(self, *args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "wfd", "ctl", "--socket", self.socket,
-                               *args], check=True, capture_output=True, text=True).stdout
+        return subprocess.run([self.python, "-m", "wfd", "ctl", "--socket", self.socket, *args],
+                              check=True, capture_output=True, text=True, cwd=self.cwd).stdout
 
     def stop(self) -> None:
         """SIGTERM (a clean shutdown: the zygote and its spares are stopped), then reap all."""
@@ -163,6 +170,7 @@ class Daemon:
 class Result:
     low: list[tuple[str, float, float]] = field(default_factory=list)  # id, ms, client stamp
     seq: list[tuple[str, float, float]] = field(default_factory=list)
+    par: list[tuple[str, float, float]] = field(default_factory=list)
     rate: float = 0.0
     cpu_ms: float = 0.0
     executions: int = 0
@@ -199,7 +207,7 @@ async def drive(url: str, counts: tuple[int, int, int], result: Result) -> float
 
         async def worker() -> None:
             for _ in queue:
-                await call(session, url)
+                result.par.append(await call(session, url))
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
         result.rate = parallel / (time.monotonic() - started)
@@ -207,11 +215,12 @@ async def drive(url: str, counts: tuple[int, int, int], result: Result) -> float
     return time.monotonic() - began
 
 
-def measure(name: str, config: str, counts: tuple[int, int, int], root: Path) -> Result:
+def measure(name: str, config: str, counts: tuple[int, int, int], root: Path,
+            tree: Path | None) -> Result:
     """The loaded run, then an idle one as long, each on a fresh daemon."""
     result = Result()
     before = children_cpu_s()
-    daemon = Daemon(name, config, root)
+    daemon = Daemon(name, config, root, tree)
     try:
         daemon.start()
         wall = asyncio.run(drive(daemon.url, counts, result))
@@ -220,7 +229,7 @@ def measure(name: str, config: str, counts: tuple[int, int, int], root: Path) ->
     loaded = children_cpu_s() - before
     result.stages = daemon.stages()
     before = children_cpu_s()
-    idle = Daemon(name, config, root)
+    idle = Daemon(name, config, root, tree)
     try:
         idle.start()
         time.sleep(wall)
@@ -257,6 +266,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--only", action="append", choices=list(VARIANTS),
                         help="run only this variant (repeatable)")
+    parser.add_argument("--compare", type=Path, metavar="DIR",
+                        help="also run each variant from the checkout in DIR (row `@base`)")
     args = parser.parse_args()
     become_subreaper()
     counts = QUICK if args.quick else COUNTS
@@ -266,37 +277,42 @@ def main() -> int:
             if args.only and name not in args.only:
                 continue
             executor = name.split()[1]
-            results[name] = measure(name, config, counts[executor], Path(tmp))
+            if args.compare:
+                results[f"{name} @base"] = measure(name, config, counts[executor], Path(tmp),
+                                                   args.compare.resolve())
+            results[name] = measure(name, config, counts[executor], Path(tmp), None)
     report(results)
     return 0
 
 
 def report(results: dict[str, Result]) -> None:
-    print(f"{'variant':<14} {'low p50':>8} {'low p99':>8} {'b2b p50':>8} {'b2b p99':>8}"
+    print(f"{'variant':<20} {'low p50':>8} {'low p99':>8} {'b2b p50':>8} {'b2b p99':>8}"
           f" {'exec/s@16':>10} {'CPU ms/exec':>12}")
     for name, r in results.items():
         low = [ms for _, ms, _ in r.low]
         seq = [ms for _, ms, _ in r.seq]
-        print(f"{name:<14} {percentile(low, 50):8.2f} {percentile(low, 99):8.2f}"
+        print(f"{name:<20} {percentile(low, 50):8.2f} {percentile(low, 99):8.2f}"
               f" {percentile(seq, 50):8.2f} {percentile(seq, 99):8.2f} {r.rate:10.0f}"
               f" {r.cpu_ms:12.2f}")
-    pairs = [("strict zygote", "none zygote"), ("strict spawn", "none spawn")]
+    pairs = [(f"strict {executor}{tree}", f"none {executor}{tree}")
+             for tree in ("", " @base") for executor in ("zygote", "spawn")]
     for strict, none in pairs:
         if strict in results and none in results:
             s, n = results[strict], results[none]
             ratio = (percentile([ms for _, ms, _ in s.low], 50)
                      / percentile([ms for _, ms, _ in n.low], 50))
             print(f"{strict} / {none}: CPU x{s.cpu_ms / n.cpu_ms:.2f}, low-rate p50 x{ratio:.2f}")
-    for phase in ("low", "seq"):
-        title = "low rate (1 per 100 ms)" if phase == "low" else "back to back"
+    titles = {"low": "low rate (1 per 100 ms)", "seq": "back to back",
+              "par": f"concurrency {CONCURRENCY}"}
+    for phase, title in titles.items():
         tables = {name: breakdown(r, getattr(r, phase)) for name, r in results.items()}
         print(f"\nstage breakdown, {title}: median ms since the stage before")
-        print(f"{'stage':<11}" + "".join(f" {name:>14}" for name in tables))
+        print(f"{'stage':<11}" + "".join(f" {name:>20}" for name in tables))
         for stage in (*STAGES[1:], "client"):
             cells = [tables[name].get(stage) for name in tables]
             if any(cell is not None for cell in cells):
                 print(f"{stage:<11}" + "".join(
-                    f" {cell:14.3f}" if cell is not None else f" {'-':>14}" for cell in cells))
+                    f" {cell:20.3f}" if cell is not None else f" {'-':>20}" for cell in cells))
     print(f"\ncpus: {os.cpu_count()}, load average {os.getloadavg()}")
 
 

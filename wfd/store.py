@@ -15,11 +15,13 @@ method that writes them forgets them (`Store._forget`), in the write's own
 locked section. That is sound because the daemon is the only writer of its
 database (the data directory is its own, 0700; `wfd ctl` goes through it).
 An execution's whole transaction (settings merge, record, stored request)
-runs in the connection's thread in one hop (`Store._run_in_thread`).
+runs in the connection's thread in one hop, committed together with those
+of the other executions that finished meanwhile (`Store._group_commit`).
 """
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 import zlib
@@ -433,6 +435,10 @@ class Store:
         self._workflows: dict[str, Workflow] = {}
         self._policies: dict[str, DeliveryPolicy] = {}
         self._generation = 0
+        # Executions' transactions waiting for the next group commit, and the
+        # task committing them (kept here so that it is not collected).
+        self._group: list[_Grouped] = []
+        self._committers: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         """Open (creating if needed) the database and apply pending migrations."""
@@ -498,24 +504,63 @@ class Store:
         self.write_error = None
         self.last_write = time.monotonic()
 
-    async def _run_in_thread(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run `work` as one write transaction in the connection's thread: one hop in all.
+    async def _group_commit(self, work: Callable[[sqlite3.Connection], Any],
+                            then: Callable[[Any], None]) -> Any:
+        """Run `work` in the connection's thread, in one transaction with the others waiting.
 
         Each aiosqlite call is a hop to its thread and back (~50-100 µs on a
-        busy loop); an execution's transaction of five calls paid five.
-        aiosqlite has no public call for running a function there, but its
-        own methods all go through `Connection._execute`, which queues one
-        callable on the connection's thread; this is the one place wfd uses it.
-        Same transaction, same rollback and same `write_error` as `_transaction`.
+        busy loop); an execution's transaction of five calls paid five, and
+        each execution its own commit. Here the executions that finish while
+        the store is busy form the next group: one hop and one commit for
+        all of them, no wait added (a lone execution is a group of one).
+        Each `work` runs under a savepoint of its own: one that fails on its
+        own data is rolled back alone; a failure of the store itself (locked,
+        full disk) fails the whole group, as it would each of them. `then`
+        gets the result in the event loop right after the commit, before any
+        other coroutine runs; the caller gets it only after the commit, so a
+        response still follows its own commit.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._group.append(_Grouped(work, then, future))
+        if len(self._group) == 1:
+            committer = asyncio.create_task(self._commit_group())
+            self._committers.add(committer)
+            committer.add_done_callback(self._committers.discard)
+        return await future
+
+    async def _commit_group(self) -> None:
+        """Commit every transaction waiting, once the store is free.
+
+        aiosqlite has no public call for running a function in its thread,
+        but its own methods all go through `Connection._execute`, which
+        queues one callable there; this is the one place wfd uses it. Same
+        BEGIN IMMEDIATE, rollback and `write_error` as `_transaction`.
         """
         async with self._lock:
-            db = self._db
-            if db is None:
-                raise StoreError("the store is closed")
-            with self._noting_health():
-                result: _T = await db._execute(  # type: ignore[no-untyped-call]
-                    _committed, db._conn, work)
-                return result
+            group, self._group = self._group, []
+            try:
+                db = self._db
+                if db is None:
+                    raise StoreError("the store is closed")
+                with self._noting_health():
+                    results = await db._execute(  # type: ignore[no-untyped-call]
+                        _committed, db._conn, functools.partial(
+                            _each_in_savepoint, [item.work for item in group]))
+            except BaseException as exc:
+                for item in group:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            for item, (value, error) in zip(group, results, strict=True):
+                if error is None:
+                    item.then(value)
+                if not item.future.done():
+                    if error is None:
+                        item.future.set_result(value)
+                    else:
+                        item.future.set_exception(error)
 
     async def _fetchall(self, sql: str, *args: Any) -> list[Any]:
         async with self._lock:
@@ -708,9 +753,12 @@ class Store:
                                              utc_iso()))
             return record, merged is not None
 
-        record, changed_settings = await self._run_in_thread(work)
-        if changed_settings:  # no await since the commit: no read came in between
-            self._forget(workflow)
+        def forget_if_changed(result: tuple[ExecutionRecord, bool]) -> None:
+            if result[1]:
+                self._forget(workflow)
+
+        record, _ = await self._group_commit(work, forget_if_changed)
+        assert isinstance(record, ExecutionRecord)
         return record
 
     async def record(self, record: ExecutionRecord) -> None:
@@ -1117,6 +1165,35 @@ def _execution_row(record: ExecutionRecord) -> tuple[Any, ...]:
 
 async def _insert_execution(db: aiosqlite.Connection, record: ExecutionRecord) -> None:
     await db.execute(_INSERT_EXECUTION, _execution_row(record))
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    """One execution's transaction waiting for a group commit."""
+
+    work: Callable[[sqlite3.Connection], Any]
+    then: Callable[[Any], None]
+    future: "asyncio.Future[Any]"
+
+
+def _each_in_savepoint(works: list[Callable[[sqlite3.Connection], Any]],
+                       db: sqlite3.Connection) -> list[tuple[Any, Exception | None]]:
+    """Run each `work` under its own savepoint: (result, None), or (None, what it raised).
+
+    A failure of the store itself is raised: the whole group fails with it.
+    """
+    results: list[tuple[Any, Exception | None]] = []
+    for work in works:
+        db.execute("SAVEPOINT execution")
+        try:
+            results.append((work(db), None))
+        except Exception as exc:
+            if _degrades(exc):
+                raise
+            db.execute("ROLLBACK TO execution")
+            results.append((None, exc))
+        db.execute("RELEASE execution")
+    return results
 
 
 def _committed(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]) -> _T:
