@@ -3,9 +3,7 @@
 import json
 from typing import Any
 
-import orjson
-
-from sandbox import codec
+from sandbox import protocol
 
 
 class RuleError(Exception):
@@ -75,7 +73,7 @@ def settings_change(given: dict[str, Any], now: Any, max_depth: int = 64) -> dic
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise RuleError(f"settings[{key!r}] is not JSON-serializable: {exc}") from None
-        if codec.depth(value, max_depth) + 1 > max_depth:
+        if protocol.depth(value, max_depth) + 1 > max_depth:
             raise RuleError(f"settings[{key!r}] is nested deeper than the limit of "
                             f"{max_depth} levels")
         changed[key] = value
@@ -90,6 +88,6 @@ def _same_json(a: Any, b: Any) -> bool:
     a change between them, even nested, must reach the store.
     """
     try:
-        return orjson.dumps(a) == orjson.dumps(b)
-    except TypeError:  # integers past 64 bits, which orjson does not encode
-        return json.dumps(a) == json.dumps(b)
+        return protocol.dumps(a) == protocol.dumps(b)
+    except protocol.CodecError:  # not JSON at all: the caller's own check says why
+        return False

@@ -14,7 +14,7 @@ import traceback
 import types
 from typing import Any
 
-from sandbox import codec, limits, protocol, rules, seccomp
+from sandbox import limits, protocol, rules, seccomp
 from sandbox.request import RequestDict
 
 ARGUMENTS = {"catch": ("_request", "settings"), "pull": ("settings",)}
@@ -36,7 +36,7 @@ def main() -> int:
 
 def read_job() -> dict[str, Any]:
     """The job the daemon wrote on stdin (fd 0), read to EOF."""
-    job: dict[str, Any] = codec.loads(sys.stdin.buffer.read())
+    job: dict[str, Any] = protocol.loads(sys.stdin.buffer.read())
     return job
 
 
@@ -120,7 +120,7 @@ def check(job: dict[str, Any]) -> dict[str, Any]:
 def run(job: dict[str, Any], stamps: dict[str, float] | None = None) -> dict[str, Any]:
     """Call the workflow and turn what it did into a result (stamping its stages in `stamps`)."""
     given = job["settings"]
-    settings = codec.loads(codec.dumps(given))  # the workflow's own copy
+    settings = protocol.loads(protocol.dumps(given))  # the workflow's own copy
     try:
         function = entry_point(load(job), job["kind"])
         if stamps is not None:
@@ -159,9 +159,9 @@ def report(result: dict[str, Any], fd: int) -> None:
         with contextlib.suppress(Exception):  # the workflow may have closed it
             stream.flush()
     try:
-        data = codec.dumps(result)
-    except codec.CodecError as exc:  # a response body that is not valid UTF-8, say
-        data = codec.dumps({"outcome": "error", "traceback": "",
+        data = protocol.dumps(result)
+    except protocol.CodecError as exc:  # a response body that is not valid UTF-8, say
+        data = protocol.dumps({"outcome": "error", "traceback": "",
                             "error": f"the result cannot be sent to the daemon: {exc}"})
     view = memoryview(data)
     while view:

@@ -106,7 +106,7 @@ KINDS = {
     "result-bad-header": Kind(
         forger(b'{"outcome": "success", "response": {"status_code": 200, "body": "",'
                b' "headers": {"a": 1}}}'),
-        post_json(b"{}"), 500, "error", "the response is not a valid response"),
+        post_json(b"{}"), 500, "error", "invalid response: headers must map str to str"),
     # A workflow that returns settings nested too deep.
     "settings-100-deep": Kind(textwrap.dedent("""
         def workflow(_request, settings):

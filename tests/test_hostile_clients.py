@@ -435,4 +435,4 @@ def test_hostile_client_keys_are_checked(make_daemon) -> None:
     assert "max_pending_mb (5) must be at least max_body_mb (10)" in daemon.log()
     daemon = make_daemon("header_timeout_s = 0\n", start=False)
     assert daemon.spawn().wait(30) == 2
-    assert "header_timeout_s must be a positive number, got 0" in daemon.log()
+    assert "header_timeout_s must be greater than 0, got 0" in daemon.log()

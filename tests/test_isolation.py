@@ -182,4 +182,4 @@ def _alive(pid: int) -> bool:
 def test_an_unknown_isolation_mode_is_a_config_error(make_daemon):
     daemon = make_daemon('isolation = "paranoid"\n', start=False)
     assert daemon.spawn().wait(30) == 2
-    assert "isolation must be one of strict, best-effort, none" in daemon.log()
+    assert "isolation must be 'strict', 'best-effort' or 'none', got 'paranoid'" in daemon.log()

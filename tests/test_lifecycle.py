@@ -12,6 +12,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,10 +79,16 @@ def notify_socket() -> Iterator[tuple[str, socket.socket]]:
     Path(path).unlink(missing_ok=True)
 
 
-def receive_until(sock: socket.socket, wanted: str) -> list[str]:
-    """Datagrams received up to and including the first equal to `wanted`."""
-    messages = []
+def receive_until(sock: socket.socket, wanted: str, within_s: float = 30) -> list[str]:
+    """Datagrams received up to and including the first equal to `wanted`.
+
+    Bounded: the watchdog's datagrams keep coming, so without a deadline a
+    lost `wanted` would wait for ever instead of failing.
+    """
+    messages: list[str] = []
+    deadline = time.monotonic() + within_s
     while not messages or messages[-1] != wanted:
+        assert time.monotonic() < deadline, f"no {wanted} within {within_s} s: {messages[-10:]}"
         messages.append(sock.recv(4096).decode())
     return messages
 

@@ -118,7 +118,7 @@ def workflow(_request, settings):
     time.sleep(_request.get("sleep", 0))
     settings.update(_request.get("set", {}))
     if _request.get("resend"):
-        sandbox.rules.settings_change = lambda given, now: {
+        sandbox.rules.settings_change = lambda given, now, max_depth: {
             "set": dict(now), "unset": _request.get("unset", [])}
 """
 

@@ -19,7 +19,7 @@ import orjson
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from multidict import CIMultiDictProxy, MultiDictProxy
 
-from sandbox import codec
+from sandbox import protocol
 from wfd import domain, idempotency, ids, logs, signatures, stages
 from wfd.admission import BodyHold, Overloaded, Reservation
 from wfd.config import Config
@@ -132,8 +132,8 @@ def request_json(fields: dict[str, Any], content_type: str,
               else parse_body(content_type, body, charset, max_depth))
     request = {**fields, **parsed}
     try:
-        return codec.dumps(request)
-    except codec.CodecError as exc:
+        return protocol.dumps(request)
+    except protocol.CodecError as exc:
         raise BadRequest(f"body cannot be handed to the workflow: {exc}") from None
 
 
@@ -142,15 +142,15 @@ def parse_body(content_type: str, body: bytearray | MultiDictProxy[Any],
     """The body's fields (SPEC 2): a JSON object's keys, form fields, files.
 
     JSON nested deeper than `max_depth` is refused; integers keep their exact
-    value whatever their size (sandbox/codec.py).
+    value whatever their size (sandbox/protocol.py).
     """
     if isinstance(body, MultiDictProxy):
         return _grouped([(name, _file_field(value) if isinstance(value, web.FileField)
                           else value) for name, value in body.items()])
     if content_type == "application/json":
         try:
-            return json_fields(codec.loads(body, max_depth))
-        except codec.CodecError as exc:
+            return json_fields(protocol.loads(body, max_depth))
+        except protocol.CodecError as exc:
             raise BadRequest(f"malformed JSON body: {exc}") from None
     try:
         text = body.decode(charset or "utf-8")

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import aiosqlite
 import orjson
 
-from sandbox import codec
+from sandbox import protocol
 from wfd.domain import Kind, SettingsChange, Status, Trigger
 
 MIGRATIONS = [
@@ -330,7 +330,7 @@ def _workflow(row: Any) -> Workflow:
         enabled=bool(row[2]),
         version=row[3],
         catch_key=row[4],
-        settings=codec.loads(row[5]),
+        settings=protocol.loads(row[5]),
         limits=orjson.loads(row[6]),
         schedule=orjson.loads(row[7]) if row[7] else None,
         created_at=row[8],
@@ -356,7 +356,7 @@ class SettingsTooLarge(StoreError):
 
 
 class SettingsNotStorable(StoreError):
-    """The settings cannot be encoded (sandbox/codec.py): a lone surrogate, say."""
+    """The settings cannot be encoded (sandbox/protocol.py): a lone surrogate, say."""
 
 
 def changed_since(given: dict[str, Any], change: SettingsChange) -> SettingsChange:
@@ -410,8 +410,8 @@ def settings_json(settings: dict[str, Any], max_bytes: int) -> bytes:
     view cannot know what other executions stored meanwhile.
     """
     try:
-        encoded = codec.dumps(settings)
-    except codec.CodecError as exc:
+        encoded = protocol.dumps(settings)
+    except protocol.CodecError as exc:
         raise SettingsNotStorable(f"settings cannot be stored: {exc}") from None
     if len(encoded) > max_bytes:
         raise SettingsTooLarge(f"settings would be {len(encoded)} bytes, over the limit of "
@@ -739,7 +739,7 @@ class Store:
             changed = changed_since(given, change or {"set": {}, "unset": []})
             if changed["set"] or changed["unset"]:
                 try:
-                    merged = settings_json(merge_settings(codec.loads(row[0]), changed),
+                    merged = settings_json(merge_settings(protocol.loads(row[0]), changed),
                                            max_settings_bytes)
                 except (SettingsTooLarge, SettingsNotStorable) as exc:
                     refused = f"{exc}; nothing was kept"
@@ -1115,7 +1115,7 @@ class Store:
                     " limits, schedule, created_at, updated_at, allow_net)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, item["kind"], int(item["enabled"]), item["version"],
-                     item["catch_key"], codec.dumps(item["settings"]).decode(),
+                     item["catch_key"], protocol.dumps(item["settings"]).decode(),
                      orjson.dumps(item["limits"]).decode(), _json_or_null(item["schedule"]),
                      item["created_at"], item["updated_at"],
                      orjson.dumps(item.get("allow_net", [])).decode()))
@@ -1146,7 +1146,7 @@ async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
         row = await cursor.fetchone()
     if row is None:
         raise StoreError(f"no workflow named {name}")
-    settings: dict[str, Any] = codec.loads(row[0])
+    settings: dict[str, Any] = protocol.loads(row[0])
     return settings
 
 
@@ -1221,11 +1221,11 @@ async def _import_policy(db: aiosqlite.Connection, name: str, exported: dict[str
 
 def _pack(request: RequestFields) -> bytes:
     """A stored request: JSON, deflated (webhook JSON shrinks 3-5 times, for ~20 µs)."""
-    return zlib.compress(codec.dumps(request), 1)
+    return zlib.compress(protocol.dumps(request), 1)
 
 
 def _unpack(blob: bytes) -> dict[str, Any]:
-    request: dict[str, Any] = codec.loads(zlib.decompress(blob))
+    request: dict[str, Any] = protocol.loads(zlib.decompress(blob))
     return request
 
 

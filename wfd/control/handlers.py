@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sandbox import codec
+from sandbox import protocol
 from wfd import catch, ids, logs, signatures
 from wfd.admission import Overloaded
 from wfd.config import Config, ConfigError, check_allowances, redeployed_overrides
@@ -200,8 +200,8 @@ class Commands:
         limit = self.dispatcher.limits(workflow).settings_kb * 1024
         depth = self.config.max_json_depth
         try:
-            codec.check_depth(merge_settings(workflow.settings, change), depth)
-        except codec.CodecError as exc:
+            protocol.check_depth(merge_settings(workflow.settings, change), depth)
+        except protocol.CodecError as exc:
             raise CommandError(f"settings cannot be stored: {exc} "
                                f"(max_json_depth = {depth})") from None
         return await self.store.change_settings(name, change, limit)

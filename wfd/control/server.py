@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sandbox import codec
+from sandbox import protocol
 from wfd import logs
 from wfd.config import ConfigError
 from wfd.control.protocol import MAX_REQUEST_BYTES, CommandError
@@ -74,7 +74,7 @@ class ControlServer:
                 answer = await self._answer(line)
                 if isinstance(answer.get("result"), AsyncGenerator):
                     answer = await self._stream(answer["id"], answer["result"], reader, writer)
-                writer.write(codec.dumps(answer) + b"\n")
+                writer.write(protocol.dumps(answer) + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass  # a client that hung up or sent a line over the limit
@@ -100,7 +100,7 @@ class ControlServer:
                     item.cancel()
                     await asyncio.wait({item})  # the generator must stop before aclose
                     raise ConnectionResetError("the client hung up")
-                writer.write(codec.dumps({"id": request_id, "ok": True,
+                writer.write(protocol.dumps({"id": request_id, "ok": True,
                                           "item": item.result()}) + b"\n")
                 await writer.drain()
         except StopAsyncIteration:
@@ -114,7 +114,7 @@ class ControlServer:
     async def _answer(self, line: bytes) -> dict[str, Any]:
         request_id = command = None
         try:
-            request = codec.loads(line)
+            request = protocol.loads(line)
             request_id, command = request.get("id"), request.get("command")
             handler = self.commands.get(command)
             if handler is None:
@@ -134,7 +134,7 @@ class ControlServer:
             return {"id": request_id, "ok": False,
                     "error": f"the store cannot write now ({exc}); nothing was changed, "
                              "try again"}
-        except (codec.CodecError, AttributeError, TypeError) as exc:
+        except (protocol.CodecError, AttributeError, TypeError) as exc:
             return {"id": request_id, "ok": False, "error": f"malformed request: {exc}"}
         except Exception as exc:
             logs.event("ctl-failed", level=logging.ERROR, exc_info=True, command=command)

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from sandbox import codec, protocol
+from sandbox import protocol
 from wfd.config import MIB, Limits
 from wfd.domain import Kind, SettingsChange, Status, WorkflowResponse
 from wfd.isolation.network import Policy
@@ -55,12 +55,14 @@ class Job:
     json_depth: int = 64
     # The child reports its own stage stamps in its result (wfd/stages.py).
     trace: bool = False
-    body: bytes = field(default=b"", init=False, repr=False, compare=False)
+    # The encoded job in pieces, so that a large request is copied once (by
+    # its own encoding) and never again to be joined: `feed` writes them in turn.
+    body: tuple[bytes, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "body", self._encode())
 
-    def _encode(self) -> bytes:
+    def _encode(self) -> tuple[bytes, ...]:
         job: dict[str, Any] = {
             "protocol": protocol.VERSION,
             "mode": self.mode,
@@ -72,12 +74,12 @@ class Job:
         parts = [_encoded("code", job)[:-1]]
         for key, value in (("settings", self.settings), ("request", self.request)):
             if value is not None:
-                parts.append(b',"%s":%s' % (key.encode(), _encoded(key, value)))
-        return b"".join(parts) + b"}"
+                parts += [b',"%s":' % key.encode(), _encoded(key, value)]
+        return (*parts, b"}")
 
     def payload(self, result_fd: int, rlimit_nproc: bool = True,
-                sandboxed: bool = False) -> bytes:
-        """The JSON document the child reads on stdin: `body` with the start-up fields.
+                sandboxed: bool = False) -> list[bytes]:
+        """The JSON document the child reads on stdin, in pieces: `body` with the start-up fields.
 
         Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
         cgroup bounds the execution instead, and RLIMIT_NPROC would count
@@ -100,13 +102,14 @@ class Job:
                 "json_depth": self.json_depth,
             },
         })
-        return head[:-1] + b"," + self.body[1:]
+        first, *rest = self.body
+        return [head[:-1] + b"," + first[1:], *rest]
 
 
 def _encoded(what: str, value: Any) -> bytes:
     try:
-        return codec.dumps(value)
-    except codec.CodecError as exc:
+        return protocol.dumps(value)
+    except protocol.CodecError as exc:
         raise JobError(what, f"the {what} cannot be handed to the child: {exc}") from None
 
 

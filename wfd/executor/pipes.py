@@ -6,7 +6,7 @@ feeding the job and draining output and result is one piece of code.
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,18 +86,19 @@ class Pipes:
         self.close(*list(self._open))
 
 
-async def feed(pipes: Pipes, data: bytes) -> None:
-    """Write the job to the child's stdin and close it, never blocking the loop."""
+async def feed(pipes: Pipes, pieces: Sequence[bytes]) -> None:
+    """Write the job's pieces to the child's stdin in turn and close it, never blocking the loop."""
     fd = pipes.job_w
     os.set_blocking(fd, False)
-    view = memoryview(data)
     try:
-        while view:
-            try:
-                view = view[os.write(fd, view):]
-            except BlockingIOError:
-                await ready(fd, asyncio.get_running_loop().add_writer,
-                             asyncio.get_running_loop().remove_writer)
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    await ready(fd, asyncio.get_running_loop().add_writer,
+                                asyncio.get_running_loop().remove_writer)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the child died before reading its job; its exit says why
     finally:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sandbox import codec
+from sandbox import protocol
 from sandbox.protocol import EXIT_JOIN_FAILED
 from wfd import stages
 from wfd.config import MIB
@@ -40,7 +40,7 @@ HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 SHOWN_CHARS = 60
 
 
-async def supervise(job: Job, payload: bytes, pipes: Pipes, started: float,
+async def supervise(job: Job, payload: list[bytes], pipes: Pipes, started: float,
                     ended: "asyncio.Future[int]", kill: Callable[[], None], *,
                     cgroup: ExecutionCgroup | None = None,
                     signal_exits: bool = False) -> Outcome:
@@ -199,8 +199,8 @@ def _parse_result(data: bytes, duration_ms: float, json_depth: int) -> Outcome:
     """
     try:
         try:
-            result = codec.loads(data)
-        except codec.CodecError as exc:
+            result = protocol.loads(data)
+        except protocol.CodecError as exc:
             raise _Malformed(f"not JSON ({exc})") from None
         if not isinstance(result, dict):
             raise _Malformed("not a JSON object")
@@ -232,7 +232,7 @@ def _settings_change(change: Any, json_depth: int) -> SettingsChange:
         raise _Malformed("the settings change is not {set: object, unset: list}")
     if not all(isinstance(key, str) for key in change["unset"]):
         raise _Malformed("the settings change unsets a key that is not a string")
-    if codec.depth(change["set"], json_depth) > json_depth:
+    if protocol.depth(change["set"], json_depth) > json_depth:
         raise _Malformed(f"settings nested deeper than {json_depth} levels")
     return {"set": change["set"], "unset": change["unset"]}
 
