@@ -30,17 +30,20 @@ $(DEV_VENV)/.installed: pyproject.toml
 	touch $@
 
 # Executions run under bubblewrap (isolation = "strict"); setpriv and nsenter are
-# util-linux; pasta (passt) and ip (iproute2) give each its network namespace.
+# util-linux; pasta (passt) and ip (iproute2) give each its network namespace;
+# mkfs.ext4 (e2fsprogs) and mount make the workflows' size-capped directories.
 system-deps:
 	@command -v bwrap >/dev/null && command -v setpriv >/dev/null && command -v curl >/dev/null \
 	&& command -v pasta >/dev/null && command -v ip >/dev/null && command -v nsenter >/dev/null \
+	&& command -v mkfs.ext4 >/dev/null \
 	|| if [ "$$(id -u)" = 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux curl \
-			passt iproute2 >/dev/null; \
+			passt iproute2 e2fsprogs mount >/dev/null; \
 	else \
-		echo "wfd needs bubblewrap, util-linux, passt, iproute2 and curl:" \
-			"sudo apt-get install bubblewrap util-linux passt iproute2 curl" >&2; exit 1; \
+		echo "wfd needs bubblewrap, util-linux, passt, iproute2, e2fsprogs and curl:" \
+			"sudo apt-get install bubblewrap util-linux passt iproute2 e2fsprogs curl" >&2; \
+		exit 1; \
 	fi
 
 run: system-deps $(DEV_VENV)/.installed
@@ -73,6 +76,7 @@ bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_delivery.py
 	$(DEV_VENV)/bin/python bench/bench_leaks.py -n 200
 	$(DEV_VENV)/bin/python bench/bench_hostile.py
+	$(DEV_VENV)/bin/python bench/bench_environments.py
 
 # -- installing as a service -----------------------------------------------------
 

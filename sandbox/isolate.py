@@ -7,14 +7,15 @@ as any unprivileged process may:
 1. `unshare_namespaces` (the spare, before it forks): a new user namespace
    mapping only its own uid (65534 outside: no other identity exists in it)
    gives it capabilities inside that namespace alone, and with them new
-   mount, PID and IPC namespaces. Mounts become private, so nothing mounted
+   mount, PID and IPC namespaces. Mounts become slaves, so nothing mounted
    here reaches the zygote or other executions.
 2. `mount_proc` (PID 1 of the new PID namespace): a /proc that lists only
    this execution's processes.
 3. `enter` (the execution process, once its job arrived): join the
    execution's cgroup through the `cgroup.procs` descriptors the daemon
    opened, mount a fresh size-capped tmpfs on /tmp (the working directory)
-   and /dev/shm, then drop every capability for good.
+   and /dev/shm, bind its workflow's persistent directory and cover the
+   zygote's view of every other one, then drop every capability for good.
 
 Everything here runs before user code; errors propagate, and the caller
 turns them into a boot failure, never a silently weaker execution.
@@ -29,7 +30,7 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MS_RDONLY, MS_REMOUNT, MS_BIND = 0x1, 0x20, 0x1000
-MS_REC, MS_PRIVATE = 0x4000, 0x40000
+MS_REC, MS_SLAVE = 0x4000, 0x80000
 PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 INIT_NAME = b"wfd-init"
@@ -69,6 +70,8 @@ def unshare_namespaces() -> None:
 
     The user namespace maps only our own uid and gid to themselves, so the
     capabilities it grants reach nothing outside it, and no uid 0 exists in it.
+    Mounts become slaves: nothing mounted here reaches the zygote, while a
+    workflow directory the daemon mounts later still reaches this spare.
     """
     uid, gid = os.getuid(), os.getgid()
     _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
@@ -76,7 +79,7 @@ def unshare_namespaces() -> None:
                        ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as mapping:
             mapping.write(text)
-    _mount("none", "/", None, MS_REC | MS_PRIVATE)
+    _mount("none", "/", None, MS_REC | MS_SLAVE)
 
 
 def mount_proc() -> None:
@@ -103,11 +106,13 @@ def join_cgroup(procs_fds: list[int]) -> None:
             os.close(fd)
 
 
-def enter(tmp_bytes: int) -> None:
+def enter(tmp_bytes: int, files: dict[str, str | None] | None = None) -> None:
     """Fresh scratch tmpfs mounts, the working directory, then no capabilities at all.
 
     A runtime bound under /tmp (a checkout or venv there) would vanish under
     the new tmpfs, so those binds are carried over onto it, read-only.
+    `files` (PROTOCOL.md) names the workflow's directory to bind and the
+    zygote's directory of all workflows, covered by an empty read-only tmpfs.
     """
     keep = _runtime_under(WORKDIR)
     try:
@@ -121,8 +126,20 @@ def enter(tmp_bytes: int) -> None:
     finally:
         for fd in keep.values():
             os.close(fd)
+    if files:
+        mount_files(files)
     os.chdir(WORKDIR)
     drop_capabilities()
+
+
+def mount_files(files: dict[str, str | None]) -> None:
+    """The workflow's own directory at its fixed path; nobody else's anywhere."""
+    source, target, hide = files.get("source"), files["target"], files["hide"]
+    assert target is not None and hide is not None, "the daemon names both"
+    if source:
+        _mount(source, target, None, MS_BIND | MS_REC)
+    _mount("tmpfs", hide, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+           "size=4k,mode=0")
 
 
 def _runtime_under(directory: str) -> dict[str, int]:

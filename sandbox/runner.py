@@ -1,6 +1,9 @@
 """Run one job: read it from stdin, run the workflow, write one result to its own pipe.
 
-See PROTOCOL.md beside this file for the contract with the daemon.
+See PROTOCOL.md beside this file for the contract with the daemon. Like
+the whole `sandbox` package it imports only the standard library: it runs
+inside every workflow's environment, which holds only that workflow's
+packages (README, "Packages, variables and files").
 """
 
 import contextlib
@@ -48,6 +51,7 @@ def execute(job: dict[str, Any]) -> int:
     """
     try:
         limits.apply(job["limits"])
+        os.environ.update(job.get("env") or {})
         if job.get("forbid_namespaces"):
             seccomp.forbid_namespaces()
     except Exception:

@@ -19,6 +19,7 @@ it ends; the zygote's `kill` SIGKILLs the spare's process group, init
 included, which empties the whole PID namespace (`setsid` escapees too).
 """
 
+import json
 import os
 import random
 import signal
@@ -26,8 +27,6 @@ import socket
 import tempfile
 import traceback
 from collections.abc import Callable
-
-import orjson
 
 from sandbox import isolate, limits, protocol, runner
 from sandbox.protocol import MAX_RUN_FDS, PIPES, RESULT_FD
@@ -116,7 +115,7 @@ def _take_job(work: socket.socket, env: dict[str, str], sandboxed: bool) -> int:
     except OSError:
         return protocol.EXIT_JOIN_FAILED
     _adopt(fds[:len(PIPES)])
-    return _run(orjson.loads(ticket)["workdir"], env)
+    return _run(json.loads(ticket)["workdir"], env)
 
 
 def _adopt(fds: list[int]) -> None:
@@ -141,7 +140,7 @@ def _run(workdir: str | None, env: dict[str, str]) -> int:
     try:
         job = runner.read_job()
         if workdir is None:
-            isolate.enter(job["limits"]["tmp_bytes"])
+            isolate.enter(job["limits"]["tmp_bytes"], job.get("files"))
             home = isolate.WORKDIR
         else:
             os.mkdir(workdir, 0o700)

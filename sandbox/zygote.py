@@ -14,6 +14,7 @@ import array
 import contextlib
 import gc
 import importlib
+import json
 import os
 import selectors
 import shutil
@@ -24,8 +25,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
-
-import orjson
 
 from sandbox import isolate, limits, spare
 from sandbox.protocol import (
@@ -129,7 +128,7 @@ class Zygote:
                 return False
             if not data:
                 return False
-            message = orjson.loads(data)
+            message = json.loads(data)
             op = message.get("op")
             if op == "run":
                 self.start(message["id"], fds)
@@ -160,7 +159,7 @@ class Zygote:
         self.pids[execution_id] = pid
 
     def _hand_over(self, workdir: str | None, fds: list[int]) -> int:
-        ticket = orjson.dumps({"workdir": workdir})
+        ticket = json.dumps({"workdir": workdir}).encode()
         for _ in range(HAND_OVER_TRIES):
             pid, work = self.pool.take() or self.fork_spare()
             try:
@@ -226,7 +225,7 @@ class Zygote:
         return pid, ours
 
     def send(self, message: dict[str, Any]) -> None:
-        self.channel.send(orjson.dumps(message))
+        self.channel.send(json.dumps(message).encode())
 
     def shutdown(self) -> None:
         """Leave nothing behind: kill what still runs, release the spares."""
@@ -322,7 +321,8 @@ def main(argv: list[str]) -> int:
         boot(list(args.preload), sandboxed)
     except BaseException as exc:
         error = "".join(traceback.format_exception_only(exc)).strip().splitlines()[-1]
-        channel.send(orjson.dumps({"ev": "boot_failed", "error": f"boot failed: {error}"}))
+        channel.send(json.dumps({"ev": "boot_failed",
+                                  "error": f"boot failed: {error}"}).encode())
         return EXIT_ZYGOTE_BOOT_FAILED
     Zygote(channel, args.workdirs, Pool(args.spares_min, args.spares_max), sandboxed).serve()
     return 0

@@ -253,3 +253,9 @@ def standin() -> Iterator[Callable[[], StandIn]]:
     yield make
     for server in servers:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def uv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uv package cache for every daemon that builds environments (`env_cache_dir`)."""
+    return tmp_path_factory.mktemp("uv-cache")

@@ -133,7 +133,7 @@ def test_export_then_import_into_a_fresh_daemon(make_daemon, name, tmp_path):
     source = make_daemon()
     url = source.deploy(name, V1)
     source.deploy(name, V2)
-    source.ctl("settings", name, "set", "TOKEN=abc", "N=3")
+    source.ctl("settings", name, "set", "TOKEN=abc", "N:=3")
     source.ctl("disable", name)
     dump = tmp_path / "backup.json"
     source.ctl("export", str(dump))

@@ -25,7 +25,7 @@ def test_big_integers_round_trip_through_request_settings_child_and_store(daemon
     first = post(url, json.dumps({"n": BIG}))
     assert first.status_code == 200, first.text
     assert first.text == repr({"n": BIG, "type": "int", "stored": None, "set_by_ctl": None})
-    daemon.ctl("settings", name, "set", f"ctl={HUGE}")  # a value that parses as JSON is JSON
+    daemon.ctl("settings", name, "set", f"ctl:={HUGE}")  # KEY:=JSON stores a JSON value
     second = post(url, json.dumps({"n": HUGE}))
     assert second.text == repr({"n": HUGE, "type": "int", "stored": BIG, "set_by_ctl": HUGE})
     assert daemon.ctl_json("settings", name) == {"n": HUGE, "ctl": HUGE}

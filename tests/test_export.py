@@ -20,8 +20,8 @@ def test_export_then_import_reproduces_every_workflow_version_and_setting(
                           "--timeout", str(5 + version),
                           *(("--allow-net", "10.9.0.0/16:443") if suffix == "c" else ()))
     source.ctl("rollback", f"{name}-a", "2")
-    source.ctl("settings", f"{name}-a", "set", 'NESTED={"k": [1, 2.5, null]}', "TOKEN=t")
-    source.ctl("settings", f"{name}-c", "set", "N=3")
+    source.ctl("settings", f"{name}-a", "set", 'NESTED:={"k": [1, 2.5, null]}', "TOKEN=t")
+    source.ctl("settings", f"{name}-c", "set", "N:=3")
     source.ctl("disable", f"{name}-b")
     exported = source.ctl("export").stdout  # to stdout, as in `wfd ctl export > backup`
     dump = tmp_path / "backup.json"

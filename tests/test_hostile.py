@@ -400,7 +400,7 @@ def test_the_environment_is_scrubbed(hostile, canary, name):
     code = workflow('return {"status_code": 200, "body": json.dumps(dict(os.environ))}',
                     prelude="import json, os")
     response, record = call(hostile, name, code)
-    assert sorted(response.json()) == ["HOME", "LANG", "PATH", "PWD", "TMPDIR"]
+    assert sorted(response.json()) == ["HOME", "LANG", "PATH", "PWD", "TMPDIR", "WFD_WORKFLOW_DIR"]
     assert response.json()["HOME"] == response.json()["TMPDIR"] == "/tmp"
     assert_contained(response, record, "success", 200, canary)
 

@@ -59,13 +59,14 @@ def hosts() -> Iterator[netns_hosts.TestHosts]:
 
 @pytest.fixture(scope="module", params=EXECUTORS)
 def netd(request: pytest.FixtureRequest, hosts: netns_hosts.TestHosts,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+         tmp_path_factory: pytest.TempPathFactory, uv_cache) -> Iterator[Daemon]:
     """A strict daemon whose executions resolve names with the test hosts' DNS server."""
     base = tmp_path_factory.mktemp(f"network-{request.param}")
     resolv = base / "resolv.conf"
     resolv.write_text(f"nameserver {PRIVATE}\noptions timeout:2 attempts:1\n")
     resolv.chmod(0o644)  # read by the sandbox's uid
     daemon = Daemon(base / "data", f'executor = "{request.param}"\n'
+                    f'env_cache_dir = "{uv_cache}"\n'
                     f'[network]\nresolv_conf = "{resolv}"\n[limits]\ntimeout_s = 20\n',
                     admin=True).start()
     assert daemon.ctl_json("status").get("zygote_state", "ready") == "ready"
@@ -73,9 +74,10 @@ def netd(request: pytest.FixtureRequest, hosts: netns_hosts.TestHosts,
     daemon.kill()
 
 
-def probe(daemon: Daemon, name: str, *targets: dict, allow: tuple[str, ...] = ()) -> list:
+def probe(daemon: Daemon, name: str, *targets: dict, allow: tuple[str, ...] = (),
+          code: str = PROBE) -> list:
     flags = [flag for entry in allow for flag in ("--allow-net", entry)]
-    url = daemon.deploy(name, PROBE, *flags)
+    url = daemon.deploy(name, code, *flags)
     response = requests.post(url, json={"targets": list(targets)}, timeout=60)
     assert response.status_code == 200, daemon.logs(response.headers["X-Wfd-Execution-Id"])
     return response.json()
@@ -115,6 +117,23 @@ def test_two_policies_never_share_their_allowances(netd, hosts, name):
     assert probe(netd, f"{name}-b", http(PRIVATE))[0]["seen"] in REFUSED
     assert probe(netd, f"{name}-a", http(PRIVATE), allow=(f"{PRIVATE}/32",))[0]["seen"] \
         == "hello from 80"
+
+
+def test_one_environment_under_two_policies_keeps_each_policy(netd, name):
+    """A zygote serves one (environment, policy): sharing packages never shares allowances."""
+    in_env = '# /// script\n# dependencies = ["six==1.16.0"]\n# ///\nimport six\n' + PROBE
+    allowed = probe(netd, f"{name}-a", http(PRIVATE), allow=(f"{PRIVATE}/32",), code=in_env)
+    assert allowed[0]["seen"] == "hello from 80"
+    assert probe(netd, f"{name}-b", http(PRIVATE), code=in_env)[0]["seen"] in REFUSED
+    digest = netd.ctl_json("show", f"{name}-a")["environment"]
+    assert digest and netd.ctl_json("show", f"{name}-b")["environment"] == digest
+    assert probe(netd, f"{name}-a", http(PRIVATE), code=in_env)[0]["seen"] == "hello from 80"
+    executors = {(e["environment"], tuple(e["allow"]))
+                 for e in netd.ctl_json("status").get("executors", [])}
+    if netd.ctl_json("status")["executor"] == "zygote":  # one zygote, one namespace, per pair
+        assert {(digest, (f"{PRIVATE}/32",)), (digest, ())} <= executors, executors
+    else:  # each cold spawn has a namespace of its job's policy: one executor per environment
+        assert (digest, ()) in executors and (digest, (f"{PRIVATE}/32",)) not in executors
 
 
 def test_the_daemons_listeners_and_host_abstract_sockets_are_out_of_reach(netd, name):

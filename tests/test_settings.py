@@ -32,7 +32,7 @@ def test_changes_persist_between_executions(daemon, name):
 
 def test_concurrent_executions_changing_different_keys_both_keep_them(daemon, name):
     url = daemon.deploy(name, SET_FROM_BODY)
-    daemon.ctl("settings", name, "set", "shared=0", "gone=1")
+    daemon.ctl("settings", name, "set", "shared:=0", "gone:=1")
     bodies = [{"sleep": 0.5, "set": {"a": 1}}, {"sleep": 0.5, "set": {"b": 2}, "unset": ["gone"]}]
     with ThreadPoolExecutor(2) as pool:
         statuses = list(pool.map(lambda b: requests.post(url, json=b).status_code, bodies))
@@ -51,7 +51,7 @@ def test_on_the_same_key_the_last_to_finish_wins(daemon, name):
 
 def test_a_failed_execution_keeps_nothing(daemon, name):
     url = daemon.deploy(name, SET_FROM_BODY)
-    daemon.ctl("settings", name, "set", "keep=1")
+    daemon.ctl("settings", name, "set", "keep:=1")
     response = requests.post(url, json={"set": {"new": 1, "keep": 2}, "unset": ["keep"],
                                         "fail": True})
     assert response.status_code == 500
@@ -85,7 +85,7 @@ def workflow(_request, settings):
     settings['fine'] = 1
     {code}
 """)
-    daemon.ctl("settings", name, "set", "before=true")
+    daemon.ctl("settings", name, "set", "before:=true")
     response = requests.post(url, json={})
     assert response.status_code == 500
     record = daemon.logs(response.headers["X-Wfd-Execution-Id"])
@@ -96,16 +96,20 @@ def workflow(_request, settings):
 
 def test_operators_set_and_unset_settings_with_ctl(daemon, name):
     daemon.deploy(name, SET_FROM_BODY)
-    daemon.ctl("settings", name, "set", "API_KEY=sk_123", "LIMIT=10", "FLAGS=[1, 2]",
-               "NAME=not json", 'OBJ={"a": null}')
+    daemon.ctl("settings", name, "set", "API_KEY=sk_123", "LIMIT:=10", "FLAGS:=[1, 2]",
+               "NAME=not json", 'OBJ:={"a": null}', "SOURCE_ID=12345", "EMPTY=", "EQ=a=b",
+               "FLAG=true")
     assert daemon.ctl_json("settings", name) == {
         "API_KEY": "sk_123", "LIMIT": 10, "FLAGS": [1, 2], "NAME": "not json",
-        "OBJ": {"a": None}}
-    daemon.ctl("settings", name, "unset", "LIMIT", "FLAGS")
+        "OBJ": {"a": None}, "SOURCE_ID": "12345", "EMPTY": "", "EQ": "a=b", "FLAG": "true"}
+    daemon.ctl("settings", name, "unset", "LIMIT", "FLAGS", "SOURCE_ID", "EMPTY", "EQ", "FLAG")
     assert sorted(daemon.ctl_json("settings", name)) == ["API_KEY", "NAME", "OBJ"]
     refused = daemon.ctl("settings", name, "set", "novalue", check=False)
     assert refused.returncode == 2
     assert "expected KEY=VALUE" in refused.stderr
+    bad_json = daemon.ctl("settings", name, "set", "N:=not json", check=False)
+    assert bad_json.returncode == 2 and "N:= needs a JSON value" in bad_json.stderr
+    assert sorted(daemon.ctl_json("settings", name)) == ["API_KEY", "NAME", "OBJ"]
 
 
 # A child that does not play by the protocol's rules: after the workflow
@@ -178,7 +182,7 @@ def test_a_change_over_the_limit_is_refused_whatever_code_the_child_ran(small, n
 
 def test_ctl_settings_set_over_the_limit_is_refused(small, name):
     small.deploy(name, SET_FROM_BODY)
-    small.ctl("settings", name, "set", "small=1")
+    small.ctl("settings", name, "set", "small:=1")
     refused = small.ctl("settings", name, "set", "big=" + "x" * 1100, check=False)
     assert refused.returncode == 1
     assert "over the limit of 1024 bytes (settings_kb = 1)" in refused.stderr

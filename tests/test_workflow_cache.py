@@ -11,7 +11,11 @@ import requests
 CODE = """
 VERSION = {version}
 
+import os
+
 def workflow(_request, settings):
+    if os.environ.get("GREETING"):
+        return {{"status_code": 200, "body": os.environ["GREETING"]}}
     if "put" in _request:
         settings["count"] = _request["put"]
     return {{"status_code": 200, "body": f"v{{VERSION}} {{sorted(settings.items())}}"}}
@@ -31,6 +35,11 @@ def test_each_change_reaches_the_very_next_request(daemon, name, tmp_path):
     assert requests.post(url, json={}, timeout=30).text == (
         "v2 [('count', 7), ('mode', 'live')]")
     daemon.ctl("settings", name, "unset", "count")
+    assert requests.post(url, json={}, timeout=30).text == "v2 [('mode', 'live')]"
+
+    daemon.ctl("env", name, "set", "GREETING=hello")
+    assert requests.post(url, json={}, timeout=30).text == "hello"
+    daemon.ctl("env", name, "unset", "GREETING")
     assert requests.post(url, json={}, timeout=30).text == "v2 [('mode', 'live')]"
 
     daemon.ctl("rollback", name, "1")

@@ -109,6 +109,8 @@ class Limits:
     concurrency: PositiveInt = 10
     output_kb: PositiveInt = 1024
     settings_kb: PositiveInt = 1024
+    # The workflow's persistent directory, $WFD_WORKFLOW_DIR (wfd/files.py).
+    files_mb: PositiveInt = 100
 
     def merged(self, overrides: dict[str, Any]) -> "Limits":
         """These limits with a workflow's overrides applied (None means inherit)."""
@@ -212,6 +214,15 @@ class Config:
     # Strict refuses to start without a cgroup per execution unless this is false
     # (`[isolation] require_cgroups`): rlimits alone cannot bound a fork bomb.
     require_cgroups: Annotated[bool, Strict()] = True
+    # Workflow environments (README "Packages, variables and files"): a
+    # zygote other than the default (an environment's, or a policy's) stops
+    # after this long without an execution; at most this many run at once;
+    # an environment no version uses is removed after this many days.
+    env_idle_s: NonNegativeFloat = 300.0
+    max_zygotes: PositiveInt = 4
+    env_keep_days: NonNegativeFloat = 7.0
+    # uv's package cache, shared by every build (default: <data_dir>/envs/.cache).
+    env_cache_dir: Path | None = None
     # Time each catch execution's stages and log them (`stages` lines): for
     # bench/bench_stages.py, off in production (wfd/stages.py).
     trace_stages: Annotated[bool, Strict()] = False
@@ -236,6 +247,20 @@ class Config:
     @property
     def socket_path(self) -> Path:
         return self.socket or self.data_dir / "wfd.sock"
+
+    @property
+    def envs_root(self) -> Path:
+        """Where workflow environments are built (absolute: they are bound)."""
+        return self.data_dir.resolve() / "envs"
+
+    @property
+    def envs_cache(self) -> Path:
+        return (self.env_cache_dir or self.envs_root / ".cache").resolve()
+
+    @property
+    def files_root(self) -> Path:
+        """Where the workflows' persistent directories live (absolute: it is bound)."""
+        return self.data_dir.resolve() / "files"
 
     @property
     def db_path(self) -> Path:

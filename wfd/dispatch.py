@@ -19,9 +19,12 @@ from wfd import domain, ids, logs, stages
 from wfd.admission import Admission, BodyHold, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
+from wfd.environments import BuildError, Environments
 from wfd.executor import Executor, Job, JobError, Outcome
+from wfd.files import FilesError, WorkflowFiles
 from wfd.isolation.network import Policy
 from wfd.metrics import Metrics
+from wfd.requirements import top_level_imports
 from wfd.store import ExecutionRecord, RequestFields, Store, Workflow, utc_iso
 
 
@@ -53,12 +56,17 @@ class Dispatcher:
     """
 
     def __init__(self, config: Config, store: Store, executor: Executor,
-                 admission: Admission, metrics: Metrics | None = None) -> None:
+                 admission: Admission, metrics: Metrics | None = None,
+                 files: WorkflowFiles | None = None,
+                 environments: Environments | None = None) -> None:
         self.config = config
         self.store = store
         self.executor = executor
         self.admission = admission
         self.metrics = metrics or Metrics()
+        self.files = files
+        self.environments = environments
+        self._preloads: dict[tuple[str, int], tuple[str, ...]] = {}
         # Called with each stored record: metrics, `wfd ctl logs --follow`, retention.
         self.listeners: list[Callable[[ExecutionRecord], None]] = []
         self.draining = False
@@ -97,7 +105,8 @@ class Dispatcher:
                    limits=self.limits(workflow), settings=workflow.settings,
                    request=request if workflow.kind == Kind.CATCH else None,
                    response_bytes=self.config.max_body_bytes, network=self.network(workflow),
-                   json_depth=self.config.max_json_depth, trace=stages.active())
+                   json_depth=self.config.max_json_depth, env=workflow.env,
+                   preload=self._preload(workflow), trace=stages.active())
 
     async def execute(self, workflow: Workflow, trigger: Trigger,
                       request: RequestFields | None = None,
@@ -130,6 +139,17 @@ class Dispatcher:
         task.add_done_callback(self._interruptible.discard)
         return await task
 
+    def _preload(self, workflow: Workflow) -> tuple[str, ...]:
+        """What the environment's zygote imports for this version: declared, else found."""
+        if workflow.environment is None:
+            return ()
+        key = (workflow.name, workflow.version)
+        if key not in self._preloads:
+            declared = (workflow.requirements or {}).get("preload")
+            self._preloads[key] = tuple(declared if declared is not None
+                                        else top_level_imports(workflow.code))
+        return self._preloads[key]
+
     async def _execute(self, workflow: Workflow, execution_id: str,
                        request: RequestFields | None, trigger: Trigger,
                        reservation: Reservation, lineage: dict[str, Any],
@@ -144,7 +164,8 @@ class Dispatcher:
                 raise  # the caller's to refuse: nothing was started
             outcome = Outcome(Status.ERROR, 0.0, error=str(exc))
         else:
-            outcome, started_at = await self._run(job, reservation, on_start)
+            outcome, started_at = await self._run(job, reservation, on_start,
+                                                  workflow.environment)
         self._interruptible.discard(asyncio.current_task())
         record_for = functools.partial(_record, execution_id, workflow, trigger, started_at,
                                        outcome, self.limits(workflow), lineage)
@@ -152,8 +173,8 @@ class Dispatcher:
                                  request if keep_request else None)
 
     async def _run(self, job: Job, reservation: Reservation,
-                   on_start: Callable[[], Awaitable[None]] | None
-                   ) -> tuple[Outcome, datetime]:
+                   on_start: Callable[[], Awaitable[None]] | None,
+                   environment: dict[str, Any] | None) -> tuple[Outcome, datetime]:
         """Wait for a slot and run the job; whatever happens, an Outcome and its start."""
         started_at, started = datetime.now(UTC), time.perf_counter()  # if interrupted queued
         try:
@@ -162,7 +183,7 @@ class Dispatcher:
                     await on_start()
                 started_at, started = datetime.now(UTC), time.perf_counter()
                 stages.stamp("admitted")
-                outcome = await self.executor.run(job)
+                outcome = await self._prepared_run(job, environment)
                 stages.stamp("cleaned")
                 return outcome, started_at
         except asyncio.CancelledError:
@@ -204,6 +225,28 @@ class Dispatcher:
         response = outcome.response if record.status == Status.SUCCESS else None
         return Executed(record, response)
 
+    async def _prepared_run(self, job: Job, environment: dict[str, Any] | None = None
+                            ) -> Outcome:
+        """The executor's run, once the workflow's directory and environment are ready.
+
+        An environment missing from disk (imported, pruned, then rolled back
+        to) is built again from the version's exact pins.
+        """
+        started = time.perf_counter()
+        try:
+            files = built = None
+            if self.files is not None:
+                files = await self.files.ensure(job.name, job.limits.files_mb)
+            if environment is not None and self.environments is not None:
+                built = await self.environments.ensure(environment["python"],
+                                                       environment["pins"])
+            job = job.prepared(files, built)
+        except (FilesError, BuildError, OSError) as exc:
+            logs.event("prepare-failed", workflow=job.name, error=str(exc)[:500])
+            return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
+                           error=f"the execution could not be prepared: {exc}")
+        return await self.executor.run(job)
+
     async def drain(self, grace_s: float) -> int:
         """Refuse new work, wait up to `grace_s` for executions, interrupt the rest.
 
@@ -230,18 +273,21 @@ class Dispatcher:
         return interrupted
 
     async def check(self, name: str, kind: Kind, code: str, limits: Limits,
-                    allow_net: list[str] | None = None) -> str | None:
+                    allow_net: list[str] | None = None,
+                    env: dict[str, str] | None = None,
+                    environment: dict[str, Any] | None = None,
+                    preload: tuple[str, ...] = ()) -> str | None:
         """Deploy-time check of new code in a child; the problem, or None if fine.
 
-        It runs under the workflow's egress policy, so a zygote for that policy
-        is on its way before the first execution.
+        It runs under the workflow's egress policy and in its environment, so
+        a zygote for that pair is on its way before the first execution.
         """
         network = Policy.of(*self.config.network.allow, *(allow_net or ()))
         job = Job(execution_id=ids.execution_id(), name=name, kind=kind, version=0,
-                  code=code, limits=limits, mode="check", network=network,
-                  json_depth=self.config.max_json_depth)
+                  code=code, limits=limits, mode="check", network=network, env=env or {},
+                  preload=preload, json_depth=self.config.max_json_depth)
         started = time.perf_counter()
-        outcome = await self.executor.run(job)
+        outcome = await self._prepared_run(job, environment)
         if outcome.status == Status.SUCCESS:
             return None
         logs.event("deploy-check-failed", workflow=name, status=outcome.status,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
+import aiosqlite
 import uvloop
 from aiohttp import web
 
@@ -31,13 +32,16 @@ from wfd.control.handlers import Commands
 from wfd.control.server import ControlServer
 from wfd.delivery import Deliveries
 from wfd.dispatch import Dispatcher
-from wfd.executor import ZygoteExecutor, ZygotesByPolicy, make_executor
+from wfd.environments import Environments, prune_environments
+from wfd.executor import make_executor
+from wfd.executor.router import ExecutorRouter
+from wfd.files import WorkflowFiles, private_mounts
 from wfd.isolation import selftest
 from wfd.isolation.layers import Isolation, IsolationError
 from wfd.metrics import Metrics
 from wfd.retention import Pruner
 from wfd.scheduler import Scheduler
-from wfd.store import ExecutionRecord, Store
+from wfd.store import ExecutionRecord, Store, StoreError
 from wfd.storewatch import StoreWatch
 
 # Keys a SIGHUP cannot apply: they are bound to open sockets, files,
@@ -48,6 +52,7 @@ RESTART_ONLY = ("listen", "admin_listen", "data_dir", "socket", "socket_group",
                 "keepalive_s")
 # After the drain, how long the listeners give handlers to send their responses.
 RESPONSE_FLUSH_S = 5.0
+ENV_PRUNE_INTERVAL_S = 3600.0
 
 
 class Daemon:
@@ -58,13 +63,16 @@ class Daemon:
     """
 
     def __init__(self, config: Config, isolation: Isolation,
-                 loader: Callable[[], Config] | None = None) -> None:
+                 loader: Callable[[], Config] | None = None,
+                 files: WorkflowFiles | None = None) -> None:
         self.config = config
+        self.files = files or WorkflowFiles(config.files_root, images=False)
         self._loader = loader
         self.isolation = isolation
         self.self_test: dict[str, selftest.Check] = {}
         self.store = Store(config.db_path)
-        self.executor = make_executor(config, isolation)
+        self.environments = Environments(config.envs_root, isolation, config.envs_cache)
+        self.executor = ExecutorRouter(config, isolation, self.environments, make_executor)
         self.admission = Admission(config.concurrency, config.queue_max,
                                    config.max_pending_bytes)
         self.metrics = Metrics()
@@ -74,7 +82,7 @@ class Daemon:
         self.metrics.watch_clients(lambda: self.guard.open,
                                    lambda: self.admission.pending_bytes)
         self.dispatcher = Dispatcher(config, self.store, self.executor, self.admission,
-                                     self.metrics)
+                                     self.metrics, self.files, self.environments)
         self.scheduler = Scheduler(self.store, self.dispatcher, self.metrics)
         self.deliveries = Deliveries(self.store, self.dispatcher, self.metrics)
         self.metrics.watch_deliveries(self.deliveries.depth)
@@ -135,6 +143,7 @@ class Daemon:
             "connections": self.guard.open,
             "max_connections": config.connection_limit,
             "pending_body_bytes": self.admission.pending_bytes,
+            "workflow_files": self.files.describe(),
             **executor,
             "isolation": {"mode": self.isolation.mode,
                           "executor": executor["executor"],
@@ -151,6 +160,7 @@ class Daemon:
         os.chmod(self.config.data_dir, 0o700)
         # The zygote is exec'd before aiosqlite starts its thread (STYLE.md).
         await self.executor.start()
+        await asyncio.to_thread(self.environments.start)
         await self.store.open()
         await self.check_isolation()
         await self.control.start()
@@ -218,12 +228,23 @@ class Daemon:
             await self.start()
             self._spawn(self.pruner.run())
             self._spawn(self.storewatch.run())
+            self._spawn(self._prune_environments())
             self._spawn(self._reloads())
             await self._stop.wait()
         finally:
             await self.shutdown()
             if watchdog is not None:
                 watchdog.cancel()
+
+    async def _prune_environments(self) -> None:
+        """Hourly: remove environments unused for `env_keep_days` (a store error waits)."""
+        while True:
+            try:
+                await prune_environments(self.store, self.environments,
+                                         self.config.env_keep_days * 86400)
+            except (OSError, StoreError, aiosqlite.Error) as exc:
+                logs.event("environments-prune-failed", level=logging.WARNING, error=str(exc))
+            await asyncio.sleep(ENV_PRUNE_INTERVAL_S)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         self._background.append(asyncio.create_task(work))
@@ -290,8 +311,7 @@ class Daemon:
         self.commands.config = config
         self.admission.queue_max = config.queue_max
         self.admission.max_pending_bytes = config.max_pending_bytes
-        if isinstance(self.executor, ZygoteExecutor | ZygotesByPolicy):  # restarts if changed
-            self.executor.configure(config.preload, config.spares_min, config.spares_max)
+        self.executor.configure(config)  # idle and LRU bounds; restarts zygotes if changed
         logs.setup(config.log_format, config.log_level)
         self.pruner.wake()
 
@@ -302,9 +322,10 @@ def serve(config: Config, loader: Callable[[], Config] | None = None) -> int:
     try:
         # Before the loop: detection may move this process between cgroups,
         # which must happen before any thread (aiosqlite) exists.
+        files = WorkflowFiles(config.files_root, private_mounts(config.files_root))
         isolation = Isolation.detect(config.isolation, resolv_conf=config.network.resolv_conf,
                                      require_cgroups=config.require_cgroups)
-        daemon = Daemon(config, isolation, loader)
+        daemon = Daemon(config, isolation, loader, files)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(daemon.run())
     except (ConfigError, OSError, IsolationError) as exc:

@@ -140,6 +140,23 @@ MIGRATIONS = [
     CREATE TABLE store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL);
     INSERT INTO store_probe (id, at) VALUES (1, '');
     """,
+    # environments (SPEC 10): a workflow's environment variables, kept apart
+    # from its settings because they are secrets: never shown, never exported
+    # unless asked.
+    """
+    CREATE TABLE workflow_env (
+        workflow TEXT NOT NULL REFERENCES workflows (name) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (workflow, key)
+    );
+    """,
+    # environments (SPEC 10): the packages a version declared, and the
+    # environment they resolved to ({"hash", "python", "pins"}), both JSON.
+    """
+    ALTER TABLE versions ADD COLUMN requirements TEXT;
+    ALTER TABLE versions ADD COLUMN environment TEXT;
+    """,
 ]
 
 
@@ -196,6 +213,12 @@ class Workflow:
     next_due: str | None = None
     skipped: int = 0
     allow_net: list[str] = field(default_factory=list)
+    # Environment variables: secrets, so out of repr (and of public()).
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    # The current version's declared packages and resolved environment (None:
+    # the default environment).
+    requirements: dict[str, Any] | None = None
+    environment: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
         """What `wfd ctl` may show: everything but the code and the secret key."""
@@ -211,6 +234,8 @@ class Workflow:
             "next_due": self.next_due,
             "skipped": self.skipped,
             "allow_net": self.allow_net,
+            "requirements": self.requirements,
+            "environment": self.environment and self.environment["hash"],
         }
 
 
@@ -301,11 +326,16 @@ class Delivery:
     request: dict[str, Any]
 
 
-_WORKFLOW_COLUMNS = (
-    "w.name, w.kind, w.enabled, w.version, w.catch_key, w.settings, w.limits, "
-    "w.schedule, w.created_at, w.updated_at, v.code, w.next_due, w.skipped, w.allow_net"
+# One entry per column, in the order _workflow reads them.
+_WORKFLOW_FIELDS = (
+    "w.name", "w.kind", "w.enabled", "w.version", "w.catch_key", "w.settings", "w.limits",
+    "w.schedule", "w.created_at", "w.updated_at", "v.code", "w.next_due", "w.skipped",
+    "w.allow_net",
+    "(SELECT json_group_object(e.key, e.value) FROM workflow_env e WHERE e.workflow = w.name)",
+    "v.requirements", "v.environment",
 )
-_WORKFLOW_WIDTH = _WORKFLOW_COLUMNS.count(",") + 1
+_WORKFLOW_COLUMNS = ", ".join(_WORKFLOW_FIELDS)
+_WORKFLOW_WIDTH = len(_WORKFLOW_FIELDS)
 _WORKFLOW_SELECT = (
     f"SELECT {_WORKFLOW_COLUMNS} FROM workflows w "
     "JOIN versions v ON v.workflow = w.name AND v.version = w.version"
@@ -339,6 +369,9 @@ def _workflow(row: Any) -> Workflow:
         next_due=row[11],
         skipped=row[12],
         allow_net=orjson.loads(row[13]),
+        env=orjson.loads(row[14]) if row[14] else {},
+        requirements=orjson.loads(row[15]) if row[15] else None,
+        environment=orjson.loads(row[16]) if row[16] else None,
     )
 
 
@@ -614,7 +647,9 @@ class Store:
 
     async def deploy(self, name: str, kind: Kind, code: str, limits: dict[str, Any],
                      schedule: dict[str, Any] | None, catch_key: str,
-                     allow_net: list[str] | None = None) -> Workflow:
+                     allow_net: list[str] | None = None,
+                     requirements: dict[str, Any] | None = None,
+                     environment: dict[str, Any] | None = None) -> Workflow:
         """Store `code` as the next version of `name`, creating the workflow if new.
 
         `limits` (the workflow's overrides) and `schedule` are stored as given;
@@ -646,8 +681,10 @@ class Store:
                     (version, orjson.dumps(limits).decode(), _json_or_null(schedule), now,
                      None if allow_net is None else orjson.dumps(allow_net).decode(), name))
             await db.execute(
-                "INSERT INTO versions (workflow, version, code, created_at) VALUES (?, ?, ?, ?)",
-                (name, version, code, now))
+                "INSERT INTO versions (workflow, version, code, created_at, requirements,"
+                " environment) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, version, code, now, _json_or_null(requirements),
+                 _json_or_null(environment)))
         return await self._require(name)
 
     async def _require(self, name: str) -> Workflow:
@@ -688,6 +725,7 @@ class Store:
                 raise StoreError(f"no workflow named {name}")
             await db.execute("DELETE FROM versions WHERE workflow = ?", (name,))
             await db.execute("DELETE FROM executions WHERE workflow = ?", (name,))
+            await db.execute("DELETE FROM workflow_env WHERE workflow = ?", (name,))
             for table in ("deliveries", "requests", "idempotency"):
                 await db.execute(f"DELETE FROM {table} WHERE workflow = ?", (name,))
 
@@ -714,6 +752,22 @@ class Store:
             await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
                              (settings_json(merged, max_bytes).decode(), name))
         return merged
+
+    async def change_env(self, name: str, values: dict[str, str], unset: list[str]
+                         ) -> list[str]:
+        """Set and remove a workflow's environment variables; returns the names now set."""
+        async with self._transaction() as db:
+            self._forget(name)
+            await _settings(db, name)  # raises if there is no such workflow
+            await db.executemany(
+                "INSERT INTO workflow_env (workflow, key, value) VALUES (?, ?, ?)"
+                " ON CONFLICT (workflow, key) DO UPDATE SET value = excluded.value",
+                [(name, key, value) for key, value in values.items()])
+            await db.executemany("DELETE FROM workflow_env WHERE workflow = ? AND key = ?",
+                                 [(name, key) for key in unset])
+            async with db.execute("SELECT key FROM workflow_env WHERE workflow = ?"
+                                  " ORDER BY key", (name,)) as cursor:
+                return [row[0] for row in await cursor.fetchall()]
 
     async def finish(self, workflow: str, change: SettingsChange | None,
                      given: dict[str, Any], max_settings_bytes: int,
@@ -767,6 +821,17 @@ class Store:
                 "SELECT 1 FROM workflows WHERE name = ?", (record.workflow,)) as cursor:
             if await cursor.fetchone():
                 await _insert_execution(db, record)
+
+    async def environments_in_use(self) -> dict[str, list[str]]:
+        """Each environment hash used by a current version, with the workflows using it."""
+        rows = await self._fetchall(
+            "SELECT w.name, v.environment FROM workflows w JOIN versions v"
+            " ON v.workflow = w.name AND v.version = w.version"
+            " WHERE v.environment IS NOT NULL ORDER BY w.name")
+        used: dict[str, list[str]] = {}
+        for name, environment in rows:
+            used.setdefault(orjson.loads(environment)["hash"], []).append(name)
+        return used
 
     async def set_next_due(self, name: str, next_due: str | None) -> None:
         """Persist when a pull workflow is next due (None: not armed)."""
@@ -1079,14 +1144,15 @@ class Store:
     async def export(self, with_secrets: bool = False) -> list[dict[str, Any]]:
         """Every workflow with all its versions and settings, for a backup.
 
-        Signing secrets only `with_secrets`; without, an import keeps the
-        scheme and refuses every request until a secret is set again.
+        Secrets only `with_secrets`: environment variables are exported by
+        name alone, and without its signing secret an import keeps the scheme
+        and refuses every request until a secret is set again.
         """
         out = []
         for workflow in await self.workflows():
             rows = await self._fetchall(
-                "SELECT version, code, created_at FROM versions WHERE workflow = ?"
-                " ORDER BY version", workflow.name)
+                "SELECT version, code, created_at, requirements, environment FROM versions"
+                " WHERE workflow = ? ORDER BY version", workflow.name)
             policy = await self.delivery_policy(workflow.name)
             delivery = policy.public()
             if with_secrets and policy.secret:
@@ -1095,7 +1161,12 @@ class Store:
                 **workflow.public(),
                 "catch_key": workflow.catch_key,
                 "settings": workflow.settings,
-                "versions": [{"version": v, "code": c, "created_at": t} for v, c, t in rows],
+                "versions": [{"version": v, "code": c, "created_at": t,
+                              "requirements": orjson.loads(r) if r else None,
+                              "environment": orjson.loads(e) if e else None}
+                             for v, c, t, r, e in rows],
+                "env": dict(workflow.env) if with_secrets else None,
+                "env_names": sorted(workflow.env),
                 "delivery": delivery,
             })
         return out
@@ -1120,9 +1191,14 @@ class Store:
                      item["created_at"], item["updated_at"],
                      orjson.dumps(item.get("allow_net", [])).decode()))
                 await db.executemany(
-                    "INSERT INTO versions (workflow, version, code, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    [(name, v["version"], v["code"], v["created_at"]) for v in item["versions"]])
+                    "INSERT INTO versions (workflow, version, code, created_at, requirements,"
+                    " environment) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(name, v["version"], v["code"], v["created_at"],
+                      _json_or_null(v.get("requirements")), _json_or_null(v.get("environment")))
+                     for v in item["versions"]])
+                await db.executemany(
+                    "INSERT INTO workflow_env (workflow, key, value) VALUES (?, ?, ?)",
+                    [(name, key, value) for key, value in (item.get("env") or {}).items()])
                 if item.get("delivery"):
                     await _import_policy(db, name, item["delivery"])
         return [item["name"] for item in workflows]

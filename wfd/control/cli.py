@@ -42,12 +42,23 @@ class UsageError(CtlError):
     exit_code = EXIT_USAGE
 
 
-def parse_value(text: str) -> Any:
-    """A settings value from the command line: JSON if it parses, else the string."""
+def parse_setting(item: str) -> tuple[str, Any]:
+    """`KEY=VALUE` stores the string VALUE; `KEY:=JSON` stores a JSON value (SPEC 10).
+
+    HrFlow's environment properties are strings: an id such as `12345` must
+    stay "12345", so nothing is parsed unless the operator asks with `:=`.
+    """
+    key, sep, text = item.partition("=")
+    as_json = key.endswith(":")
+    key = key[:-1] if as_json else key
+    if not sep or not key:
+        raise UsageError(f"expected KEY=VALUE or KEY:=JSON, got {item!r}")
+    if not as_json:
+        return key, text
     try:
-        return json.loads(text)
-    except ValueError:
-        return text
+        return key, json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{key}:= needs a JSON value: {exc}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--every", help="pull interval: 30s, 5m, 1h, 1d")
     deploy.add_argument("--cron", help="pull schedule: a 5-field cron expression")
     deploy.add_argument("--tz", help="IANA time zone of --cron (default UTC)")
+    deploy.add_argument("--requirements", metavar="FILE",
+                        help="packages the workflow needs, one requirement per line")
     for flag, dest, kind_of in LIMIT_OPTIONS:
         deploy.add_argument(flag, dest=dest, type=kind_of)
     deploy.add_argument("--async", dest="async_", action=argparse.BooleanOptionalAction,
@@ -95,7 +108,13 @@ def _parser() -> argparse.ArgumentParser:
         add(name, f"{name} a workflow", "name")
     settings = add("settings", "print or change a workflow's settings", "name")
     settings.add_argument("action", nargs="?", choices=("set", "unset"))
-    settings.add_argument("items", nargs="*", metavar="KEY[=VALUE]")
+    settings.add_argument("items", nargs="*", metavar="KEY[=VALUE|:=JSON]")
+    env = add("env", "list (names only) or change a workflow's environment variables", "name")
+    env.add_argument("action", nargs="?", choices=("set", "unset"))
+    env.add_argument("items", nargs="*", metavar="KEY[=VALUE]")
+    envs = add("envs", "workflow environments: packages, size, users, zygote; "
+               "`envs prune` removes those no workflow uses")
+    envs.add_argument("action", nargs="?", choices=("prune",))
     run = add("run", "execute a workflow now", "name")
     run.add_argument("--data", help="JSON body for a catch workflow")
     executions = add("executions", "recent executions of a workflow", "name")
@@ -117,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     export = add("export", "every workflow, version and setting as JSON")
     export.add_argument("file", nargs="?")
     export.add_argument("--with-secrets", action="store_true",
-                        help="include signing secrets (keep the file private)")
+                        help="include signing secrets and the values of environment "
+                             "variables (keep the file private)")
     verify = add("verify", "check the signature of a catch workflow's requests", "name")
     verify.add_argument("scheme", choices=("hrflow", "standard", "github", "off"))
     secret = verify.add_mutually_exclusive_group()
@@ -143,9 +163,12 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         allow_net = args.allow_net
         if allow_net is not None and allow_net == ["none"]:
             allow_net = []
-        return "deploy", {"name": args.name, "kind": args.kind, "code": code,
-                          "limits": limits, "schedule": schedule, "allow_net": allow_net,
-                          "delivery": {k: v for k, v in delivery.items() if v is not None}}
+        request = {"name": args.name, "kind": args.kind, "code": code, "limits": limits,
+                   "schedule": schedule, "allow_net": allow_net,
+                   "delivery": {k: v for k, v in delivery.items() if v is not None}}
+        if args.requirements:
+            request["requirements"] = _read(args.requirements)
+        return "deploy", request
     if command == "settings":
         if args.action is None:
             return "settings", {"name": args.name}
@@ -153,13 +176,26 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             raise UsageError(f"settings {args.action} needs at least one key")
         if args.action == "unset":
             return "settings-unset", {"name": args.name, "keys": args.items}
-        values = {}
-        for item in args.items:
-            key, sep, text = item.partition("=")
-            if not sep or not key:
-                raise UsageError(f"expected KEY=VALUE, got {item!r}")
-            values[key] = parse_value(text)
+        values = dict(parse_setting(item) for item in args.items)
         return "settings-set", {"name": args.name, "values": values}
+    if command == "env":
+        if args.action is None:
+            return "env", {"name": args.name}
+        if not args.items:
+            raise UsageError(f"env {args.action} needs at least one key")
+        if args.action == "unset":
+            return "env-unset", {"name": args.name, "keys": args.items}
+        variables = {}
+        for item in args.items:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError("expected KEY=VALUE (the value is not shown here)")
+            variables[key] = value
+        return "env-set", {"name": args.name, "values": variables}
+    if command == "export":
+        return "export", {"with_secrets": args.with_secrets}
+    if command == "envs":
+        return ("envs-prune" if args.action else "envs"), {}
     if command == "run":
         data = None
         if args.data is not None:
@@ -189,8 +225,6 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             raise UsageError(f"{args.file} is not JSON: {exc}") from None
     if command == "verify":
         return "verify", {"name": args.name, "scheme": args.scheme, "secret": _secret(args)}
-    if command == "export":
-        return "export", {"with_secrets": args.with_secrets}
     if command in ("status", "list"):
         return command, {}
     return command, {"name": args.name}
@@ -247,6 +281,21 @@ def follow(socket_path: str, name: str, as_json: bool, raw: bool = False) -> Non
             print(for_terminal(render("logs", item), raw) + "\n", flush=True)
 
 
+def deploy(socket_path: str, request: dict[str, Any]) -> Any:
+    """Deploy, printing each step of an environment build on stderr as it happens."""
+    result = None
+    for reply in replies(socket_path, "deploy", **request):
+        if "item" not in reply:
+            answer = final(reply)
+            return answer if answer is not None else result
+        item = reply["item"]
+        if "step" in item:
+            print(item["step"], file=sys.stderr, flush=True)
+        elif "deployed" in item:
+            result = item["deployed"]
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `wfd ctl` command; returns the process exit code."""
     parser = _parser()
@@ -261,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "follow":
             follow(socket_path, request["name"], as_json, getattr(args, "raw", False))
             return EXIT_OK
-        result = call(socket_path, command, **request)
+        if command == "deploy":
+            result = deploy(socket_path, request)
+        else:
+            result = call(socket_path, command, **request)
     except CtlError as exc:
         print(f"wfd ctl: {exc}", file=sys.stderr)
         return exc.exit_code

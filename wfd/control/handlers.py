@@ -1,21 +1,28 @@
 """The handlers behind each `wfd ctl` command: plain data in, plain data out."""
 
 import asyncio
+import contextlib
+import logging
 import sys
+import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sandbox import protocol
-from wfd import catch, ids, logs, signatures
+from wfd import catch, envvars, ids, logs, signatures
 from wfd.admission import Overloaded
-from wfd.config import Config, ConfigError, check_allowances, redeployed_overrides
+from wfd.config import Config, ConfigError, Limits, check_allowances, redeployed_overrides
 from wfd.control.follow import Follower
 from wfd.control.protocol import EXPORT_FORMAT, CommandError, check_name
 from wfd.delivery import MAX_BACKOFF_S, Deliveries
 from wfd.dispatch import Dispatcher, Executed
 from wfd.domain import Kind, SettingsChange, Trigger
+from wfd.environments import BuildError, Environments, prune_environments
 from wfd.executor import JobError
+from wfd.files import WorkflowFiles
+from wfd.requirements import Requirements, RequirementsError, declared, top_level_imports
 from wfd.schedule import Schedule, ScheduleError, next_due
 from wfd.scheduler import Busy, Scheduler
 from wfd.store import POLICY_KEYS, ExecutionRecord, Store, Workflow, check_kind, merge_settings
@@ -43,6 +50,8 @@ class Commands:
             "show": self.show, "url": self.url, "enable": self.enable,
             "disable": self.disable, "delete": self.delete, "settings": self.settings,
             "settings-set": self.settings_set, "settings-unset": self.settings_unset,
+            "env": self.env, "env-set": self.env_set, "env-unset": self.env_unset,
+            "envs": self.envs, "envs-prune": self.envs_prune,
             "run": self.run, "executions": self.executions, "logs": self.logs,
             "follow": self.follow,
             "versions": self.versions, "rollback": self.rollback,
@@ -77,11 +86,16 @@ class Commands:
         return [self._listing(w) for w in await self.store.workflows()]
 
     async def deploy(self, name: str, kind: str, code: str, limits: dict[str, Any] | None = None,
-                     schedule: dict[str, Any] | None = None,
+                     schedule: dict[str, Any] | None = None, requirements: str | None = None,
                      delivery: dict[str, Any] | None = None,
-                     allow_net: list[str] | None = None) -> dict[str, Any]:
+                     allow_net: list[str] | None = None
+                     ) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         """Check the code in a child, then store it as the workflow's next version.
 
+        Code that declares packages (a PEP 723 block, or `requirements`, the
+        text of a requirements file) first gets its environment resolved and
+        built: then the answer is a stream of `{"step"}` items, the last one
+        `{"deployed"}`, so that `wfd ctl deploy` shows the build as it goes.
         `allow_net` replaces the workflow's network allowances; None keeps them.
         """
         check_name(name)
@@ -104,21 +118,83 @@ class Commands:
             effective = self.config.limits.merged(overrides).validate()
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
-        problem = await self.dispatcher.check(
-            name, kind, code, effective,
-            allow_net if allow_net is not None else existing.allow_net if existing else [])
+        if requirements is not None and not isinstance(requirements, str):
+            raise CommandError("requirements must be the text of a requirements file")
+        try:
+            wanted = declared(code, requirements)
+        except RequirementsError as exc:
+            raise CommandError(f"deploy refused, {_stays(existing)}: {exc}") from None
+        deploy = _Deploy(name, kind, code, overrides, schedule, effective, existing,
+                         allow_net, delivery)
+        if wanted is None:
+            return await self._store_version(deploy)
+        return self._deploy_in_environment(deploy, wanted)
+
+    async def _deploy_in_environment(self, deploy: "_Deploy", wanted: Requirements
+                                     ) -> AsyncIterator[dict[str, Any]]:
+        """Resolve and build the environment, reporting each step; then check and store."""
+        environments = self.dispatcher.environments
+        if environments is None:
+            raise CommandError("this daemon cannot build environments")
+        steps: asyncio.Queue[str] = asyncio.Queue()
+        building = asyncio.create_task(environments.prepare(wanted, steps.put_nowait))
+        try:
+            while not (building.done() and steps.empty()):
+                waiter = asyncio.ensure_future(steps.get())
+                await asyncio.wait({waiter, building}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield {"step": waiter.result()}
+                else:
+                    waiter.cancel()
+            environment = building.result()
+        except (BuildError, OSError) as exc:
+            logs.event("deploy-build-failed", workflow=deploy.name)
+            raise CommandError(f"deploy refused, {_stays(deploy.existing)}: the environment "
+                               f"could not be built:\n{exc}") from None
+        except Exception as exc:  # a stream must end with an answer, never a closed socket
+            logs.event("deploy-build-crashed", level=logging.ERROR, exc_info=True,
+                       workflow=deploy.name)
+            raise CommandError(f"deploy refused, {_stays(deploy.existing)}: internal error "
+                               f"while building the environment: {exc}") from None
+        finally:
+            if not building.done():
+                building.cancel()
+                with contextlib.suppress(BaseException):
+                    await building
+        preload = wanted.preload if wanted.preload is not None else tuple(
+            top_level_imports(deploy.code))
+        yield {"step": f"checking the code in environment {environment['hash']}"
+                       + (f", preloading {', '.join(preload)}" if preload else "")}
+        yield {"deployed": await self._store_version(deploy, wanted.to_json(), environment,
+                                                     preload)}
+
+    async def _store_version(self, deploy: "_Deploy",
+                             requirements: dict[str, Any] | None = None,
+                             environment: dict[str, Any] | None = None,
+                             preload: tuple[str, ...] = ()) -> dict[str, Any]:
+        name, existing = deploy.name, deploy.existing
+        allow_net = (deploy.allow_net if deploy.allow_net is not None
+                     else existing.allow_net if existing else [])
+        problem = await self.dispatcher.check(name, deploy.kind, deploy.code, deploy.limits,
+                                              allow_net, existing.env if existing else None,
+                                              environment, preload)
         if problem:
-            raise CommandError(f"deploy refused, version {existing.version if existing else '-'}"
-                               f" stays in place: {problem}")
-        workflow = await self.store.deploy(name, kind, code, overrides, schedule, ids.catch_key(),
-                                           allow_net)
-        if delivery:
-            await self.store.set_delivery_policy(name, delivery)
+            if existing is None:  # the check made its directory; nothing of it stays
+                await self._files().remove(name)
+            raise CommandError(f"deploy refused, {_stays(existing)}: {problem}")
+        workflow = await self.store.deploy(name, deploy.kind, deploy.code, deploy.overrides,
+                                           deploy.schedule, ids.catch_key(), deploy.allow_net,
+                                           requirements, environment)
+        if deploy.delivery:
+            await self.store.set_delivery_policy(name, deploy.delivery)
         await self.scheduler.refresh(name)
         await self.store.prune_versions(self.config.retention.versions_per_workflow)
-        logs.event("deployed", workflow=name, version=workflow.version, kind=kind)
-        result = {"name": name, "kind": kind, "version": workflow.version}
-        if kind == Kind.CATCH:
+        logs.event("deployed", workflow=name, version=workflow.version, kind=deploy.kind,
+                   environment=environment and environment["hash"])
+        result = {"name": name, "kind": deploy.kind, "version": workflow.version}
+        if environment is not None:
+            result["environment"] = environment["hash"]
+        if deploy.kind == Kind.CATCH:
             result["url"] = self._url(workflow)
         return result
 
@@ -181,6 +257,7 @@ class Commands:
     async def delete(self, name: str) -> dict[str, Any]:
         """Forget a workflow. A run in progress finishes, but nothing of it is kept."""
         await self.store.delete(check_name(name))
+        await self._files().remove(name)
         await self.scheduler.refresh(name)
         self.dispatcher.admission.forget(name)
         logs.event("deleted", workflow=name)
@@ -205,6 +282,53 @@ class Commands:
             raise CommandError(f"settings cannot be stored: {exc} "
                                f"(max_json_depth = {depth})") from None
         return await self.store.change_settings(name, change, limit)
+
+    async def env(self, name: str) -> list[str]:
+        """The names of a workflow's environment variables; values never leave the daemon."""
+        return sorted((await self._workflow(name)).env)
+
+    async def env_set(self, name: str, values: dict[str, Any]) -> list[str]:
+        if not isinstance(values, dict) or not values:
+            raise CommandError("env set needs at least one KEY=VALUE")
+        try:
+            checked = {envvars.check_name(k): envvars.check_value(k, v)
+                       for k, v in values.items()}
+        except envvars.EnvError as exc:
+            raise CommandError(str(exc)) from None
+        return await self._change_env(name, checked, [])
+
+    async def env_unset(self, name: str, keys: list[str]) -> list[str]:
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+            raise CommandError("env unset needs at least one KEY")
+        return await self._change_env(name, {}, keys)
+
+    async def _change_env(self, name: str, values: dict[str, str], unset: list[str]
+                          ) -> list[str]:
+        await self._workflow(name)
+        names = await self.store.change_env(name, values, unset)
+        logs.event("env-changed", workflow=name, set=sorted(values), unset=sorted(unset))
+        return names
+
+    async def envs(self) -> list[dict[str, Any]]:
+        """Every built environment: packages, size, the workflows using it, its zygote."""
+        environments = self._environments()
+        used = await self.store.environments_in_use()
+        listed = await asyncio.to_thread(environments.listing)
+        executors = self.dispatcher.executor
+        for item in listed:
+            item["workflows"] = used.get(item["hash"], [])
+            status = getattr(executors, "environment_status", lambda _: None)(item["hash"])
+            item["zygote"] = status or {"state": "stopped"}
+        return listed
+
+    async def envs_prune(self) -> dict[str, Any]:
+        """Remove now every environment no workflow's current version uses."""
+        return {"removed": await prune_environments(self.store, self._environments(), 0)}
+
+    def _environments(self) -> Environments:
+        if self.dispatcher.environments is None:
+            raise CommandError("this daemon has no workflow environments")
+        return self.dispatcher.environments
 
     async def run(self, name: str, data: Any = None) -> dict[str, Any]:
         """Execute now with the trigger `manual`, and say how it went."""
@@ -348,6 +472,27 @@ class Commands:
         logs.event("key-rotated", workflow=name)
         return {"name": name, "url": self._url(workflow)}
 
+    async def _rebuild_environments(self, workflows: list[dict[str, Any]]) -> None:
+        """Build the current versions' environments from their exact pins, before storing.
+
+        An environment that cannot be built here (its Python is missing, the
+        index is unreachable) refuses the whole import, which then stores
+        nothing. Older versions' environments are built if rolled back to.
+        """
+        for item in workflows:
+            current = [v for v in item["versions"] if v.get("version") == item["version"]]
+            environment = current[0].get("environment") if current else None
+            if not environment:
+                continue
+            try:
+                await self._environments().ensure(environment["python"], environment["pins"])
+            except (BuildError, OSError, KeyError, TypeError) as exc:
+                raise CommandError(f"{item['name']}: its environment could not be built, "
+                                   f"nothing was imported: {exc}") from None
+
+    def _files(self) -> WorkflowFiles:
+        return self.dispatcher.files or WorkflowFiles(self.config.files_root, images=False)
+
     async def verify(self, name: str, scheme: str, secret: str | None = None) -> dict[str, Any]:
         """Check the signature of every catch request under `scheme`, or with `off` stop.
 
@@ -370,8 +515,12 @@ class Commands:
         return {"name": name, "verify": scheme}
 
     async def export(self, with_secrets: bool = False) -> dict[str, Any]:
-        return {"format": EXPORT_FORMAT,
-                "workflows": await self.store.export(with_secrets=bool(with_secrets))}
+        """Every workflow, its versions, settings and persistent directory (a tar.gz)."""
+        workflows = await self.store.export(with_secrets=with_secrets is True)
+        for item in workflows:
+            size = self.config.limits.merged(item["limits"]).files_mb
+            item["files"] = await self._files().archive(item["name"], size)
+        return {"format": EXPORT_FORMAT, "workflows": workflows}
 
     async def import_(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
@@ -382,14 +531,43 @@ class Commands:
         for item in workflows:
             check_name(item.get("name") if isinstance(item, dict) else None)
             _check_exported(item)
+        await self._rebuild_environments(workflows)
         try:
             names = await self.store.import_(workflows)
         except (KeyError, TypeError, ValueError) as exc:
             raise CommandError(f"the export is incomplete or malformed: {exc!r}") from None
+        for item in workflows:
+            if item.get("files"):
+                size = self.config.limits.merged(item["limits"]).files_mb
+                try:
+                    await self._files().restore(item["name"], size, item["files"])
+                except (OSError, ValueError, tarfile.TarError) as exc:
+                    raise CommandError(f"{item['name']}: its files could not be restored "
+                                       f"({exc}); the workflows were imported") from None
         for imported in names:
             await self.scheduler.refresh(imported)
         logs.event("imported", workflows=len(names))
         return {"imported": names}
+
+
+@dataclass(frozen=True)
+class _Deploy:
+    """A deploy request once checked, on its way to becoming a version."""
+
+    name: str
+    kind: Kind
+    code: str
+    overrides: dict[str, Any]
+    schedule: dict[str, Any] | None
+    limits: Limits
+    existing: Workflow | None
+    # The new network allowances (None: the workflow keeps its own), delivery flags.
+    allow_net: list[str] | None
+    delivery: dict[str, Any]
+
+
+def _stays(existing: Workflow | None) -> str:
+    return f"version {existing.version if existing else '-'} stays in place"
 
 
 def _delivery_changes(kind: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -429,6 +607,14 @@ def _check_exported(item: dict[str, Any]) -> None:
     if item.get("version") not in {v.get("version") for v in versions}:
         raise CommandError(f"{name}: current version {item.get('version')} is not among "
                            "its versions")
+    env = item.get("env") or {}
+    if not isinstance(env, dict):
+        raise CommandError(f"{name}: env must be an object")
+    try:
+        for key, value in env.items():
+            envvars.check_value(envvars.check_name(key), value)
+    except envvars.EnvError as exc:
+        raise CommandError(f"{name}: {exc}") from None
     delivery = item.get("delivery") or {}
     if not isinstance(delivery, dict) or delivery.get("verify", "off") not in (
             "off", *signatures.SCHEMES):

@@ -61,6 +61,20 @@ def render(command: str, result: Any) -> str:
         return text + (f"\n{result['url']}" if "url" in result else "")
     if command in ("settings", "settings-set", "settings-unset"):
         return json.dumps(result, indent=2, sort_keys=True)
+    if command == "envs":
+        return table([{**e, "packages": len(e["packages"]),
+                       "workflows": ", ".join(e["workflows"]) or "-",
+                       "zygote": e["zygote"]["state"]} for e in result],
+                     ["hash", "python", "packages", "size_mb", "workflows", "zygote"])
+    if command == "envs-prune":
+        return f"removed {len(result['removed'])} environment(s)" + "".join(
+            f"\n{digest}" for digest in result["removed"])
+    if command == "deploy" and "environment" in result:
+        text = f"deployed {result['name']} version {result['version']}"
+        text += f" in environment {result['environment']}"
+        return text + (f"\n{result['url']}" if "url" in result else "")
+    if command in ("env", "env-set", "env-unset"):
+        return "\n".join(f"{key}=********" for key in result) or "(no variables)"
     if command in ("enable", "disable"):
         return f"{result['name']} {command}d"
     if command == "verify":

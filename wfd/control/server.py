@@ -109,6 +109,8 @@ class ControlServer:
             return {"id": request_id, "ok": False, "error": str(exc)}
         finally:
             hangup.cancel()
+            # Let the cancelled read end before the connection reads its next line.
+            await asyncio.wait({hangup})
             await items.aclose()
 
     async def _answer(self, line: bytes) -> dict[str, Any]:

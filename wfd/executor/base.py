@@ -6,7 +6,9 @@ child is started (a fresh interpreter, or a fork of a preloaded zygote) can
 change without touching HTTP, the control socket or the scheduler.
 """
 
+import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -14,6 +16,7 @@ import orjson
 from sandbox import protocol
 from wfd.config import MIB, Limits
 from wfd.domain import Kind, SettingsChange, Status, WorkflowResponse
+from wfd.environments import Environment
 from wfd.isolation.network import Policy
 
 CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -33,9 +36,10 @@ class Job:
 
     Encoded once, when it is made: a Job that exists can be handed to a
     child, so nothing (a pipe, a spare, a cgroup) is ever acquired for one
-    that cannot. Only the two fields that depend on how the child starts
-    (`result_fd`, and `processes` under RLIMIT_NPROC) are added by
-    `payload`, in front of the encoded body.
+    that cannot. Only the fields that depend on how the child starts
+    (`result_fd`, `processes` under RLIMIT_NPROC, the seccomp flag, `env`
+    with the workflow's directory as the child sees it, and that directory's
+    mount) are added by `payload`, in front of the encoded body.
     """
 
     execution_id: str
@@ -53,6 +57,13 @@ class Job:
     # Where it may connect, under the network layer (an execution gets a namespace of it).
     network: Policy = field(default_factory=Policy)
     json_depth: int = 64
+    # The workflow's environment variables: secrets, so out of repr and logs.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    # The workflow's persistent directory on the host (None: it has none yet).
+    files: Path | None = None
+    # The workflow's environment (None: the default one) and what its zygote preloads.
+    environment: Environment | None = None
+    preload: tuple[str, ...] = ()
     # The child reports its own stage stamps in its result (wfd/stages.py).
     trace: bool = False
     # The encoded job in pieces, so that a large request is copied once (by
@@ -61,6 +72,18 @@ class Job:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "body", self._encode())
+
+    def prepared(self, files: Path | None, environment: Environment | None) -> "Job":
+        """This job once its workflow's directory and environment are ready.
+
+        Neither is in the encoded body (an executor turns them into mounts,
+        an interpreter and `env` at `payload`), so the copy shares the body:
+        `replace` would encode a large request a second time.
+        """
+        job = copy.copy(self)
+        object.__setattr__(job, "files", files)
+        object.__setattr__(job, "environment", environment)
+        return job
 
     def _encode(self) -> tuple[bytes, ...]:
         job: dict[str, Any] = {
@@ -77,19 +100,24 @@ class Job:
                 parts += [b',"%s":' % key.encode(), _encoded(key, value)]
         return (*parts, b"}")
 
-    def payload(self, result_fd: int, rlimit_nproc: bool = True,
-                sandboxed: bool = False) -> list[bytes]:
+    def payload(self, result_fd: int, rlimit_nproc: bool = True, sandboxed: bool = False,
+                variables: dict[str, str] | None = None,
+                files_mount: dict[str, str | None] | None = None) -> list[bytes]:
         """The JSON document the child reads on stdin, in pieces: `body` with the start-up fields.
 
         Without `rlimit_nproc` the child leaves RLIMIT_NPROC alone: a pids
         cgroup bounds the execution instead, and RLIMIT_NPROC would count
         every execution's processes together (they share one sandbox uid).
         `sandboxed` has the child forbid itself new namespaces (sandbox/seccomp.py).
+        `variables` are the daemon's own (`WFD_WORKFLOW_DIR`), added to the
+        workflow's environment; they travel in the job, never on a command line.
+        `files_mount` tells a zygote's child which directory to mount where.
         """
         limits = self.limits
-        head = orjson.dumps({
+        start: dict[str, Any] = {
             "result_fd": result_fd,
             "forbid_namespaces": sandboxed,
+            "env": {**self.env, **(variables or {})},
             **({"trace": True} if self.trace else {}),
             "limits": {
                 "memory_bytes": limits.memory_mb * MIB,
@@ -101,7 +129,10 @@ class Job:
                 "response_bytes": self.response_bytes,
                 "json_depth": self.json_depth,
             },
-        })
+        }
+        if files_mount is not None:
+            start["files"] = files_mount
+        head = orjson.dumps(start)
         first, *rest = self.body
         return [head[:-1] + b"," + first[1:], *rest]
 

@@ -122,7 +122,7 @@ class SpawnExecutor:
                     info, block = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
                     net = self.isolation.network.bwrap_options(info[1], block[0])
                 try:
-                    argv = self.isolation.argv(job.limits, cgroup, net)
+                    argv = self.isolation.argv(job.limits, cgroup, job.files, net)
                 except BaseException:
                     for fd in (info[1], block[0]) if info and block else ():
                         os.close(fd)
@@ -164,8 +164,10 @@ class SpawnExecutor:
                         pipes.close_all()  # _connect killed the child
                         raise
                 ended = asyncio.ensure_future(process.wait())
+                variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
+                             if job.files else None)
                 payload = job.payload(pipes.result_w, rlimit_nproc=launch.cgroup is None,
-                                      sandboxed=launch.signal_exits)
+                                      sandboxed=launch.signal_exits, variables=variables)
                 return await supervise(job, payload, pipes, started, ended,
                                        lambda: _kill_group(process.pid), cgroup=launch.cgroup,
                                        signal_exits=launch.signal_exits)

@@ -18,6 +18,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -70,7 +71,8 @@ class ZygoteProcess:
 
     @classmethod
     async def launch(cls, isolation: Isolation, policy: network.Policy,
-                     preload: Sequence[str], spares: tuple[int, int]) -> "ZygoteProcess":
+                     preload: Sequence[str], spares: tuple[int, int],
+                     files_root: Path | None = None) -> "ZygoteProcess":
         """Exec the zygote with one end of a socketpair; return once it runs.
 
         With the network layer its bwrap makes the network namespace it and
@@ -81,7 +83,7 @@ class ZygoteProcess:
         net = isolation.network
         info = os.pipe2(os.O_CLOEXEC) if net is not None else None
         command = isolation.zygote_command(
-            net.bwrap_options(info[1]) if net is not None and info else None)
+            net.bwrap_options(info[1]) if net is not None and info else None, files_root)
         workdirs = tempfile.mkdtemp(prefix="wfd-zygote-")
         env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "HOME": workdirs, "TMPDIR": workdirs}
         args = ZygoteArgs(isolation.zygote_mode, theirs.fileno(), workdirs, *spares,
@@ -230,12 +232,15 @@ class ZygoteExecutor:
     """
 
     def __init__(self, preload: Sequence[str], spares_min: int, spares_max: int,
-                 isolation: Isolation, policy: network.Policy | None = None) -> None:
+                 isolation: Isolation, policy: network.Policy | None = None,
+                 files_root: Path | None = None) -> None:
         self.preload = list(preload)
         self.spares = (spares_min, spares_max)
         self.isolation = isolation
         # The one egress policy of this zygote's network namespace.
         self.policy = policy or network.Policy()
+        # Every workflow's persistent directory, mounted into the zygote's view.
+        self.files_root = files_root
         self.fallback = SpawnExecutor(isolation)
         self.state = "stopped"
         self.current: ZygoteProcess | None = None
@@ -281,8 +286,11 @@ class ZygoteExecutor:
                 pipes.close_theirs()
                 for fd in joins:
                     os.close(fd)
+            variables = ({"WFD_WORKFLOW_DIR": self.isolation.workflow_dir(job.files)}
+                         if job.files else None)
             payload = job.payload(RESULT_FD, rlimit_nproc=cgroup is None,
-                                  sandboxed=self.isolation.sandboxed)
+                                  sandboxed=self.isolation.sandboxed, variables=variables,
+                                  files_mount=self.isolation.files_mount(job.files))
             return await supervise(job, payload, pipes, started, ended,
                                    lambda: zygote.kill(job.execution_id), cgroup=cgroup,
                                    signal_exits=self.isolation.sandboxed)
@@ -349,7 +357,7 @@ class ZygoteExecutor:
         self._stamp = packages_stamp(self._dirs)
         try:
             zygote = await ZygoteProcess.launch(self.isolation, self.policy, self.preload,
-                                                self.spares)
+                                                self.spares, self.files_root)
         except (OSError, network.NetworkError) as exc:
             self._boot_failed(exc)
             return None

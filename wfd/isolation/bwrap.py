@@ -30,6 +30,18 @@ from pathlib import Path
 
 SANDBOX_UID = 65534  # "nobody" on Debian; never owns anything the daemon cares about
 WORKDIR = "/tmp"
+# Where an execution finds its workflow's persistent directory ($WFD_WORKFLOW_DIR):
+# the same path in every execution of every workflow, each seeing its own.
+WORKFLOW_DIR = "/wfd/workflow"
+# Where the zygote sees every workflow's directory; each execution binds its
+# own onto WORKFLOW_DIR, then covers this one (sandbox/isolate.py).
+ZYGOTE_FILES = "/wfd/files"
+# Where a workflow environment is (read-only) when an execution runs in one,
+# and where a build sees the environment it makes and uv's cache.
+ENV_DIR = "/wfd/env"
+BUILD_DIR = "/wfd/build"
+CACHE_DIR = "/wfd/cache"
+TOOLS_DIR = "/wfd/tools"
 ETC_FILES = (
     "resolv.conf",
     "hosts",
@@ -117,7 +129,9 @@ def _system_view(resolv_conf: str = "/etc/resolv.conf") -> list[str]:
             args += ["--symlink", os.readlink(host), str(host)]
         elif host.is_dir():
             args += ["--ro-bind", str(host), str(host)]
-    args += ["--perms", "0755", "--dir", "/etc"]  # else made 0700 when resolv.conf is elsewhere
+    # Else made 0700 (when resolv.conf is elsewhere), and the sandbox uid could
+    # then resolve no name.
+    args += ["--perms", "0755", "--dir", "/etc"]
     for name in ETC_FILES:
         source = resolv_conf if name == "resolv.conf" else f"/etc/{name}"
         args += ["--ro-bind-try", source, f"/etc/{name}"]
@@ -169,19 +183,40 @@ def _identity(uid: int, privileged: bool) -> list[str]:
     ]  # fmt: skip
 
 
+def _bind_files(source: Path, target: str) -> list[str]:
+    """A writable bind of a host directory; its parent made crossable first."""
+    return ["--perms", "0755", "--dir", str(Path(target).parent), "--bind", str(source), target]
+
+
+def _bind_environment(environment: Path | None) -> list[str]:
+    if environment is None:
+        return []
+    return ["--perms", "0755", "--dir", str(Path(ENV_DIR).parent),
+            "--ro-bind", str(environment), ENV_DIR]
+
+
 def command(
     python: str,
     workdir_size_bytes: int,
     *,
     uid: int = SANDBOX_UID,
     privileged: bool | None = None,
+    files: Path | None = None,
+    writable: dict[str, Path] | None = None,
+    read_only: dict[str, Path] | None = None,
+    environment: Path | None = None,
     net: NetOptions | None = None,
 ) -> list[str]:
     """Argv prefix; append `[python, "-I", "-m", "sandbox"]` (or any command) to it.
 
     `privileged` defaults to "the daemon is root" and selects how the
-    unprivileged identity is obtained (see the module docstring); `net`
-    adds a network namespace.
+    unprivileged identity is obtained (see the module docstring). `files`,
+    the workflow's persistent directory on the host, appears at WORKFLOW_DIR;
+    `writable` maps paths inside to host directories (an environment being
+    built, uv's cache), `read_only` likewise (uv's own directory, for a
+    build); `environment`, a workflow environment, is read-only
+    at ENV_DIR (never at its host path, which is inside the data directory);
+    `net` adds a network namespace.
     """
     if privileged is None:
         privileged = os.geteuid() == 0
@@ -197,6 +232,13 @@ def command(
         # there) must be bound over the sandbox's /tmp, not hidden under it.
         *_private_dirs(workdir_size_bytes),
         *_bind_runtime(roots),
+        *(_bind_files(files, WORKFLOW_DIR) if files else []),
+        *[arg for inside, host in (writable or {}).items()
+          for arg in _bind_files(host, inside)],
+        *[arg for inside, host in (read_only or {}).items()
+          for arg in ["--perms", "0755", "--dir", str(Path(inside).parent),
+                      "--ro-bind", str(host), inside]],
+        *_bind_environment(environment),
         *_identity(uid, privileged),
     ]  # fmt: skip
 
@@ -209,8 +251,8 @@ _MOUNT_PROC_SH = 'mount -t proc -o nosuid,nodev,noexec proc /proc && exec "$@"'
 ZYGOTE_SCRATCH_BYTES = 1 << 20
 
 
-def zygote_command(python: str, *, uid: int = SANDBOX_UID,
-                   privileged: bool | None = None,
+def zygote_command(python: str, *, uid: int = SANDBOX_UID, privileged: bool | None = None,
+                   files_root: Path | None = None, environment: Path | None = None,
                    net: NetOptions | None = None) -> list[str]:
     """Argv prefix for the zygote: the same view as an execution's, but shared, so read-only.
 
@@ -220,8 +262,10 @@ def zygote_command(python: str, *, uid: int = SANDBOX_UID,
     own /tmp, /dev/shm and /proc over the zygote's (sandbox/isolate.py). The
     zygote runs as uid 65534 without capabilities, exactly like an execution
     of the spawn path; it builds each execution's namespaces through an
-    unprivileged user namespace of the execution's own. With `net`, the
-    zygote and its children share one network namespace.
+    unprivileged user namespace of the execution's own. `files_root`, every
+    workflow's persistent directory, is at ZYGOTE_FILES, with WORKFLOW_DIR
+    ready as each execution's mount point. With `net`, the zygote and its
+    children share one network namespace.
     """
     if privileged is None:
         privileged = os.geteuid() == 0
@@ -245,6 +289,9 @@ def zygote_command(python: str, *, uid: int = SANDBOX_UID,
         "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm",
         "--perms", "1777", "--size", size, "--tmpfs", WORKDIR,
         *_bind_runtime(roots),  # after /tmp: see command()
+        *([*_bind_files(files_root, ZYGOTE_FILES), "--dir", WORKFLOW_DIR]
+          if files_root else []),
+        *_bind_environment(environment),
         "--chdir", WORKDIR,
         "--remount-ro", "/dev", "--remount-ro", "/",
         *launch,

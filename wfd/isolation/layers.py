@@ -89,6 +89,22 @@ class Isolation:
         self.backend = backend
         self.network = net if support is not None and support.available else None
         self.net_missing = net_missing
+        # In a workflow environment (for_environment): its directory on the
+        # host, and the host interpreter it was made from, whose prefix is bound.
+        self.environment: Path | None = None
+        self.interpreter = python
+
+    def for_environment(self, environment: Path, interpreter: str) -> "Isolation":
+        """The same layers around a workflow environment's interpreter.
+
+        Under bwrap the environment is at bwrap.ENV_DIR, so the data
+        directory it lives in is never part of the sandbox's view.
+        """
+        inside = Path(bwrap.ENV_DIR if self.sandboxed else environment) / "bin" / "python"
+        around = Isolation(self.mode, str(inside), self.support, self.backend, self.network,
+                           self.net_missing)
+        around.environment, around.interpreter = environment, interpreter
+        return around
 
     @classmethod
     def detect(cls, mode: str, python: str = sys.executable,
@@ -190,14 +206,31 @@ class Isolation:
         return self.backend.create(execution_id, memory, limits.processes, CPU_QUOTA)
 
     def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None,
-             net: bwrap.NetOptions | None = None) -> list[str]:
+             files: Path | None = None, net: bwrap.NetOptions | None = None) -> list[str]:
         """The whole command line of one execution: cgroup join, bwrap, interpreter."""
         command = [self.python, "-I", "-m", protocol.CHILD_MODULE]
         if self.sandboxed:
-            command = [*bwrap.command(self.python, limits.tmp_mb * MIB, net=net), *command]
+            command = [*bwrap.command(self.interpreter, limits.tmp_mb * MIB, files=files,
+                                      environment=self.environment, net=net), *command]
         return cgroup.join_argv(command) if cgroup else command
 
-    def zygote_command(self, net: bwrap.NetOptions | None = None) -> list[str]:
+    def workflow_dir(self, files: Path) -> str:
+        """`$WFD_WORKFLOW_DIR` as the execution sees its directory `files` of the host."""
+        return bwrap.WORKFLOW_DIR if self.sandboxed else str(files)
+
+    def files_mount(self, files: Path | None) -> dict[str, str | None] | None:
+        """What a zygote's child mounts for its workflow's directory (sandbox/isolate.py).
+
+        Every execution covers the zygote's view of all directories, the
+        ones without a directory of their own too (a deploy check).
+        """
+        if not self.sandboxed:
+            return None
+        return {"source": f"{bwrap.ZYGOTE_FILES}/{files.name}" if files else None,
+                "target": bwrap.WORKFLOW_DIR, "hide": bwrap.ZYGOTE_FILES}
+
+    def zygote_command(self, net: bwrap.NetOptions | None = None,
+                       files_root: Path | None = None) -> list[str]:
         """The zygote's command line up to its arguments (`protocol.ZygoteArgs`).
 
         Its children join their cgroup and build their namespaces themselves
@@ -205,9 +238,10 @@ class Isolation:
         network namespace (`net`) is the zygote's, shared by its children.
         """
         command = [self.python, "-I", "-m", protocol.ZYGOTE_MODULE]
-        if self.sandboxed:
-            return [*bwrap.zygote_command(self.python, net=net), *command]
-        return command
+        if not self.sandboxed:
+            return command
+        return [*bwrap.zygote_command(self.interpreter, files_root=files_root,
+                                      environment=self.environment, net=net), *command]
 
     @property
     def zygote_mode(self) -> str:

@@ -14,6 +14,7 @@ called active but the probe got past is a failure: strict refuses to start.
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import secrets
 import signal
@@ -200,12 +201,16 @@ def _survivors(token: str, wait_s: float) -> list[int]:
     return pids
 
 
-async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[str, Check]:
+async def run(executor: Executor, isolation: Isolation, config: Config,
+              policy: Policy | None = None) -> dict[str, Check]:
     """Run the probe twice and check each layer against what detection promised.
 
     The second run looks for what the first left in its scratch directory:
-    with a zygote, both are children of one long-lived process.
+    with a zygote, both are children of one long-lived process. It runs
+    under `policy` (default: the daemon's `[network] allow`); where that
+    allows the metadata address, its route is not expected to be denied.
     """
+    policy = policy or Policy.of(*config.network.allow)
     token = "wfd-probe-" + secrets.token_hex(8)
     with _listeners(token) as port:
         request = {"data_dir": str(config.data_dir.resolve()),
@@ -213,7 +218,7 @@ async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[
                    "daemon_pid": os.getpid(), "daemon_start": _start_time(os.getpid()),
                    "token": token, "daemon_port": port, "abstract": token,
                    "private": PRIVATE_PROBE}
-        first, second = [await executor.run(_job(config, request)) for _ in range(2)]
+        first, second = [await executor.run(_job(config, request, policy)) for _ in range(2)]
     sandboxed = isolation.sandboxed
     networked = isolation.network is not None
     kills = sandboxed or isolation.backend is not None
@@ -241,14 +246,20 @@ async def run(executor: Executor, isolation: Isolation, config: Config) -> dict[
         "abstract_socket_unreachable": Check(ran and seen["abstract_socket"] is not True,
                                              networked, seen.get("abstract_socket")),
         "private_range_denied": Check(ran and seen["private_route"] in DENIED_ERRORS,
-                                      networked, seen.get("private_route")),
+                                      networked and not _allows_probe(policy),
+                                      seen.get("private_route")),
     }
 
 
-def _job(config: Config, request: dict[str, Any]) -> Job:
+def _allows_probe(policy: Policy) -> bool:
+    """Whether `policy` opens the port the probe's private route check asks about."""
+    probe = ipaddress.ip_address(PRIVATE_PROBE)
+    return any(probe in entry.ip_network and entry.port in (None, 80) for entry in policy.allow)
+
+
+def _job(config: Config, request: dict[str, Any], policy: Policy) -> Job:
     return Job(execution_id=ids.execution_id(), name="wfd-self-test", kind=Kind.CATCH, version=0,
-               code=PROBE, limits=config.limits, request=request,
-               network=Policy.of(*config.network.allow))
+               code=PROBE, limits=config.limits, request=request, network=policy)
 
 
 def _seen(outcome: Outcome) -> tuple[bool, dict[str, Any]]:
