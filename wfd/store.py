@@ -10,10 +10,11 @@ survive a crash of the daemon (`kill -9`); only an operating-system crash or
 power loss can take back the last few commits.
 
 The request path reads no SQL when it can help it: workflows and their
-delivery policies are kept in memory once read (`Store._cached`), and every
-method that writes them forgets them (`Store._forget`), in the write's own
-locked section. That is sound because the daemon is the only writer of its
-database (the data directory is its own, 0700; `wfd ctl` goes through it).
+delivery policies are kept in memory once read (`Store.workflow`,
+`Store.delivery_policy`), and every method that writes them forgets them
+(`Store._forget`), in the write's own locked section. That is sound
+because the daemon is the only writer of its database (the data directory
+is its own, 0700; `wfd ctl` goes through it).
 An execution's whole transaction (settings merge, record, stored request)
 runs in the connection's thread in one hop, committed together with those
 of the other executions that finished meanwhile (`Store._group_commit`).
