@@ -12,6 +12,7 @@ import io
 import linecache
 import os
 import sys
+import time
 import traceback
 import types
 from typing import Any
@@ -60,10 +61,14 @@ def execute(job: dict[str, Any]) -> int:
     except Exception:
         traceback.print_exc()
         return protocol.EXIT_BOOT_FAILED
+    # Asked by a daemon that times its stages: CLOCK_MONOTONIC, one clock host-wide.
+    stamps = {"isolated": time.monotonic()} if job.get("trace") else None
     # Line buffering keeps the output of a workflow killed at its timeout.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
-    result = check(job) if job["mode"] == "check" else run(job)
+    result = check(job) if job["mode"] == "check" else run(job, stamps)
+    if stamps is not None:
+        result["stages"] = stamps
     report(result, job["result_fd"])
     # os._exit skips joining threads the workflow left running: the execution
     # is over once its result is written.
@@ -159,16 +164,20 @@ def check(job: dict[str, Any]) -> dict[str, Any]:
     return {"outcome": "success"}
 
 
-def run(job: dict[str, Any]) -> dict[str, Any]:
-    """Call the workflow and turn what it did into a result."""
+def run(job: dict[str, Any], stamps: dict[str, float] | None = None) -> dict[str, Any]:
+    """Call the workflow and turn what it did into a result (stamping its stages in `stamps`)."""
     given = job["settings"]
     settings = protocol.loads(protocol.dumps(given))  # the workflow's own copy
     try:
         function = entry_point(load(job), job["kind"])
+        if stamps is not None:
+            stamps["compiled"] = time.monotonic()
         if job["kind"] == "catch":
             value = function(RequestDict(job["request"]), settings)
         else:
             value = function(settings)
+        if stamps is not None:
+            stamps["returned"] = time.monotonic()
         caps = job["limits"]
         response = rules.response(value, caps["response_bytes"])
         change = rules.settings_change(given, settings, caps["json_depth"])

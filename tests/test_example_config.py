@@ -14,6 +14,7 @@ KEYS = {
     "limits.open_files", "limits.file_size_mb", "limits.tmp_mb", "limits.concurrency",
     "limits.output_kb",
     "limits.settings_kb", "limits.files_mb",
+    "trace_stages",
     "retention.max_per_workflow", "retention.max_age_days", "retention.versions_per_workflow",
     "network.allow", "network.resolv_conf",
 }  # fmt: skip

@@ -122,4 +122,7 @@ def test_seed_pull_example_advances_its_cursor(daemon, name, standin):
         "a", "b", "c"]
     assert [r["query"] for r in storage.requests if r["path"] == "/records"][:2] == [
         "last_uid=u0", "last_uid=u1"]
-    assert all(r["status"] == "success" for r in daemon.executions(name))
+    # Every run succeeded; a tick that came while a slow (cold spawn, loaded
+    # machine) run was still going is recorded as skipped: no overlap.
+    runs = [r["status"] for r in daemon.executions(name)]
+    assert set(runs) <= {"success", "skipped"} and "success" in runs, runs

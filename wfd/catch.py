@@ -20,7 +20,7 @@ from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from multidict import CIMultiDictProxy, MultiDictProxy
 
 from sandbox import protocol
-from wfd import domain, idempotency, ids, logs, signatures
+from wfd import domain, idempotency, ids, logs, signatures, stages
 from wfd.admission import BodyHold, Overloaded, Reservation
 from wfd.config import Config
 from wfd.delivery import Deliveries
@@ -250,6 +250,15 @@ class CatchHandler:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         execution_id = ids.execution_id()
+        with stages.traced(execution_id, self.config.trace_stages) as trace:
+            response = await self._handle(request, execution_id)
+            if trace is not None and not response.prepared:  # sent here, to be timed
+                await response.prepare(request)
+                await response.write_eof()
+                stages.stamp("sent")
+            return response
+
+    async def _handle(self, request: web.Request, execution_id: str) -> web.StreamResponse:
         if request.method != "POST":
             return json_reply(405, "method_not_allowed", execution_id, {"Allow": "POST"})
         info = request.match_info
@@ -320,6 +329,7 @@ class CatchHandler:
         except ConnectionError:  # the client went away mid-body: nobody to answer
             return json_reply(400, "bad_request", execution_id)
         del work, body  # only the serialized copy waits
+        stages.stamp("parsed")
         hold.resize(len(serialized))
         request_fields = orjson.Fragment(serialized)
         try:

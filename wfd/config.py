@@ -223,6 +223,9 @@ class Config:
     env_keep_days: NonNegativeFloat = 7.0
     # uv's package cache, shared by every build (default: <data_dir>/envs/.cache).
     env_cache_dir: Path | None = None
+    # Time each catch execution's stages and log them (`stages` lines): for
+    # bench/bench_stages.py, off in production (wfd/stages.py).
+    trace_stages: Annotated[bool, Strict()] = False
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
     network: Network = field(default_factory=Network)

@@ -88,19 +88,15 @@ class Deliveries:
     async def run(self, workflow: Workflow, policy: DeliveryPolicy, trigger: Trigger,
                   request: RequestFields, reservation: Reservation | None = None,
                   execution_id: str | None = None) -> Executed:
-        """Run a request now (sync catch, `wfd ctl run`); kept for replay unless told not to."""
+        """Run a request now (sync catch, `wfd ctl run`); kept for replay unless told not to.
+
+        The request is stored in its record's transaction: never one without the other.
+        """
         execution_id = execution_id or ids.execution_id()
         lineage = {"request_id": execution_id} if policy.store_requests else {}
-        executed = await self.dispatcher.execute(workflow, trigger, request, reservation,
-                                                 execution_id, lineage)
-        # After the record: a request is never kept without a record that refers to it.
-        if policy.store_requests and executed.recorded:
-            try:
-                await self.store.save_request(execution_id, workflow.name, request)
-            except Exception:  # the execution is done and recorded: still answer it
-                logs.event("request-not-kept", level=logging.ERROR, exc_info=True,
-                           workflow=workflow.name, id=execution_id)
-        return executed
+        return await self.dispatcher.execute(workflow, trigger, request, reservation,
+                                             execution_id, lineage,
+                                             keep_request=policy.store_requests)
 
     # -- the worker ------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from wfd import domain, ids, logs
+from wfd import domain, ids, logs, stages
 from wfd.admission import Admission, BodyHold, Overloaded, Reservation
 from wfd.config import Config, Limits
 from wfd.domain import Kind, Status, Trigger, WorkflowResponse
@@ -108,18 +108,21 @@ class Dispatcher:
                    request=request if workflow.kind == Kind.CATCH else None,
                    response_bytes=self.config.max_body_bytes, network=self.network(workflow),
                    json_depth=self.config.max_json_depth, env=workflow.env,
-                   preload=self._preload(workflow))
+                   preload=self._preload(workflow), trace=stages.active())
 
     async def execute(self, workflow: Workflow, trigger: Trigger,
                       request: RequestFields | None = None,
                       reservation: Reservation | None = None,
                       execution_id: str | None = None,
                       lineage: dict[str, Any] | None = None,
-                      on_start: Callable[[], Awaitable[None]] | None = None) -> Executed:
+                      on_start: Callable[[], Awaitable[None]] | None = None,
+                      keep_request: bool = False) -> Executed:
         """Run `workflow` once and store what happened.
 
         `lineage` is copied into the record: an async delivery's `attempt` and
         `first_attempt_id`, a replay's `replay_of`, the stored `request_id`.
+        `keep_request`: store `request` under that `request_id`, in the
+        record's own transaction.
         `on_start` is awaited once the execution holds its slot, before it
         starts (an async delivery is marked running then, not while it waits).
 
@@ -130,7 +133,8 @@ class Dispatcher:
         reservation = reservation or self.reserve(workflow)
         execution_id = execution_id or ids.execution_id()
         task = asyncio.create_task(self._execute(workflow, execution_id, request, trigger,
-                                                 reservation, lineage or {}, on_start))
+                                                 reservation, lineage or {}, on_start,
+                                                 keep_request))
         self._inflight.add(task)
         self._interruptible.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -151,7 +155,8 @@ class Dispatcher:
     async def _execute(self, workflow: Workflow, execution_id: str,
                        request: RequestFields | None, trigger: Trigger,
                        reservation: Reservation, lineage: dict[str, Any],
-                       on_start: Callable[[], Awaitable[None]] | None) -> Executed:
+                       on_start: Callable[[], Awaitable[None]] | None,
+                       keep_request: bool) -> Executed:
         started_at = datetime.now(UTC)
         try:
             job = self.job(workflow, execution_id, request)  # before anything is acquired
@@ -166,7 +171,8 @@ class Dispatcher:
         self._interruptible.discard(asyncio.current_task())
         record_for = functools.partial(_record, execution_id, workflow, trigger, started_at,
                                        outcome, self.limits(workflow), lineage)
-        return await self._store(workflow, outcome, record_for)
+        return await self._store(workflow, outcome, record_for,
+                                 request if keep_request else None)
 
     async def _run(self, job: Job, reservation: Reservation,
                    on_start: Callable[[], Awaitable[None]] | None,
@@ -178,10 +184,16 @@ class Dispatcher:
                 if on_start is not None:
                     await on_start()
                 started_at, started = datetime.now(UTC), time.perf_counter()
+                stages.stamp("admitted")
                 outcome = await self._prepared_run(job, environment)
                 if outcome.cleanup is not None:
                     reservation.hold_until(outcome.cleanup)
                     self._track(job.execution_id, outcome.cleanup)
+                    # Answered before it was over: "cleaned" may come after "sent",
+                    # or after the stages line was logged (then it is not in it).
+                    outcome.cleanup.add_done_callback(lambda _: stages.stamp("cleaned"))
+                else:
+                    stages.stamp("cleaned")
                 return outcome, started_at
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -209,13 +221,14 @@ class Dispatcher:
         cleanup.add_done_callback(cleaned)
 
     async def _store(self, workflow: Workflow, outcome: Outcome,
-                     record_for: Callable[[str | None], ExecutionRecord]) -> Executed:
-        """Store the record and the settings change; say so if the store cannot."""
+                     record_for: Callable[[str | None], ExecutionRecord],
+                     request: RequestFields | None) -> Executed:
+        """Store the record, the settings change and `request`; say so if the store cannot."""
         try:
             record = await self.store.finish(workflow.name, outcome.settings_change,
                                              workflow.settings,
                                              self.limits(workflow).settings_kb * 1024,
-                                             record_for)
+                                             record_for, request)
         except Exception as exc:
             record = record_for(None)
             self.metrics.store_error("finish")
@@ -224,6 +237,7 @@ class Dispatcher:
                        workflow=record.workflow, version=record.version,
                        trigger=record.trigger, status=record.status, error=str(exc))
             return Executed(record, None, recorded=False)
+        stages.stamp("committed")
         logs.event("execution", id=record.id, workflow=record.workflow,
                    version=record.version, trigger=record.trigger, status=record.status,
                    duration_ms=round(record.duration_ms, 1), http=record.http_status)

@@ -8,19 +8,30 @@ the execution record that acknowledges it) are one method.
 Durability: WAL with `synchronous=NORMAL` makes every committed transaction
 survive a crash of the daemon (`kill -9`); only an operating-system crash or
 power loss can take back the last few commits.
+
+The request path reads no SQL when it can help it: workflows and their
+delivery policies are kept in memory once read (`Store.workflow`,
+`Store.delivery_policy`), and every method that writes them forgets them
+(`Store._forget`), in the write's own locked section. That is sound
+because the daemon is the only writer of its database (the data directory
+is its own, 0700; `wfd ctl` goes through it).
+An execution's whole transaction (settings merge, record, stored request)
+runs in the connection's thread in one hop, committed together with those
+of the other executions that finished meanwhile (`Store._group_commit`).
 """
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
@@ -182,6 +193,7 @@ def utc_iso(moment: datetime | None = None) -> str:
 # A request's fields: a dict, or the JSON the catch handler serialized once
 # (an orjson.Fragment, wfd/catch.py) so a waiting request is one compact copy.
 RequestFields = dict[str, Any] | orjson.Fragment
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -451,6 +463,16 @@ class Store:
         # Why the last write failed, until one succeeds (/healthz: degraded).
         self.write_error: str | None = None
         self.last_write = time.monotonic()
+        # Read-through caches of what every catch request looks up (shared
+        # objects: never mutated). A read that a write overtook is not kept:
+        # each forgetting bumps the generation.
+        self._workflows: dict[str, Workflow] = {}
+        self._policies: dict[str, DeliveryPolicy] = {}
+        self._generation = 0
+        # Executions' transactions waiting for the next group commit, and the
+        # task committing them (kept here so that it is not collected).
+        self._group: list[_Grouped] = []
+        self._committers: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         """Open (creating if needed) the database and apply pending migrations."""
@@ -493,7 +515,7 @@ class Store:
             db = self._db
             if db is None:
                 raise StoreError("the store is closed")
-            try:
+            with self._noting_health():
                 await db.execute("BEGIN IMMEDIATE")
                 try:
                     yield db
@@ -503,12 +525,76 @@ class Store:
                         with contextlib.suppress(sqlite3.Error):
                             await db.execute("ROLLBACK")
                     raise
-            except Exception as exc:
-                if _degrades(exc):
-                    self.write_error = f"{exc} ({type(exc).__name__})"
-                raise
-            self.write_error = None
-            self.last_write = time.monotonic()
+
+    @contextlib.contextmanager
+    def _noting_health(self) -> Iterator[None]:
+        """Remember why a write failed for the store's own reasons, or that one succeeded."""
+        try:
+            yield
+        except Exception as exc:
+            if _degrades(exc):
+                self.write_error = f"{exc} ({type(exc).__name__})"
+            raise
+        self.write_error = None
+        self.last_write = time.monotonic()
+
+    async def _group_commit(self, work: Callable[[sqlite3.Connection], Any],
+                            then: Callable[[Any], None]) -> Any:
+        """Run `work` in the connection's thread, in one transaction with the others waiting.
+
+        Each aiosqlite call is a hop to its thread and back (~50-100 µs on a
+        busy loop); an execution's transaction of five calls paid five, and
+        each execution its own commit. Here the executions that finish while
+        the store is busy form the next group: one hop and one commit for
+        all of them, no wait added (a lone execution is a group of one).
+        Each `work` runs under a savepoint of its own: one that fails on its
+        own data is rolled back alone; a failure of the store itself (locked,
+        full disk) fails the whole group, as it would each of them. `then`
+        gets the result in the event loop right after the commit, before any
+        other coroutine runs; the caller gets it only after the commit, so a
+        response still follows its own commit.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._group.append(_Grouped(work, then, future))
+        if len(self._group) == 1:
+            committer = asyncio.create_task(self._commit_group())
+            self._committers.add(committer)
+            committer.add_done_callback(self._committers.discard)
+        return await future
+
+    async def _commit_group(self) -> None:
+        """Commit every transaction waiting, once the store is free.
+
+        aiosqlite has no public call for running a function in its thread,
+        but its own methods all go through `Connection._execute`, which
+        queues one callable there; this is the one place wfd uses it. Same
+        BEGIN IMMEDIATE, rollback and `write_error` as `_transaction`.
+        """
+        async with self._lock:
+            group, self._group = self._group, []
+            try:
+                db = self._db
+                if db is None:
+                    raise StoreError("the store is closed")
+                with self._noting_health():
+                    results = await db._execute(  # type: ignore[no-untyped-call]
+                        _committed, db._conn, functools.partial(
+                            _each_in_savepoint, [item.work for item in group]))
+            except BaseException as exc:
+                for item in group:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            for item, (value, error) in zip(group, results, strict=True):
+                if error is None:
+                    item.then(value)
+                if not item.future.done():
+                    if error is None:
+                        item.future.set_result(value)
+                    else:
+                        item.future.set_exception(error)
 
     async def _fetchall(self, sql: str, *args: Any) -> list[Any]:
         async with self._lock:
@@ -523,9 +609,33 @@ class Store:
 
     # -- workflows -------------------------------------------------------------
 
+    def _forget(self, *names: str) -> None:
+        """Drop the cached workflows and policies of `names` (all of them without names).
+
+        Called by every write to a workflow or its policy, inside its locked
+        section; reads still in flight then keep what they read to themselves.
+        """
+        self._generation += 1
+        if not names:
+            self._workflows.clear()
+            self._policies.clear()
+        for name in names:
+            self._workflows.pop(name, None)
+            self._policies.pop(name, None)
+
     async def workflow(self, name: str) -> Workflow | None:
+        """The workflow and its current code, from memory once read (unknown names are not kept)."""
+        cached = self._workflows.get(name)
+        if cached is not None:
+            return cached
+        generation = self._generation
         row = await self._fetchone(f"{_WORKFLOW_SELECT} WHERE w.name = ?", name)
-        return _workflow(row) if row else None
+        if row is None:
+            return None
+        workflow = _workflow(row)
+        if generation == self._generation:
+            self._workflows[name] = workflow
+        return workflow
 
     async def workflows(self, names: list[str] | None = None) -> list[Workflow]:
         """All workflows, or those named (in one query, for a batch of timer ticks)."""
@@ -549,6 +659,7 @@ class Store:
         """
         now = utc_iso()
         async with self._transaction() as db:
+            self._forget(name)
             async with db.execute("SELECT kind FROM workflows WHERE name = ?",
                                   (name,)) as cursor:
                 row = await cursor.fetchone()
@@ -585,6 +696,7 @@ class Store:
 
     async def _update(self, name: str, assignments: str, *args: Any) -> Workflow:
         async with self._transaction() as db:
+            self._forget(name)
             cursor = await db.execute(
                 f"UPDATE workflows SET {assignments}, updated_at = ? WHERE name = ?",
                 (*args, utc_iso(), name))
@@ -608,6 +720,7 @@ class Store:
     async def delete(self, name: str) -> None:
         """Forget a workflow, its versions and its execution records."""
         async with self._transaction() as db:
+            self._forget(name)
             cursor = await db.execute("DELETE FROM workflows WHERE name = ?", (name,))
             if cursor.rowcount == 0:
                 raise StoreError(f"no workflow named {name}")
@@ -635,6 +748,7 @@ class Store:
         over `max_bytes`.
         """
         async with self._transaction() as db:
+            self._forget(name)
             merged = merge_settings(await _settings(db, name), change)
             await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
                              (settings_json(merged, max_bytes).decode(), name))
@@ -644,6 +758,7 @@ class Store:
                          ) -> list[str]:
         """Set and remove a workflow's environment variables; returns the names now set."""
         async with self._transaction() as db:
+            self._forget(name)
             await _settings(db, name)  # raises if there is no such workflow
             await db.executemany(
                 "INSERT INTO workflow_env (workflow, key, value) VALUES (?, ?, ?)"
@@ -657,7 +772,8 @@ class Store:
 
     async def finish(self, workflow: str, change: SettingsChange | None,
                      given: dict[str, Any], max_settings_bytes: int,
-                     record_for: Callable[[str | None], ExecutionRecord]) -> ExecutionRecord:
+                     record_for: Callable[[str | None], ExecutionRecord],
+                     request: RequestFields | None = None) -> ExecutionRecord:
         """Merge an execution's settings change and store its record, in one transaction.
 
         Only what the execution changed relative to the settings it was
@@ -665,25 +781,39 @@ class Store:
         executions keep each other's changes. A merge that would exceed the
         size limit is refused, whatever the child said: nothing of it is
         written, and `record_for` is given the reason (None when nothing was
-        refused). The record it returns is stored as is.
+        refused); it runs in the store's thread. The record it returns is
+        stored as is, and with it `request`, when given, under the record's
+        `request_id` (kept for replay: never without the record).
         """
-        async with self._transaction() as db:
-            try:
-                stored = await _settings(db, workflow)
-            except StoreError:
-                return record_for(None)  # deleted while it ran: nothing to keep
-            refused = None
+        def work(db: sqlite3.Connection) -> tuple[ExecutionRecord, bool]:
+            row = db.execute("SELECT settings FROM workflows WHERE name = ?",
+                             (workflow,)).fetchone()
+            if row is None:
+                return record_for(None), False  # deleted while it ran: nothing to keep
+            refused, merged = None, None
             changed = changed_since(given, change or {"set": {}, "unset": []})
             if changed["set"] or changed["unset"]:
                 try:
-                    merged = settings_json(merge_settings(stored, changed), max_settings_bytes)
+                    merged = settings_json(merge_settings(protocol.loads(row[0]), changed),
+                                           max_settings_bytes)
                 except (SettingsTooLarge, SettingsNotStorable) as exc:
                     refused = f"{exc}; nothing was kept"
                 else:
-                    await db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
-                                     (merged.decode(), workflow))
+                    db.execute("UPDATE workflows SET settings = ? WHERE name = ?",
+                               (merged.decode(), workflow))
             record = record_for(refused)
-            await _insert_execution(db, record)
+            db.execute(_INSERT_EXECUTION, _execution_row(record))
+            if request is not None and record.request_id is not None:
+                db.execute(_INSERT_REQUEST, (record.request_id, workflow, _pack(request),
+                                             utc_iso()))
+            return record, merged is not None
+
+        def forget_if_changed(result: tuple[ExecutionRecord, bool]) -> None:
+            if result[1]:
+                self._forget(workflow)
+
+        record, _ = await self._group_commit(work, forget_if_changed)
+        assert isinstance(record, ExecutionRecord)
         return record
 
     async def record(self, record: ExecutionRecord) -> None:
@@ -711,11 +841,13 @@ class Store:
     async def set_next_dues(self, dues: dict[str, str | None]) -> None:
         """Persist the next due times of many pull workflows in one transaction."""
         async with self._transaction() as db:
+            self._forget(*dues)
             await db.executemany("UPDATE workflows SET next_due = ? WHERE name = ?",
                                  [(due, name) for name, due in dues.items()])
 
     async def add_skipped(self, name: str, count: int) -> None:
         async with self._transaction() as db:
+            self._forget(name)
             await db.execute("UPDATE workflows SET skipped = skipped + ? WHERE name = ?",
                              (count, name))
 
@@ -746,13 +878,21 @@ class Store:
     # -- delivery: policies, stored requests, the async queue, idempotency ------
 
     async def delivery_policy(self, name: str) -> DeliveryPolicy:
-        """The workflow's delivery policy (the defaults if none was set)."""
-        return _policy(await self._fetchone(
+        """The workflow's delivery policy (the defaults if none was set), from memory once read."""
+        cached = self._policies.get(name)
+        if cached is not None:
+            return cached
+        generation = self._generation
+        policy = _policy(await self._fetchone(
             "SELECT policy, scheme, secret FROM delivery_policies WHERE workflow = ?", name))
+        if generation == self._generation and name in self._workflows:
+            self._policies[name] = policy  # only of known workflows: names are not unbounded
+        return policy
 
     async def set_delivery_policy(self, name: str, changes: dict[str, Any]) -> DeliveryPolicy:
         """Merge `changes` (keys of POLICY_KEYS) into the stored policy; others keep theirs."""
         async with self._transaction() as db:
+            self._forget(name)
             stored = await _policy_row(db, name)
             merged = {**orjson.loads(stored[0]), **changes}
             await db.execute("UPDATE delivery_policies SET policy = ? WHERE workflow = ?",
@@ -763,20 +903,12 @@ class Store:
                                secret: str | None) -> DeliveryPolicy:
         """Set (or with None, remove) the signature scheme and secret of a workflow."""
         async with self._transaction() as db:
+            self._forget(name)
             await _policy_row(db, name)
             await db.execute(
                 "UPDATE delivery_policies SET scheme = ?, secret = ? WHERE workflow = ?",
                 (scheme, secret, name))
         return await self.delivery_policy(name)
-
-    async def save_request(self, request_id: str, workflow: str,
-                           request: RequestFields) -> None:
-        """Keep a request for replay, once its record is stored; pruned with the last
-        record that refers to it (`prune_delivery`)."""
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT OR IGNORE INTO requests (id, workflow, body, created_at)"
-                " VALUES (?, ?, ?, ?)", (request_id, workflow, _pack(request), utc_iso()))
 
     async def stored_request(self, request_id: str) -> dict[str, Any] | None:
         row = await self._fetchone("SELECT body FROM requests WHERE id = ?", request_id)
@@ -1043,6 +1175,7 @@ class Store:
     async def import_(self, workflows: list[dict[str, Any]]) -> list[str]:
         """Restore exported workflows in one transaction; existing names are refused."""
         async with self._transaction() as db:
+            self._forget()
             for item in workflows:
                 name = item["name"]
                 async with db.execute("SELECT 1 FROM workflows WHERE name = ?",
@@ -1094,14 +1227,64 @@ async def _settings(db: aiosqlite.Connection, name: str) -> dict[str, Any]:
     return settings
 
 
+_INSERT_EXECUTION = (f"INSERT INTO executions ({_EXECUTION_COLUMNS}, {_LINEAGE_COLUMNS})"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_REQUEST = ("INSERT OR IGNORE INTO requests (id, workflow, body, created_at)"
+                   " VALUES (?, ?, ?, ?)")
+
+
+def _execution_row(record: ExecutionRecord) -> tuple[Any, ...]:
+    return (record.id, record.workflow, record.version, record.trigger, record.status,
+            record.started_at, record.duration_ms, record.http_status, record.error,
+            record.traceback, record.output, int(record.output_truncated),
+            record.attempt, record.first_attempt_id, record.replay_of, record.request_id)
+
+
 async def _insert_execution(db: aiosqlite.Connection, record: ExecutionRecord) -> None:
-    await db.execute(
-        f"INSERT INTO executions ({_EXECUTION_COLUMNS}, {_LINEAGE_COLUMNS})"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (record.id, record.workflow, record.version, record.trigger, record.status,
-         record.started_at, record.duration_ms, record.http_status, record.error,
-         record.traceback, record.output, int(record.output_truncated),
-         record.attempt, record.first_attempt_id, record.replay_of, record.request_id))
+    await db.execute(_INSERT_EXECUTION, _execution_row(record))
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    """One execution's transaction waiting for a group commit."""
+
+    work: Callable[[sqlite3.Connection], Any]
+    then: Callable[[Any], None]
+    future: "asyncio.Future[Any]"
+
+
+def _each_in_savepoint(works: list[Callable[[sqlite3.Connection], Any]],
+                       db: sqlite3.Connection) -> list[tuple[Any, Exception | None]]:
+    """Run each `work` under its own savepoint: (result, None), or (None, what it raised).
+
+    A failure of the store itself is raised: the whole group fails with it.
+    """
+    results: list[tuple[Any, Exception | None]] = []
+    for work in works:
+        db.execute("SAVEPOINT execution")
+        try:
+            results.append((work(db), None))
+        except Exception as exc:
+            if _degrades(exc):
+                raise
+            db.execute("ROLLBACK TO execution")
+            results.append((None, exc))
+        db.execute("RELEASE execution")
+    return results
+
+
+def _committed(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    """`work` in one write transaction on the plain connection (in the store's thread)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+    return result
 
 
 async def _import_policy(db: aiosqlite.Connection, name: str, exported: dict[str, Any]) -> None:

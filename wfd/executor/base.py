@@ -65,6 +65,8 @@ class Job:
     # The workflow's environment (None: the default one) and what its zygote preloads.
     environment: Environment | None = None
     preload: tuple[str, ...] = ()
+    # The child reports its own stage stamps in its result (wfd/stages.py).
+    trace: bool = False
     # The encoded job in pieces, so that a large request is copied once (by
     # its own encoding) and never again to be joined: `feed` writes them in turn.
     body: tuple[bytes, ...] = field(default=(), init=False, repr=False, compare=False)
@@ -117,6 +119,7 @@ class Job:
             "result_fd": result_fd,
             "forbid_namespaces": sandboxed,
             "env": {**self.env, **(variables or {})},
+            **({"trace": True} if self.trace else {}),
             "limits": {
                 "memory_bytes": limits.memory_mb * MIB,
                 "cpu_s": int(limits.cpu_s),

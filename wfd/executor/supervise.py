@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from sandbox import protocol
 from sandbox.protocol import EXIT_JOIN_FAILED
+from wfd import stages
 from wfd.config import MIB
 from wfd.domain import SettingsChange, Status, WorkflowResponse
 from wfd.executor.base import ChildLost, Job, Outcome
@@ -56,6 +57,7 @@ async def supervise(job: Job, payload: list[bytes], pipes: Pipes, started: float
     success result has arrived (`_answer_early`), before the kill and the
     wait for the exit; this still returns only once everything is killed.
     """
+    stages.stamp("handed")
     output = Captured(job.limits.output_kb * 1024)
     result = Captured(job.response_bytes + job.limits.settings_kb * 1024
                        + RESULT_OVERHEAD_BYTES)
@@ -66,6 +68,7 @@ async def supervise(job: Job, payload: list[bytes], pipes: Pipes, started: float
     try:
         timed_out = not await _reported_or_ended(ended, readers[1], result,
                                                  job.limits.timeout_s)
+        stages.stamp("result")
         if ended.done():
             returncode = ended.result()
         # The exit may be seen before the result's EOF: then read what is left.
@@ -274,6 +277,7 @@ def _parse_result(data: bytes, duration_ms: float, json_depth: int) -> Outcome:
         if not isinstance(result, dict):
             raise _Malformed("not a JSON object")
         outcome = result.get("outcome")
+        stages.child(result.get("stages"))
         if outcome == Status.SUCCESS:
             response = result.get("response")
             change = _settings_change(result.get("settings"), json_depth)
