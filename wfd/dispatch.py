@@ -186,14 +186,10 @@ class Dispatcher:
                 started_at, started = datetime.now(UTC), time.perf_counter()
                 stages.stamp("admitted")
                 outcome = await self._prepared_run(job, environment)
+                stages.stamp("cleaned")
                 if outcome.cleanup is not None:
                     reservation.hold_until(outcome.cleanup)
                     self._track(job.execution_id, outcome.cleanup)
-                    # Answered before it was over: "cleaned" may come after "sent",
-                    # or after the stages line was logged (then it is not in it).
-                    outcome.cleanup.add_done_callback(lambda _: stages.stamp("cleaned"))
-                else:
-                    stages.stamp("cleaned")
                 return outcome, started_at
         except asyncio.CancelledError:
             task = asyncio.current_task()

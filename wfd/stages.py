@@ -31,7 +31,8 @@ STAGES = (
     "compiled",   # child: the workflow's module compiled and executed
     "returned",   # child: the workflow function returned
     "result",     # the daemon has the complete result
-    "cleaned",    # the child killed and reaped, its cgroup removed
+    "cleaned",    # off the request's path: killed, reaped, cgroup removed (or, for a
+                  # success answered early, clean-up started and left to finish after)
     "committed",  # the record (and settings change) committed
     "sent",       # the response written to the connection
 )
