@@ -29,6 +29,9 @@ def test_counters_after_known_traffic(make_daemon, name):
     assert requests.post(ok_url + "-not-the-key", json={}).status_code == 404
     assert requests.get(ok_url).status_code == 405
     daemon.ctl("run", f"{name}-ok")
+    # A success is answered before its child is reaped (README "Answered
+    # first, cleaned up after"), and counts as running until then.
+    wait_for(lambda: daemon.ctl_json("status")["running"] == 0, what="the last child reaped")
 
     samples = scrape(daemon.base)
     executions = {labels: value for (metric, labels), value in samples.items()
@@ -66,7 +69,9 @@ def test_running_children_and_queue_depth_are_live(make_daemon, name):
     assert scrape(daemon.base)[("wfd_running_children", ())] == 1
     for thread in threads:
         thread.join(30)
-    assert scrape(daemon.base)[("wfd_running_children", ())] == 0
+    # Answered before reaped (README "Answered first, cleaned up after"): it counts until then.
+    wait_for(lambda: scrape(daemon.base)[("wfd_running_children", ())] == 0,
+             what="the last child reaped")
 
 
 def test_admin_listen_moves_metrics_and_healthz_off_the_catch_listener(make_daemon):
