@@ -117,6 +117,9 @@ class WorkflowFiles:
 
     def __init__(self, root: Path, images: bool) -> None:
         self.root = root
+        # Made now, not with the first workflow's directory: every zygote's
+        # sandbox binds the root when it starts, and bwrap refuses a missing source.
+        root.mkdir(parents=True, exist_ok=True)
         self.images = images
         self._ready: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
