@@ -226,9 +226,9 @@ def descendants(pid: int) -> list[int]:
 
 
 def zygote_memory(target: Target) -> str:
-    """The zygote's python process (under bwrap: bwrap's descendant) and all below it.
+    """The zygote's python process (under bwrap: bwrap's descendant) and its spares.
 
-    Under isolation each spare is three processes (spare, PID 1, execution).
+    Each spare is one process, the execution it will be.
     """
     status = json.loads(target.ctl("status", "--json"))
     zygote = status["zygote_pid"]

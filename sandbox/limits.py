@@ -9,6 +9,8 @@ from typing import Any
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
+INIT_PID = 1
+SIGNAL_EXIT_BASE = 128
 
 
 def apply(limits: dict[str, Any]) -> None:
@@ -32,8 +34,17 @@ def apply(limits: dict[str, Any]) -> None:
     # Over-sized writes then fail with EFBIG (an OSError the workflow sees)
     # instead of killing the process with no explanation.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if os.getpid() == INIT_PID:
+        # A forked sandboxed execution is its PID namespace's init, which the
+        # kernel spares the default of SIGXCPU: end as that default would,
+        # reported as bwrap reports a death by signal.
+        signal.signal(signal.SIGXCPU, _out_of_cpu)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _out_of_cpu(signum: int, _frame: object) -> None:
+    os._exit(SIGNAL_EXIT_BASE + signum)
 
 
 def die_with_parent(parent: int) -> bool:

@@ -4,19 +4,24 @@ Everything here runs after the fork, in the child; the zygote's side of the
 fork is in zygote.py. Nothing returns: each process ends with `os._exit`,
 so no zygote code (its loop, its `finally` blocks) ever runs in it.
 
-Without isolation the spare itself runs the job. In sandbox mode (the
-zygote under bubblewrap) a spare is three processes, all made before a job
-arrives so that none of that work is on the request's path:
+A spare is one process, and it is the execution: it takes one job and runs
+it. In sandbox mode (the zygote under bubblewrap) the zygote forks it into
+namespaces of its own (isolate.fork_isolated), and everything that does not
+depend on the job is done before the job arrives (isolate.prepare), so none
+of that work is on the request's path:
 
-    spare (zygote's PID namespace)   unshares its namespaces, waits, passes the exit on
-    └─ init (PID 1 of its own)       mounts /proc, reaps; when it exits the kernel
-       │                             kills everything left in the namespace
-       └─ execution (PID 2)          takes the job, joins the cgroup, drops every
-                                     capability, runs the workflow
+    zygote (uid 65534, no capabilities)
+    └─ spare = execution: PID 1 of its own PID namespace, in its own user,
+                mount and IPC namespaces; its /proc, /tmp and /dev/shm made
+                while it waits; once the job is here, the job's tmpfs size,
+                its workflow's directory, no capabilities, the workflow
 
-Only the execution ever holds the job's pipes, so the daemon sees EOF when
-it ends; the zygote's `kill` SIGKILLs the spare's process group, init
-included, which empties the whole PID namespace (`setsid` escapees too).
+Being PID 1, it takes everything it started with it when it ends: the
+kernel kills whatever is left in the namespace, `setsid` escapees too, and
+the zygote's `kill` (SIGKILL from outside) ends it at a timeout. A PID 1
+ignores the signals it has no handler for when they come from inside its
+namespace; limits.py gives it the one whose default the verdicts rely on
+(SIGXCPU).
 """
 
 import json
@@ -26,24 +31,24 @@ import signal
 import socket
 import tempfile
 import traceback
-from collections.abc import Callable
 
 from sandbox import isolate, limits, protocol, runner
 from sandbox.protocol import MAX_RUN_FDS, PIPES, RESULT_FD
 
-INIT_PID = 1
-
 
 def serve(work: socket.socket, zygote: int, env: dict[str, str], sandboxed: bool,
-          join: list[int]) -> None:
+          join: list[int], ids: tuple[int, int]) -> None:
     """Wait on `work` for one job's pipes, then run it. Never returns.
 
     With `join` (a blank cgroup's `cgroup.procs` files) the spare enters
-    that group first: everything it forks, the execution included, starts
-    in it, and no cgroup move is left for when the job arrives.
+    that group first, so no cgroup move is left for when the job arrives.
+    `ids` are the zygote's uid and gid, for the sandboxed spare's user
+    namespace to map.
     """
     os.setsid()  # its own process group, so one killpg ends all it starts
-    if not limits.die_with_parent(zygote):
+    # Inside its own PID namespace the zygote is not visible (ppid 0): if it
+    # died before this, the work socket's EOF ends the spare instead.
+    if not limits.die_with_parent(0 if sandboxed else zygote):
         os._exit(0)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -57,60 +62,14 @@ def serve(work: socket.socket, zygote: int, env: dict[str, str], sandboxed: bool
     # socket, no daemon channel.
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
-    if not sandboxed:
-        os._exit(_take_job(work, env, sandboxed))
-    _boot_step(isolate.unshare_namespaces)
-    os._exit(_wait_for(_fork(lambda: _init(work, env)), work))
-
-
-def _boot_step(step: Callable[[], None]) -> None:
-    """Run one isolation step; if it fails, this process ends as a boot failure."""
-    try:
-        step()
-    except OSError:
-        traceback.print_exc()
-        os._exit(protocol.EXIT_BOOT_FAILED)
-
-
-def _fork(child: Callable[[], None]) -> int:
-    """Fork; the child runs `child` (which never returns)."""
-    pid = os.fork()
-    if pid == 0:
-        child()
-    return pid
-
-
-def _wait_for(pid: int, work: socket.socket) -> int:
-    """Give up the work socket, then wait for `pid` and pass its exit on."""
-    work.close()
-    while True:
-        reaped, status = os.waitpid(-1, 0)
-        if reaped == pid:
-            return _exit_code(status)
-
-
-def _exit_code(status: int) -> int:
-    """A signal death as 128 + N, the way bwrap reports it to the daemon."""
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
-def _init(work: socket.socket, env: dict[str, str]) -> None:
-    """PID 1 of the execution's namespace: its /proc, then reap until the execution ends.
-
-    An init ignores signals it has no handler for, sent from inside its
-    namespace: with Python's SIGINT handler gone, the execution cannot
-    interrupt it.
-    """
-    limits.die_with_parent(0)  # the spare, outside this PID namespace
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    _boot_step(isolate.mount_proc)
-    os._exit(_wait_for(_fork(lambda: _execution(work, env)), work))
-
-
-def _execution(work: socket.socket, env: dict[str, str]) -> None:
-    limits.die_with_parent(INIT_PID)
-    os._exit(_take_job(work, env, sandboxed=True))
+    if sandboxed:
+        try:
+            isolate.prepare(*ids)
+        except OSError:
+            traceback.print_exc()
+            os._exit(protocol.EXIT_BOOT_FAILED)
+        _environ(env, isolate.WORKDIR, sandboxed)
+    os._exit(_take_job(work, env, sandboxed))
 
 
 def _take_job(work: socket.socket, env: dict[str, str], sandboxed: bool) -> int:
@@ -140,10 +99,10 @@ def _adopt(fds: list[int]) -> None:
 
 
 def _run(workdir: str | None, env: dict[str, str]) -> int:
-    """Read the job, isolate, make the private working directory, execute.
+    """Read the job, isolate for it or make its private working directory, execute.
 
-    `workdir` is None in sandbox mode: the execution's own tmpfs on /tmp is
-    its working directory.
+    `workdir` is None in sandbox mode: the execution's own tmpfs on /tmp,
+    mounted while it waited, is its working directory.
     """
     # A forked child starts from the zygote's memory; nothing random may repeat
     # between executions. os.fork reseeds `random` already; this says it here.
@@ -152,17 +111,20 @@ def _run(workdir: str | None, env: dict[str, str]) -> int:
         job = runner.read_job()
         if workdir is None:
             isolate.enter(job["limits"]["tmp_bytes"], job.get("files"))
-            home = isolate.WORKDIR
         else:
             os.mkdir(workdir, 0o700)
             os.chdir(workdir)
-            home = workdir
+            _environ(env, workdir, sandboxed=False)
     except Exception:
         traceback.print_exc()
         return protocol.EXIT_BOOT_FAILED
+    return runner.execute(job)
+
+
+def _environ(env: dict[str, str], home: str, sandboxed: bool) -> None:
+    """Only the zygote's PATH and LANG, with the working directory as home and temp."""
     os.environ.clear()
     os.environ.update(env, HOME=home, TMPDIR=home)
-    if workdir is None:
+    if sandboxed:
         os.environ["PWD"] = home
     tempfile.tempdir = None  # gettempdir() caches; let it see the new TMPDIR
-    return runner.execute(job)

@@ -101,6 +101,9 @@ class Zygote:
         self.pids: dict[str, int] = {}
         self.retiring = False
         self.env = {key: os.environ[key] for key in ("PATH", "LANG") if key in os.environ}
+        # Who a sandboxed spare maps to itself; inside its new user namespace
+        # it reads as the overflow ids until it has.
+        self.ids = (os.getuid(), os.getgid())
         self._count = 0
         # Blank cgroups from the daemon (`cgroup`), each for the next spare forked;
         # once one came, spares are forked only into them (until a join fails).
@@ -219,8 +222,8 @@ class Zygote:
     def kill(self, execution_id: str) -> None:
         """The daemon's timeout: kill the execution's whole process group.
 
-        In sandbox mode the group holds the namespace's init: its death empties
-        the execution's PID namespace, whatever left the group.
+        In sandbox mode the execution is its PID namespace's init: its death
+        empties the namespace, whatever left the group.
         """
         pid = self.pids.get(execution_id)
         if pid is not None:
@@ -290,7 +293,7 @@ class Zygote:
         zygote = os.getpid()
         name, join = self.stock.popleft() if joined and self.stock else (None, [])
         try:
-            pid = os.fork()
+            pid = isolate.fork_isolated() if self.sandboxed else os.fork()
         except OSError:
             ours.close()
             theirs.close()
@@ -298,7 +301,8 @@ class Zygote:
                 self.stock.appendleft((name, join))
             raise
         if pid == 0:
-            spare.serve(theirs, zygote, self.env, self.sandboxed, join)  # never returns
+            spare.serve(theirs, zygote, self.env, self.sandboxed, join,
+                        self.ids)  # never returns
         theirs.close()
         for fd in join:
             os.close(fd)
@@ -361,22 +365,19 @@ def preload(modules: list[str]) -> None:
 
 
 def probe_isolation() -> None:
-    """Build one execution's namespaces in a throwaway child; raise if that fails.
+    """Make one execution's namespaces in a throwaway child; raise if that fails.
 
     Checked at boot so that a host where it cannot work gets one clear
     `boot_failed` (and the daemon's cold-spawn fallback), not a zygote that
     forks spares dying one after the other.
     """
-    pid = os.fork()
+    ids = os.getuid(), os.getgid()
+    pid = isolate.fork_isolated()
     if pid == 0:
         code = 1
         try:
-            isolate.unshare_namespaces()
-            init = os.fork()
-            if init == 0:
-                isolate.mount_proc()
-                os._exit(0)
-            code = os.waitstatus_to_exitcode(os.waitpid(init, 0)[1])
+            isolate.prepare(*ids)
+            code = 0
         finally:
             os._exit(code)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

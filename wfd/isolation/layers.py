@@ -26,11 +26,9 @@ from wfd.isolation import bwrap, cgroups, network
 # One CPU per execution: a workflow spinning threads on every core would
 # otherwise delay every other workflow (SPEC 5), which RLIMIT_CPU cannot stop.
 CPU_QUOTA = 1.0
-# The processes above an execution in its group when its spare joined first:
-# under bwrap the spare and its PID 1 (sandbox/spare.py). Waiting for a job,
-# the three of them use a few MiB.
-SPARE_PROCESSES = 2
-SPARE_MEMORY_BYTES = 64 * MIB
+# A blank group's limits before any execution has asked for its own: it holds
+# one waiting spare (sandbox/spare.py), which uses a few MiB.
+SPARE_LIMITS = (64 * MIB, 1)
 
 
 class IsolationError(Exception):
@@ -210,26 +208,24 @@ class Isolation:
             return None
         return self.backend.create(execution_id, *self.cgroup_limits(limits), CPU_QUOTA)
 
-    def cgroup_limits(self, limits: Limits, spare: bool = False) -> tuple[int, int]:
+    def cgroup_limits(self, limits: Limits) -> tuple[int, int]:
         """The cgroup's memory cap in bytes and its pids.max, for an execution with `limits`.
 
-        A zygote's spare joins its group before its job (`spare_cgroup`), so
-        in sandbox mode the spare and its PID 1 live in the group too: they
-        are added to pids.max, leaving the workflow the processes it was given.
+        A zygote's spare is its execution's only process (sandbox/spare.py),
+        so a group it joined before its job holds nothing above the workflow.
         """
-        extra = SPARE_PROCESSES if spare and self.sandboxed else 0
-        return (limits.memory_mb + limits.tmp_mb) * MIB, limits.processes + extra
+        return (limits.memory_mb + limits.tmp_mb) * MIB, limits.processes
 
-    def spare_cgroup(self) -> cgroups.ExecutionCgroup | None:
+    def spare_cgroup(self, limits: tuple[int, int] | None = None) -> cgroups.ExecutionCgroup | None:
         """A group for a zygote's spare to join as it is forked, off any request's path.
 
-        The workflow's limits are written when the spare gets its job
-        (`cgroup_limits`); until then these hold the spare, which runs nothing.
+        `limits` (`cgroup_limits`) are those the daemon expects its job to
+        have; a job with others has its own written when it takes the spare.
         """
         if self.backend is None:
             return None
-        return self.backend.create(f"spare-{secrets.token_hex(8)}", SPARE_MEMORY_BYTES,
-                                   SPARE_PROCESSES + 1, CPU_QUOTA)
+        return self.backend.create(f"spare-{secrets.token_hex(8)}", *(limits or SPARE_LIMITS),
+                                   CPU_QUOTA)
 
     def argv(self, limits: Limits, cgroup: cgroups.ExecutionCgroup | None,
              files: Path | None = None, net: bwrap.NetOptions | None = None) -> list[str]:
