@@ -349,7 +349,8 @@ class ZygoteExecutor:
         with Pipes() as pipes:
             started = time.perf_counter()
             zygote.remember(job)
-            named = groups.expect(job.execution_id)
+            limits = self.isolation.cgroup_limits(job.limits)
+            named = groups.expect(job.execution_id, limits)
             try:
                 ended = zygote.run(job.execution_id, pipes.theirs(), joined=True)
             finally:
@@ -357,22 +358,23 @@ class ZygoteExecutor:
             if ended.done() and ended.exception() is not None:
                 groups.unjoined(job.execution_id)
             try:
-                cgroup = await named
+                blank = await named
             except ChildLost as exc:
                 return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
                                error=str(exc))
-            if cgroup is None:
+            if blank is None:
                 return None
+            cgroup = blank.cgroup
             try:
-                try:
-                    await asyncio.to_thread(cgroup.limit, *self.isolation.cgroup_limits(
-                        job.limits, spare=True))
-                except OSError as exc:
-                    zygote.kill(job.execution_id)
-                    ended.add_done_callback(lambda done: done.cancelled() or done.exception())
-                    return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
-                                   error=f"boot failed: the execution's limits could not be "
-                                         f"set on its cgroup: {exc}")
+                if blank.needs(limits):
+                    try:
+                        await asyncio.to_thread(cgroup.limit, *limits)
+                    except OSError as exc:
+                        zygote.kill(job.execution_id)
+                        ended.add_done_callback(lambda done: done.cancelled() or done.exception())
+                        return Outcome(Status.ERROR, (time.perf_counter() - started) * 1000,
+                                       error=f"boot failed: the execution's limits could not "
+                                             f"be set on its cgroup: {exc}")
                 payload = self._payload(job, cgroup)
                 return await supervise(job, payload, pipes, started, ended,
                                        lambda: zygote.kill(job.execution_id), cgroup=cgroup,
