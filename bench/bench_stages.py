@@ -12,10 +12,15 @@ started on loopback and driven by an aiohttp client:
     the daemon's `stages` log lines; `client` is the bench's own clock when
     the response arrived (CLOCK_MONOTONIC is one clock host-wide);
   - CPU per execution over the whole process tree (daemon, zygote, spares,
-    children, bwrap, pasta): the bench is the child subreaper of everything
-    the daemon starts, stops the daemon cleanly and reaps every process of
-    the tree, so RUSAGE_CHILDREN holds all of their CPU; the same daemon left
-    idle for as long (timers, pings, spares refilled) is subtracted.
+    children, bwrap, pasta): the sum of utime, stime and the reaped
+    children's times of every process below the bench, read from /proc
+    before the requests and after the last execution was cleaned up, so
+    each finished execution is counted in whoever reaped it (the zygote,
+    the daemon, a namespace's init); the same daemon left idle for as long
+    (timers, pings, spares refilled) is subtracted. The bench is also the
+    child subreaper of the tree, so that nothing is left behind. (Counting
+    RUSAGE_CHILDREN after a stop instead loses every subtree whose reaper
+    is killed rather than exits: the zygote's, under bwrap.)
 
 `--compare DIR` also runs each variant from another checkout (its own
 .venv, e.g. a worktree of the commit before a change), variant after
@@ -26,7 +31,6 @@ import argparse
 import asyncio
 import ctypes
 import os
-import resource
 import signal
 import socket
 import statistics
@@ -64,6 +68,7 @@ WARMUP = 20
 PR_SET_CHILD_SUBREAPER = 36
 REAP_TIMEOUT_S = 20.0
 EXECUTION_HEADER = "X-Wfd-Execution-Id"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def become_subreaper() -> None:
@@ -89,9 +94,19 @@ def reap_all() -> int:
             time.sleep(0.01)
 
 
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def tree_cpu_s(root: int) -> float:
+    """CPU of `root` and every process below it, with the children each has reaped."""
+    total, pending = 0.0, [root]
+    while pending:
+        pid = pending.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
+            for task in os.listdir(f"/proc/{pid}/task"):
+                pending += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+        except (OSError, ValueError):
+            continue  # it exited meanwhile: its parent has its times now
+    return total
 
 
 def free_port() -> int:
@@ -137,6 +152,19 @@ class Daemon:
         (self.root / "workflow.py").write_text(WORKFLOW)
         self.ctl("deploy", "bench", str(self.root / "workflow.py"), "--catch")
         self.url = self.ctl("url", "bench").strip()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def wait_idle(self) -> None:
+        """Until no execution is running or being cleaned up (their CPU is then counted)."""
+        deadline = time.monotonic() + 30
+        while orjson.loads(self.ctl("status", "--json"))["running"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("executions still running 30 s after the last request")
+            time.sleep(0.01)
 
     def ctl(self, *args: str) -> str:
         return subprocess.run([self.python, "-m", "wfd", "ctl", "--socket", self.socket, *args],
@@ -219,23 +247,25 @@ def measure(name: str, config: str, counts: tuple[int, int, int], root: Path,
             tree: Path | None) -> Result:
     """The loaded run, then an idle one as long, each on a fresh daemon."""
     result = Result()
-    before = children_cpu_s()
     daemon = Daemon(name, config, root, tree)
     try:
         daemon.start()
+        before = tree_cpu_s(daemon.pid)
         wall = asyncio.run(drive(daemon.url, counts, result))
+        daemon.wait_idle()
+        loaded = tree_cpu_s(daemon.pid) - before
     finally:
         daemon.stop()
-    loaded = children_cpu_s() - before
     result.stages = daemon.stages()
-    before = children_cpu_s()
     idle = Daemon(name, config, root, tree)
     try:
         idle.start()
+        before = tree_cpu_s(idle.pid)
         time.sleep(wall)
+        idled = tree_cpu_s(idle.pid) - before
     finally:
         idle.stop()
-    result.cpu_ms = (loaded - (children_cpu_s() - before)) * 1000 / result.executions
+    result.cpu_ms = (loaded - idled) * 1000 / result.executions
     return result
 
 
