@@ -82,7 +82,12 @@ async def supervise(job: Job, payload: list[bytes], pipes: Pipes, started: float
     finally:
         # Whatever happened, nothing the execution started outlives it.
         kill()
-        if not (result.data and not timed_out):
+        if result.data and not timed_out:
+            # Its exit no longer delays the answer; waiting for it here means
+            # the cgroup kill below finds its group empty (an execution's
+            # namespace dies with its PID 1) instead of chasing exiting pids.
+            await asyncio.wait({ended}, timeout=DRAIN_AFTER_EXIT_S)
+        else:
             with contextlib.suppress(ChildLost):
                 returncode = await ended
         ended.add_done_callback(_consume)
