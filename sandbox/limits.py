@@ -2,6 +2,7 @@
 
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import signal
@@ -40,6 +41,11 @@ def apply(limits: dict[str, Any]) -> None:
         # reported as bwrap reports a death by signal.
         signal.signal(signal.SIGXCPU, _out_of_cpu)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    forbid_new_privileges()
+
+
+def forbid_new_privileges() -> None:
+    """no_new_privs: no exec gains privileges again (setuid, file capabilities)."""
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
@@ -60,4 +66,9 @@ def die_with_parent(parent: int) -> bool:
 def _prctl(option: int, value: int) -> None:
     """Best effort: only Linux has prctl, and a failure weakens nothing else."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+        _libc().prctl(option, value, 0, 0, 0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)

@@ -72,12 +72,22 @@ def program(machine: str | None = None) -> list[tuple[int, int, int, int]]:
     ]  # fmt: skip
 
 
+_installed = False
+
+
 class _Fprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
 def forbid_namespaces() -> None:
-    """Install the filter on this process (and so on all it will start). Needs no_new_privs."""
+    """Install the filter on this process (and so on all it will start). Needs no_new_privs.
+
+    Once per process: a sandboxed spare installs it while it waits for its
+    job (sandbox/spare.py), and the job's own request is then already met.
+    """
+    global _installed
+    if _installed:
+        return
     instructions = program()
     code = b"".join(struct.pack("=HBBI", *op) for op in instructions)
     buffer = ctypes.create_string_buffer(code, len(code))
@@ -86,3 +96,4 @@ def forbid_namespaces() -> None:
     if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"installing the namespace filter: {errno.errorcode.get(error)}")
+    _installed = True

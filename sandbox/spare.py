@@ -7,8 +7,9 @@ so no zygote code (its loop, its `finally` blocks) ever runs in it.
 A spare is one process, and it is the execution: it takes one job and runs
 it. In sandbox mode (the zygote under bubblewrap) the zygote forks it into
 namespaces of its own (isolate.fork_isolated), and everything that does not
-depend on the job is done before the job arrives (isolate.prepare), so none
-of that work is on the request's path:
+depend on the job is done before the job arrives (isolate.prepare, then
+no_new_privs and the namespace filter), so none of that work is on the
+request's path:
 
     zygote (uid 65534, no capabilities)
     └─ spare = execution: PID 1 of its own PID namespace, in its own user,
@@ -32,7 +33,7 @@ import socket
 import tempfile
 import traceback
 
-from sandbox import isolate, limits, protocol, runner
+from sandbox import isolate, limits, protocol, runner, seccomp
 from sandbox.protocol import MAX_RUN_FDS, PIPES, RESULT_FD
 
 
@@ -65,6 +66,8 @@ def serve(work: socket.socket, zygote: int, env: dict[str, str], sandboxed: bool
     if sandboxed:
         try:
             isolate.prepare(*ids)
+            limits.forbid_new_privileges()
+            seccomp.forbid_namespaces()
         except OSError:
             traceback.print_exc()
             os._exit(protocol.EXIT_BOOT_FAILED)
