@@ -73,6 +73,7 @@ bench: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/python bench/bench_retention.py
 	$(DEV_VENV)/bin/python bench/bench_executors.py
 	$(DEV_VENV)/bin/python bench/bench_stages.py
+	$(DEV_VENV)/bin/python bench/bench_process_shapes.py
 	$(DEV_VENV)/bin/python bench/bench_delivery.py
 	$(DEV_VENV)/bin/python bench/bench_leaks.py -n 200
 	$(DEV_VENV)/bin/python bench/bench_hostile.py
