@@ -218,8 +218,10 @@ def test_big_bodies_parse_off_the_event_loop(make_daemon) -> None:
     assert len(latencies) >= 3, "the big bodies parsed before the trivial requests ran"
     # The event loop answers at once; the trivial workflow's own child then
     # competes for two cores with six children decoding 10 MiB each (about
-    # 2 s here), where parsing on the loop delayed it by 11 s.
-    assert max(loop for loop, _ in latencies) < 0.5, latencies
+    # 2 s here), where parsing on the loop delayed it by 11 s. One body
+    # parsed on the loop stops it for about 2 s; with six busy children on
+    # two cores, scheduling alone delays an answer by up to about 0.5 s.
+    assert max(loop for loop, _ in latencies) < 1.0, latencies
     assert max(execution for _, execution in latencies) < 5.0, latencies
 
 
