@@ -25,7 +25,6 @@ namespace; limits.py gives it the one whose default the verdicts rely on
 (SIGXCPU).
 """
 
-import contextlib
 import json
 import os
 import random
@@ -36,9 +35,6 @@ import traceback
 
 from sandbox import isolate, limits, protocol, runner, seccomp
 from sandbox.protocol import MAX_RUN_FDS, PIPES, RESULT_FD
-
-# Sent on the work socket once everything before the job is done.
-READY = b"ready"
 
 
 def serve(work: socket.socket, zygote: int, env: dict[str, str], sandboxed: bool,
@@ -76,10 +72,6 @@ def serve(work: socket.socket, zygote: int, env: dict[str, str], sandboxed: bool
             traceback.print_exc()
             os._exit(protocol.EXIT_BOOT_FAILED)
         _environ(env, isolate.WORKDIR, sandboxed)
-    # The zygote hands jobs to ready spares first. It may have handed this
-    # one its job already (and closed its end): the job waits on the socket.
-    with contextlib.suppress(OSError):
-        work.send(READY)
     os._exit(_take_job(work, env, sandboxed))
 
 

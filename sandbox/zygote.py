@@ -61,37 +61,18 @@ class Pool:
         self.low, self.high = low, high
         self.target = low
         self.spares: dict[int, socket.socket] = {}
-        self.ready: set[int] = set()  # spares that said so
         # The cgroup each spare joined as it was forked, for those that did.
         self.groups: dict[int, str] = {}
         self._last_miss = time.monotonic()
 
     def take(self, joined: bool = False) -> tuple[int, socket.socket] | None:
-        """The oldest ready spare already in a cgroup (`joined`), or that joins its job's.
-
-        Without a ready one, the oldest still getting ready (joining its
-        group, mounting) or None: a miss either way, so the pool grows.
-        """
-        kind = [pid for pid in self.spares if (pid in self.groups) == joined]
-        ready = next((pid for pid in kind if self._is_ready(pid)), None)
-        if ready is None:
-            self.target = min(self.high, self.target + 1)
-            self._last_miss = time.monotonic()
-            ready = kind[0] if kind else None
-        return None if ready is None else (ready, self.drop(ready))
-
-    def _is_ready(self, pid: int) -> bool:
-        """Whether the spare said it is ready (`spare.READY`), reading that without waiting."""
-        if pid not in self.ready:
-            with contextlib.suppress(OSError):
-                if self.spares[pid].recv(len(spare.READY), socket.MSG_DONTWAIT) == spare.READY:
-                    self.ready.add(pid)
-        return pid in self.ready
-
-    def drop(self, pid: int) -> socket.socket:
-        """Forget a spare (taken, retired or dead); its work socket."""
-        self.ready.discard(pid)
-        return self.spares.pop(pid)
+        """A spare already in a cgroup (`joined`), or one that joins its job's."""
+        for pid in self.spares:
+            if (pid in self.groups) == joined:
+                return pid, self.spares.pop(pid)
+        self.target = min(self.high, self.target + 1)
+        self._last_miss = time.monotonic()
+        return None
 
     def wanted(self) -> int:
         """How many spares to fork now, after letting an idle target decay."""
@@ -104,7 +85,7 @@ class Pool:
     def trim(self) -> None:
         """Close the sockets of spares over the target: they exit at EOF."""
         while len(self.spares) > self.target:
-            self.drop(next(reversed(self.spares))).close()
+            self.spares.popitem()[1].close()
 
 
 class Zygote:
@@ -220,7 +201,7 @@ class Zygote:
         if not self.uses_groups:
             self.uses_groups = True
             for pid in [pid for pid in self.pool.spares if pid not in self.pool.groups]:
-                self.pool.drop(pid).close()
+                self.pool.spares.pop(pid).close()
 
     def _hand_over(self, workdir: str | None, fds: list[int], joined: bool = False) -> int:
         ticket = json.dumps({"workdir": workdir}).encode()
@@ -259,8 +240,9 @@ class Zygote:
                 return
             child = self.children.pop(pid, None)
             if child is None:
-                if pid in self.pool.spares:
-                    self.pool.drop(pid).close()
+                work = self.pool.spares.pop(pid, None)
+                if work is not None:
+                    work.close()
                 self._spare_gone(pid, status)
                 continue
             del self.pids[child.execution_id]
