@@ -8,10 +8,11 @@ import resource
 import signal
 from typing import Any
 
+from sandbox import protocol
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 INIT_PID = 1
-SIGNAL_EXIT_BASE = 128
 
 
 def apply(limits: dict[str, Any]) -> None:
@@ -50,7 +51,7 @@ def forbid_new_privileges() -> None:
 
 
 def _out_of_cpu(signum: int, _frame: object) -> None:
-    os._exit(SIGNAL_EXIT_BASE + signum)
+    os._exit(protocol.SIGNAL_EXIT_BASE + signum)
 
 
 def die_with_parent(parent: int) -> bool:

@@ -27,6 +27,10 @@ EXIT_JOIN_FAILED = 125  # the process could not join its cgroup
 # A zygote whose preload (or isolation check) failed: restarting it at once
 # would fail the same way.
 EXIT_ZYGOTE_BOOT_FAILED = 71
+# In sandbox mode an exit 128 + N means a death by signal N: bwrap reports a
+# cold child's so, and a forked execution (its namespace's PID 1) ends so on
+# SIGXCPU (sandbox/limits.py).
+SIGNAL_EXIT_BASE = 128
 
 # A `run` message to the zygote carries the job's pipes in this order, then
 # one `cgroup.procs` descriptor per cgroup hierarchy (v1 has up to three:

@@ -223,8 +223,9 @@ def _signal_of(returncode: int | None, signal_exits: bool) -> int | None:
         return None
     if returncode < 0:
         return -returncode
-    if signal_exits and 128 < returncode < 128 + signal.NSIG:
-        return returncode - 128
+    base = protocol.SIGNAL_EXIT_BASE
+    if signal_exits and base < returncode < base + signal.NSIG:
+        return returncode - base
     return None
 
 
