@@ -41,18 +41,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 IDS = (os.getuid(), os.getgid())
 
 
-def namespace_setup() -> None:
-    """Own uid mapped, mounts slaved, this PID namespace's /proc: what every shape does."""
-    uid, gid = IDS
-    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
-                       ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as mapping:
-            mapping.write(text)
-    isolate._mount("none", "/", None, isolate.MS_REC | isolate.MS_SLAVE)
-    isolate._mount("proc", "/proc", "proc",
-                   isolate.MS_NOSUID | isolate.MS_NODEV | isolate.MS_NOEXEC)
-
-
 def work() -> None:
     json.dumps({"items": list(range(200))})
     [object() for _ in range(2000)]
@@ -83,7 +71,7 @@ def execution() -> int:
 
 
 def isolated_execution() -> int:
-    namespace_setup()
+    isolate.own_namespaces(*IDS)
     return execution()
 
 
@@ -107,7 +95,7 @@ def shape_init_execution() -> int:
         unshare()
 
         def init() -> int:
-            namespace_setup()
+            isolate.own_namespaces(*IDS)
             return wait(in_child(os.fork(), execution))
         return wait(in_child(os.fork(), init))
     return wait(in_child(os.fork(), spare))

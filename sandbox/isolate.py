@@ -111,12 +111,7 @@ def prepare(uid: int, gid: int) -> None:
     A runtime bound under /tmp (a checkout or venv there) would vanish under
     the new tmpfs, so those binds are carried over onto it, read-only.
     """
-    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
-                       ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as mapping:
-            mapping.write(text)
-    _mount("none", "/", None, MS_REC | MS_SLAVE)
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # of its PID namespace
+    own_namespaces(uid, gid)
     keep = _runtime_under(WORKDIR)
     try:
         for target in SCRATCH:
@@ -129,6 +124,16 @@ def prepare(uid: int, gid: int) -> None:
         for fd in keep.values():
             os.close(fd)
     os.chdir(WORKDIR)
+
+
+def own_namespaces(uid: int, gid: int) -> None:
+    """The new namespaces made usable: `uid`, `gid` mapped; mounts slaved; the PID one's /proc."""
+    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as mapping:
+            mapping.write(text)
+    _mount("none", "/", None, MS_REC | MS_SLAVE)
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def join_cgroup(procs_fds: list[int]) -> None:
