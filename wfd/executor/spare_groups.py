@@ -29,9 +29,7 @@ import orjson
 from wfd import logs
 from wfd.executor.base import ChildLost
 from wfd.isolation.cgroups import CgroupError, ExecutionCgroup
-
-# A group's memory cap in bytes and its pids.max (`Isolation.cgroup_limits`).
-GroupLimits = tuple[int, int]
+from wfd.isolation.layers import GroupLimits
 
 
 @dataclass(frozen=True)

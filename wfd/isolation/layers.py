@@ -26,9 +26,11 @@ from wfd.isolation import bwrap, cgroups, network
 # One CPU per execution: a workflow spinning threads on every core would
 # otherwise delay every other workflow (SPEC 5), which RLIMIT_CPU cannot stop.
 CPU_QUOTA = 1.0
+# A cgroup's memory cap in bytes and its pids.max (`Isolation.cgroup_limits`).
+GroupLimits = tuple[int, int]
 # A blank group's limits before any execution has asked for its own: it holds
 # one waiting spare (sandbox/spare.py), which uses a few MiB.
-SPARE_LIMITS = (64 * MIB, 1)
+SPARE_LIMITS: GroupLimits = (64 * MIB, 1)
 
 
 class IsolationError(Exception):
@@ -208,7 +210,7 @@ class Isolation:
             return None
         return self.backend.create(execution_id, *self.cgroup_limits(limits), CPU_QUOTA)
 
-    def cgroup_limits(self, limits: Limits) -> tuple[int, int]:
+    def cgroup_limits(self, limits: Limits) -> GroupLimits:
         """The cgroup's memory cap in bytes and its pids.max, for an execution with `limits`.
 
         A zygote's spare is its execution's only process (sandbox/spare.py),
@@ -216,7 +218,7 @@ class Isolation:
         """
         return (limits.memory_mb + limits.tmp_mb) * MIB, limits.processes
 
-    def spare_cgroup(self, limits: tuple[int, int] | None = None) -> cgroups.ExecutionCgroup | None:
+    def spare_cgroup(self, limits: GroupLimits | None = None) -> cgroups.ExecutionCgroup | None:
         """A group for a zygote's spare to join as it is forked, off any request's path.
 
         `limits` (`cgroup_limits`) are those the daemon expects its job to
